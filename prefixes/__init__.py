@@ -1,0 +1,28 @@
+"""Everything about a prefix that does not need HTTP: formats, validation, compilation.
+
+This package never imports `server`: it receives the model's geometry as a `ModelSpec` and,
+to compile a soft prompt, a callable that runs embeddings through the frozen model.
+"""
+
+from prefixes.compile import compile_prefix
+from prefixes.errors import InvalidPrefix, PrefixError, UnsupportedFormat
+from prefixes.formats import read_native, read_peft, read_upload, write_native
+from prefixes.kinds import CompiledPrefix, PrefixKind, RawPrefix
+from prefixes.spec import ModelSpec
+from prefixes.validate import validate
+
+__all__ = [
+    "CompiledPrefix",
+    "InvalidPrefix",
+    "ModelSpec",
+    "PrefixError",
+    "PrefixKind",
+    "RawPrefix",
+    "UnsupportedFormat",
+    "compile_prefix",
+    "read_native",
+    "read_peft",
+    "read_upload",
+    "validate",
+    "write_native",
+]

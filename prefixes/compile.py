@@ -1,0 +1,34 @@
+"""Compile any raw prefix to the one form the runner serves: K/V per layer at positions 0..T-1.
+
+A soft prompt P occupies positions 0..T-1 in front of the request (PEFT numbers positions from
+0 and discards any position_ids). In a causal decoder the K/V at those positions depend on P
+alone, so running the frozen model over P once and keeping its cache is exact: serving that KV
+is serving the soft prompt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from prefixes.kinds import CompiledPrefix, RawPrefix
+
+# Takes embeddings `[T, hidden]` (model dtype, model device), returns KV `[L, 2, H, T, D]`.
+EmbeddingRunner = Callable[[torch.Tensor], torch.Tensor]
+
+
+def compile_prefix(
+    prefix: RawPrefix,
+    run_embeddings: EmbeddingRunner,
+    *,
+    dtype: torch.dtype,
+    device: torch.device | str = "cpu",
+) -> CompiledPrefix:
+    """Turn a validated raw prefix into compiled KV in the model's dtype and device."""
+    if prefix.kind.is_soft_prompt:
+        embeddings = prefix.tensor.to(device=device, dtype=dtype)
+        kv = run_embeddings(embeddings)
+    else:
+        kv = prefix.tensor.to(device=device, dtype=dtype)
+    return CompiledPrefix(prefix.kind, kv.contiguous())

@@ -1,0 +1,1 @@
+"""prefix-server: one frozen causal LM, many tenants' prefixes, one batch."""

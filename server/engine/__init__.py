@@ -1,0 +1,1 @@
+"""The generation engine: requests, the slot KV cache, the mixed-prefix runner, the sampler."""

@@ -1,0 +1,98 @@
+"""All per-request state in one place: sampling parameters, prefix, slot, tokens, outcome."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from prefixes import CompiledPrefix
+
+_ids = itertools.count()
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    max_new_tokens: int = 64
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 means no top-k cut
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens: expected >= 1, found {self.max_new_tokens}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature: expected a finite number >= 0, found {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p: expected a number in (0, 1], found {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k: expected >= 0, found {self.top_k}")
+        if any(not s for s in self.stop):
+            raise ValueError("stop: expected non-empty strings, found an empty string")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass(eq=False)
+class Request:
+    """One generation. Storage index == position: the prefix sits at 0..T-1 of the slot, and the
+    request's own tokens (prompt, then output) at T, T+1, ...
+    """
+
+    prompt_token_ids: list[int]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    prefix: CompiledPrefix | None = None
+    request_id: str = field(default_factory=lambda: f"req-{next(_ids)}")
+    slot: int = -1
+    num_cached: int = 0  # own tokens whose K/V are in the slot
+    output_token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    text: str = ""
+    # Every row draws from its own generator, so a seeded request samples the same tokens
+    # whatever else shares its batch.
+    generator: torch.Generator = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.prompt_token_ids:
+            raise ValueError("prompt: expected at least one token, found none")
+        self.generator = torch.Generator()
+        if self.sampling.seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(self.sampling.seed)
+
+    @property
+    def prefix_len(self) -> int:
+        return 0 if self.prefix is None else self.prefix.num_virtual_tokens
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def pending_token_ids(self) -> list[int]:
+        """Tokens to feed next: the (rest of the) prompt in prefill, the last token in decode."""
+        prompt_len = len(self.prompt_token_ids)
+        if self.num_cached < prompt_len:
+            return self.prompt_token_ids[self.num_cached :]
+        return self.output_token_ids[self.num_cached - prompt_len :]
+
+    @property
+    def next_position(self) -> int:
+        return self.prefix_len + self.num_cached
+
+    @property
+    def in_prefill(self) -> bool:
+        return not self.output_token_ids
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None

@@ -1,0 +1,97 @@
+"""Run one forward for a batch whose rows carry different prefixes and are in different phases.
+
+Each row feeds its pending tokens (a prompt in prefill, one token in decode) at positions
+prefix_len + num_cached onwards. Rows are right-padded to the longest; a padding token gets
+position 0 and writes its K/V into the cache's scratch slot, so it never disturbs a real row.
+The model gets explicit per-row position ids and a 4D mask in which query (b, j) sees key k of
+its own slot iff k <= position(b, j): the prefix at 0..T-1 and the row's earlier tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from transformers import PreTrainedModel
+
+from prefixes import CompiledPrefix, ModelSpec
+from server.engine.kv_cache import SlotKVCache
+from server.engine.request import Request
+from server.engine.sampler import sample
+
+
+class ModelRunner:
+    def __init__(self, model: PreTrainedModel, spec: ModelSpec, num_slots: int, max_len: int):
+        self.model = model
+        self.spec = spec
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        if spec.absolute_positions and max_len > spec.max_positions:
+            raise ValueError(
+                f"max_len: expected <= the model's {spec.max_positions} positions, found {max_len}"
+            )
+        self.max_len = max_len
+        self.cache = SlotKVCache(spec, num_slots, max_len, dtype=self.dtype, device=self.device)
+        # eager attention adds the mask to the scores: it needs 0 / -inf-like floats, and a bool
+        # mask would be added as 1/0 without any error. sdpa takes a bool mask (True = attend).
+        self.additive_mask = model.config._attn_implementation != "sdpa"
+        self.decoder = model.base_model
+        self.lm_head = model.get_output_embeddings()
+        self.softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+
+    def load_prefix(self, slot: int, prefix: CompiledPrefix | None) -> None:
+        if prefix is not None:
+            self.cache.load_prefix(slot, prefix)
+
+    @torch.inference_mode()
+    def step(self, requests: Sequence[Request]) -> list[int]:
+        """Feed every request its pending tokens; return each one's next token id."""
+        logits = self.forward(requests)
+        for request in requests:
+            request.num_cached += len(request.pending_token_ids)
+        return sample(logits, requests).tolist()
+
+    @torch.inference_mode()
+    def forward(self, requests: Sequence[Request]) -> torch.Tensor:
+        """Logits `[B, vocab]` (float32) at each request's last pending token."""
+        device = self.device
+        pending = [r.pending_token_ids for r in requests]
+        lengths = torch.tensor([len(p) for p in pending], device=device)
+        starts = torch.tensor([r.next_position for r in requests], device=device)
+        slots = torch.tensor([r.slot for r in requests], device=device)
+        q_len = max(len(p) for p in pending)
+        kv_len = max(r.next_position + len(p) for r, p in zip(requests, pending, strict=True))
+        if kv_len > self.max_len:
+            raise ValueError(f"positions: expected < {self.max_len}, found {kv_len - 1}")
+
+        offsets = torch.arange(q_len, device=device)[None, :]
+        real = offsets < lengths[:, None]
+        positions = torch.where(real, starts[:, None] + offsets, 0)
+        input_ids = torch.zeros(real.shape, dtype=torch.long, device=device)
+        input_ids[real] = torch.tensor([t for p in pending for t in p], device=device)
+        write_slots = torch.where(real, slots[:, None], self.cache.scratch_slot)
+        write_pos = torch.where(real, positions, offsets)
+        self.cache.bind(slots, write_slots, write_pos, kv_len)
+
+        hidden = self.decoder(
+            input_ids=input_ids,
+            position_ids=positions,
+            attention_mask=self._mask(positions, kv_len),
+            past_key_values=self.cache,
+            use_cache=True,
+        ).last_hidden_state
+        last = hidden[torch.arange(len(requests), device=device), lengths - 1]
+        logits = self.lm_head(last).float()
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    def _mask(self, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
+        keys = torch.arange(kv_len, device=self.device)
+        visible = (keys[None, None, :] <= positions[:, :, None])[:, None]  # [B, 1, q, kv]
+        if not self.additive_mask:
+            return visible
+        blocked = torch.finfo(self.dtype).min
+        return torch.zeros(visible.shape, dtype=self.dtype, device=self.device).masked_fill(
+            ~visible, blocked
+        )

