@@ -1,4 +1,4 @@
-"""Typed errors for prefixes. Every message names the field, what was expected and what was found."""
+"""Typed errors for prefixes: each message names the field, what was expected and what was found."""
 
 from __future__ import annotations
 

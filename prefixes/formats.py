@@ -144,16 +144,18 @@ def read_native(data: bytes) -> RawPrefix:
             f"{PEFT_CONFIG} + {PEFT_WEIGHTS}), found {metadata.get('format')!r}",
             field="format",
         )
-    if metadata.get("format_version") != NATIVE_VERSION:
+    version = metadata.get("format_version")
+    if version != NATIVE_VERSION:
         raise UnsupportedFormat(
-            f"format_version: expected {NATIVE_VERSION!r}, found {metadata.get('format_version')!r}",
+            f"format_version: expected {NATIVE_VERSION!r}, found {version!r}",
             field="format_version",
         )
+    kind_name = metadata.get("kind", "")
     try:
-        kind = PrefixKind(metadata.get("kind", ""))
+        kind = PrefixKind(kind_name)
     except ValueError:
         raise UnsupportedFormat(
-            f"kind: expected one of {[k.value for k in PrefixKind]}, found {metadata.get('kind')!r}",
+            f"kind: expected one of {[k.value for k in PrefixKind]}, found {kind_name!r}",
             field="kind",
         ) from None
     name, ndim = (NATIVE_SOFT_PROMPT, 2) if kind.is_soft_prompt else (NATIVE_PREFIX_KV, 5)
@@ -192,7 +194,9 @@ def _parse_config(config_json: bytes) -> dict[str, Any]:
     try:
         config = json.loads(config_json)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UnsupportedFormat(f"{PEFT_CONFIG}: not valid JSON ({exc})", field=PEFT_CONFIG) from None
+        raise UnsupportedFormat(
+            f"{PEFT_CONFIG}: not valid JSON ({exc})", field=PEFT_CONFIG
+        ) from None
     if not isinstance(config, dict):
         raise UnsupportedFormat(
             f"{PEFT_CONFIG}: expected a JSON object, found {type(config).__name__}",
@@ -225,7 +229,9 @@ def _read_safetensors(data: bytes, what: str) -> tuple[dict[str, torch.Tensor], 
 def _float_matrix(tensor: torch.Tensor, name: str) -> torch.Tensor:
     if tensor.ndim != 2 or not tensor.is_floating_point():
         raise InvalidPrefix(
-            name, "a 2-d floating-point tensor", f"{tensor.ndim}-d {tensor.dtype} {list(tensor.shape)}"
+            name,
+            "a 2-d floating-point tensor",
+            f"{tensor.ndim}-d {tensor.dtype} {list(tensor.shape)}",
         )
     return tensor.float().contiguous()
 

@@ -67,14 +67,13 @@ def load_model(
     attn_implementation: str = "sdpa",
     cache_dir: Path | None = None,
 ) -> LoadedModel:
-    """Load a causal LM frozen; with no name, the embedded SmolLM2 (converted once into cache_dir)."""
+    """Load a causal LM frozen; with no name, the embedded SmolLM2 (converted once to cache_dir)."""
     if name_or_path is None:
-        folder = ensure_embedded_model(cache_dir or Path("data") / "models")
+        source = str(ensure_embedded_model(cache_dir or Path("data") / "models"))
         model_id = EMBEDDED_MODEL_ID
-    else:
-        folder = Path(name_or_path) if Path(name_or_path).exists() else None
+    else:  # a local folder, or a hub name already in the local cache
+        source = name_or_path
         model_id = name_or_path.rstrip("/").split("/")[-1]
-    source = str(folder) if folder is not None else str(name_or_path)
     model = AutoModelForCausalLM.from_pretrained(
         source, dtype=DTYPES[dtype], attn_implementation=attn_implementation, local_files_only=True
     )
@@ -91,7 +90,8 @@ def wrap_model(model: PreTrainedModel, tokenizer: object | None, model_id: str) 
 
 
 def freeze(model: PreTrainedModel, device: str | torch.device = "cpu") -> PreTrainedModel:
-    model = model.to(device).eval()
+    model.to(device)  # type: ignore[arg-type]  # transformers types .to for dtype casts only
+    model.eval()
     model.requires_grad_(False)
     return model
 
@@ -146,7 +146,7 @@ def embeddings_to_kv(model: PreTrainedModel, embeddings: torch.Tensor) -> torch.
         past_key_values=cache,
         use_cache=True,
     )
-    layers = [torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers]
+    layers = [torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers]  # type: ignore[union-attr,index]
     return torch.stack(layers)
 
 
@@ -169,9 +169,11 @@ def ensure_embedded_model(cache_dir: Path) -> Path:
     gguf = embedded_model_source()
     log.info("converting %s once into %s", gguf.name, target)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    )
     # The weights are dequantised on load; drop the GGUF quantiser so they save as plain tensors.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     partial = target.with_name(f".{target.name}.partial-{os.getpid()}")

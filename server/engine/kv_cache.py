@@ -46,14 +46,18 @@ class SlotKVCache(Cache):
         self.values[:, slot, :tokens] = prefix.kv[:, 1].transpose(1, 2)
 
     def bind(
-        self, read_slots: torch.Tensor, write_slots: torch.Tensor, write_pos: torch.Tensor, kv_len: int
+        self,
+        read_slots: torch.Tensor,
+        write_slots: torch.Tensor,
+        write_pos: torch.Tensor,
+        kv_len: int,
     ) -> None:
         """Set where the next forward writes (per token) and what it reads (per row)."""
         self._write_index = (write_slots * self.max_len + write_pos).reshape(-1)
         self._read_slots = read_slots
         self._kv_len = kv_len
 
-    def update(  # type: ignore[override]
+    def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor]:
         keys, values = self.keys[layer_idx], self.values[layer_idx]

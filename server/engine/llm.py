@@ -54,7 +54,7 @@ class LLM:
         return bool(self.waiting or self.running)
 
     def step(self) -> list[Request]:
-        """Admit what fits, run one forward for all running rows; return the requests that finished."""
+        """Admit what fits, run one forward over all running rows; return the finished requests."""
         while self.waiting and self.free_slots:
             request = self.waiting.popleft()
             request.slot = self.free_slots.popleft()

@@ -28,7 +28,9 @@ class SamplingParams:
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens: expected >= 1, found {self.max_new_tokens}")
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
-            raise ValueError(f"temperature: expected a finite number >= 0, found {self.temperature}")
+            raise ValueError(
+                f"temperature: expected a finite number >= 0, found {self.temperature}"
+            )
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p: expected a number in (0, 1], found {self.top_p}")
         if self.top_k < 0:

@@ -29,10 +29,7 @@ def sample(logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
         top_p=torch.tensor([p.top_p for p in params], device=logits.device),
     )
     noise = torch.stack(
-        [
-            torch.empty(probs.shape[1]).exponential_(generator=requests[i].generator)
-            for i in sampled
-        ]
+        [torch.empty(probs.shape[1]).exponential_(generator=requests[i].generator) for i in sampled]
     ).to(probs.device)
     next_ids[rows] = (probs / noise).argmax(dim=-1)
     return next_ids

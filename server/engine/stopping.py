@@ -15,9 +15,10 @@ def append_token(
     sampling = request.sampling
     if token in sampling.stop_token_ids or (token in eos_token_ids and not sampling.ignore_eos):
         request.finish_reason = "stop"
-    elif len(request.output_token_ids) >= sampling.max_new_tokens:
-        request.finish_reason = "length"
-    elif request.prefix_len + request.num_tokens > max_len:  # no position left for the next token
+    elif (
+        len(request.output_token_ids) >= sampling.max_new_tokens
+        or request.prefix_len + request.num_tokens > max_len  # no position left to feed it back
+    ):
         request.finish_reason = "length"
     if sampling.stop and tokenizer is not None:
         # Stop strings can span tokens, so they are searched in the decoded text.
