@@ -44,7 +44,12 @@ def read_upload(files: Mapping[str, bytes]) -> RawPrefix:
 
     Keys are file names as the client sent them; only the base name counts.
     """
-    by_name = {PurePosixPath(name.replace("\\", "/")).name: data for name, data in files.items()}
+    by_name: dict[str, bytes] = {}
+    for path, data in files.items():
+        name = PurePosixPath(path.replace("\\", "/")).name
+        if name in by_name:
+            raise UnsupportedFormat(f"files: {name} was sent twice", field="files")
+        by_name[name] = data
     for name in by_name:
         if name.lower().endswith(PICKLE_SUFFIXES):
             raise UnsupportedFormat(
@@ -59,7 +64,7 @@ def read_upload(files: Mapping[str, bytes]) -> RawPrefix:
                 field="files",
             )
         return read_peft(by_name[PEFT_CONFIG], by_name[PEFT_WEIGHTS])
-    tensor_files = [name for name in by_name if name.endswith(".safetensors")]
+    tensor_files = [name for name in by_name if name.lower().endswith(".safetensors")]
     if len(by_name) == 1 and len(tensor_files) == 1:
         return read_native(by_name[tensor_files[0]])
     raise UnsupportedFormat(
@@ -73,7 +78,7 @@ def read_peft(config_json: bytes, weights: bytes) -> RawPrefix:
     """Read what PEFT's `save_pretrained` writes for a prompt-learning adapter."""
     config = _parse_config(config_json)
     peft_type = config.get("peft_type")
-    if peft_type not in _PEFT_KINDS:
+    if not isinstance(peft_type, str) or peft_type not in _PEFT_KINDS:
         raise UnsupportedFormat(
             f"peft_type: expected one of {sorted(_PEFT_KINDS)}, found {peft_type!r}"
             + (" (LoRA adapters are not prompt learning)" if peft_type == "LORA" else ""),
@@ -193,7 +198,7 @@ def write_native(prefix: RawPrefix) -> bytes:
 def _parse_config(config_json: bytes) -> dict[str, Any]:
     try:
         config = json.loads(config_json)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise UnsupportedFormat(
             f"{PEFT_CONFIG}: not valid JSON ({exc})", field=PEFT_CONFIG
         ) from None
@@ -210,9 +215,15 @@ def _read_safetensors(data: bytes, what: str) -> tuple[dict[str, torch.Tensor], 
     if len(data) < 8:
         raise UnsupportedFormat(f"{what}: not a safetensors file ({len(data)} bytes)", field=what)
     (header_len,) = struct.unpack("<Q", data[:8])
-    if header_len > min(MAX_HEADER_BYTES, len(data) - 8):
+    if header_len > len(data) - 8:
         raise UnsupportedFormat(
             f"{what}: safetensors header claims {header_len} bytes, file has {len(data) - 8}",
+            field=what,
+        )
+    if header_len > MAX_HEADER_BYTES:
+        raise UnsupportedFormat(
+            f"{what}: safetensors header: expected at most {MAX_HEADER_BYTES} bytes, "
+            f"found {header_len}",
             field=what,
         )
     try:

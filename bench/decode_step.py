@@ -1,0 +1,157 @@
+"""Time one decode step for 16 rows: 16 different prefixes vs one shared prefix vs 16 one-row steps.
+
+    python bench/decode_step.py [--models tiny,smollm2] [--steps 30] [--write docs/benchmarks.md]
+
+Every row carries a prefix-tuning prefix (T virtual tokens) and a prompt of P tokens, prefilled
+before timing. A timed step is `ModelRunner.step` on the rows (forward, sampling, bookkeeping),
+exactly what the engine runs per iteration. "Sequential" is the same 16 rows stepped one at a
+time, what a server that cannot mix prefixes in a batch would do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.report import command, machine, write_section
+from prefixes import CompiledPrefix, PrefixKind, RawPrefix
+from server.engine.request import Request, SamplingParams
+from server.engine.runner import ModelRunner
+from server.models import LoadedModel, freeze, load_model, wrap_model
+
+ROWS = 16
+
+
+def tiny_llama() -> LoadedModel:
+    """hidden 256, 4 layers, 8 query / 2 KV heads: small enough that overheads dominate."""
+    config = LlamaConfig(
+        vocab_size=32000, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+        num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=2048,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return wrap_model(freeze(AutoModelForCausalLM.from_config(config)), None, "tiny-llama")
+
+
+def random_prefix(loaded: LoadedModel, tokens: int, seed: int) -> CompiledPrefix:
+    spec = loaded.spec
+    shape = (spec.num_layers, 2, spec.num_kv_heads, tokens, spec.head_dim)
+    kv = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    return loaded.compile(RawPrefix(PrefixKind.PREFIX_TUNING, kv), max_virtual_tokens=tokens)
+
+
+def prefilled_rows(
+    runner: ModelRunner, prefixes: list[CompiledPrefix], prompt_len: int
+) -> list[Request]:
+    greedy = SamplingParams(max_new_tokens=10_000, temperature=0, ignore_eos=True)
+    rows = []
+    for slot, prefix in enumerate(prefixes):
+        request = Request([(slot * 7 + i) % 1000 + 1 for i in range(prompt_len)], greedy, prefix)
+        request.slot = slot
+        runner.load_prefix(slot, prefix)
+        rows.append(request)
+    for request, token in zip(rows, runner.step(rows), strict=True):
+        request.output_token_ids.append(token)
+    return rows
+
+
+def time_steps(step: Callable[[], None], steps: int, warmup: int = 5) -> list[float]:
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def batched_step(runner: ModelRunner, rows: list[Request]) -> Callable[[], None]:
+    def step() -> None:
+        for request, token in zip(rows, runner.step(rows), strict=True):
+            request.output_token_ids.append(token)
+
+    return step
+
+
+def sequential_steps(runner: ModelRunner, rows: list[Request]) -> Callable[[], None]:
+    def step() -> None:
+        for request in rows:
+            request.output_token_ids.append(runner.step([request])[0])
+
+    return step
+
+
+def measure(loaded: LoadedModel, *, prefix_len: int, prompt_len: int, steps: int) -> dict:
+    distinct = [random_prefix(loaded, prefix_len, seed) for seed in range(ROWS)]
+    shared = [distinct[0]] * ROWS
+    max_len = prefix_len + prompt_len + 2 * (steps + 10) * 2
+    results = {}
+    for name, prefixes, make_step in (
+        ("different", distinct, batched_step),
+        ("same", shared, batched_step),
+        ("sequential", distinct, sequential_steps),
+    ):
+        runner = ModelRunner(loaded.model, loaded.spec, ROWS, max_len)
+        rows = prefilled_rows(runner, prefixes, prompt_len)
+        results[name] = statistics.median(time_steps(make_step(runner, rows), steps)) * 1000
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="tiny,smollm2")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--prefix-len", type=int, default=16)
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument(
+        "--write", type=Path, help="update this markdown file's decode_step section"
+    )
+    args = parser.parse_args()
+
+    lines = [
+        "| model | 16 rows, 16 different prefixes | 16 rows, one prefix | 16 one-row steps |"
+        " different / same | sequential / batched |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name in args.models.split(","):
+        loaded = tiny_llama() if name == "tiny" else load_model(None, cache_dir=Path("data/models"))
+        r = measure(
+            loaded, prefix_len=args.prefix_len, prompt_len=args.prompt_len, steps=args.steps
+        )
+        row = (
+            f"| {loaded.model_id} | {r['different']:.2f} ms | {r['same']:.2f} ms | "
+            f"{r['sequential']:.2f} ms | {r['different'] / r['same']:.3f} | "
+            f"{r['sequential'] / r['different']:.1f}x |"
+        )
+        print(row, flush=True)
+        lines.append(row)
+
+    body = "\n".join(
+        [
+            "## Decode step: mixed prefixes in one batch",
+            "",
+            f"Machine: {machine()}.",
+            f"Command: `{command()}`.",
+            f"Each row: a prefix-tuning prefix of {args.prefix_len} virtual tokens and a "
+            f"{args.prompt_len}-token prompt, prefilled before timing; median of {args.steps} "
+            "steps after 5 warm-up steps; float32.",
+            "",
+            *lines,
+        ]
+    )
+    print(body)
+    if args.write:
+        write_section(args.write, "decode_step", body)
+
+
+if __name__ == "__main__":
+    main()
