@@ -63,15 +63,18 @@ def prefilled_rows(
     return rows
 
 
-def time_steps(step: Callable[[], None], steps: int, warmup: int = 5) -> list[float]:
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return times
+def time_interleaved(steps: dict[str, Callable[[], None]], rounds: int) -> dict[str, float]:
+    """Median ms per step of each variant, the variants alternating so drift hits all alike."""
+    for step in steps.values():
+        for _ in range(3):
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) * 1000 for name, t in times.items()}
 
 
 def batched_step(runner: ModelRunner, rows: list[Request]) -> Callable[[], None]:
@@ -93,23 +96,22 @@ def sequential_steps(runner: ModelRunner, rows: list[Request]) -> Callable[[], N
 def measure(loaded: LoadedModel, *, prefix_len: int, prompt_len: int, steps: int) -> dict:
     distinct = [random_prefix(loaded, prefix_len, seed) for seed in range(ROWS)]
     shared = [distinct[0]] * ROWS
-    max_len = prefix_len + prompt_len + 2 * (steps + 10) * 2
-    results = {}
+    max_len = prefix_len + prompt_len + 2 * steps + 16
+    variants = {}
     for name, prefixes, make_step in (
         ("different", distinct, batched_step),
         ("same", shared, batched_step),
         ("sequential", distinct, sequential_steps),
     ):
         runner = ModelRunner(loaded.model, loaded.spec, ROWS, max_len)
-        rows = prefilled_rows(runner, prefixes, prompt_len)
-        results[name] = statistics.median(time_steps(make_step(runner, rows), steps)) * 1000
-    return results
+        variants[name] = make_step(runner, prefilled_rows(runner, prefixes, prompt_len))
+    return time_interleaved(variants, steps)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="tiny,smollm2")
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--prefix-len", type=int, default=16)
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument(
@@ -143,7 +145,7 @@ def main() -> None:
             f"Command: `{command()}`.",
             f"Each row: a prefix-tuning prefix of {args.prefix_len} virtual tokens and a "
             f"{args.prompt_len}-token prompt, prefilled before timing; median of {args.steps} "
-            "steps after 5 warm-up steps; float32.",
+            "steps after 3 warm-up steps, the three variants taking turns step by step; float32.",
             "",
             *lines,
         ]
