@@ -42,6 +42,13 @@ class SlotKVCache(Cache):
     def load_prefix(self, slot: int, prefix: CompiledPrefix) -> None:
         """Copy a compiled prefix `[L, 2, H, T, D]` into positions 0..T-1 of a slot."""
         tokens = prefix.num_virtual_tokens
+        layers, _, _, heads, head_dim = self.keys.shape
+        expected = (layers, 2, heads, tokens, head_dim)
+        if tuple(prefix.kv.shape) != expected or tokens >= self.max_len:
+            # Copying a wrong shape could broadcast silently into garbage: refuse it.
+            raise ValueError(
+                f"prefix KV: expected shape {expected}, found {tuple(prefix.kv.shape)}"
+            )
         self.keys[:, slot, :tokens] = prefix.kv[:, 0].transpose(1, 2)
         self.values[:, slot, :tokens] = prefix.kv[:, 1].transpose(1, 2)
 

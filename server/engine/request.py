@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 import math
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -52,12 +54,22 @@ class Request:
     prompt_token_ids: list[int]
     sampling: SamplingParams = field(default_factory=SamplingParams)
     prefix: CompiledPrefix | None = None
+    tenant: str = "default"
+    # Called once when the request leaves the engine: releases the pinned prefix version.
+    release: Callable[[], None] | None = field(default=None, repr=False)
+    # Decode text every step (streaming) rather than once at the end.
+    stream_text: bool = False
     request_id: str = field(default_factory=lambda: f"req-{next(_ids)}")
     slot: int = -1
     num_cached: int = 0  # own tokens whose K/V are in the slot
     output_token_ids: list[int] = field(default_factory=list)
-    finish_reason: str | None = None
-    text: str = ""
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
+    error: str | None = None
+    text: str = ""  # text released so far (without a stop string)
+    cancel_requested: bool = False
+    arrival_time: float = field(default_factory=time.monotonic)
+    first_token_time: float | None = None
+    last_token_time: float | None = None
     # Every row draws from its own generator, so a seeded request samples the same tokens
     # whatever else shares its batch.
     generator: torch.Generator = field(init=False, repr=False)

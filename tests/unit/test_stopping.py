@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from server.engine.request import Request, SamplingParams
-from server.engine.stopping import append_token
+from server.engine.stopping import append_token, update_text
 
 EOS = 2
 
@@ -20,13 +20,8 @@ class CharTokenizer:
 def run(params: SamplingParams, tokens: list[int], max_len: int = 100) -> Request:
     request = Request([0, 1], params)
     for token in tokens:
-        append_token(
-            request,
-            token,
-            eos_token_ids=frozenset({EOS}),
-            max_len=max_len,
-            tokenizer=CharTokenizer(),
-        )
+        append_token(request, token, eos_token_ids=frozenset({EOS}), max_len=max_len)
+        update_text(request, CharTokenizer())
         if request.finished:
             break
     return request
@@ -74,3 +69,26 @@ def test_running_out_of_positions_finishes_with_length() -> None:
     request = run(SamplingParams(max_new_tokens=50), [5] * 10, max_len=5)  # prompt holds 2
     assert request.finish_reason == "length"
     assert len(request.output_token_ids) == 4  # positions 2, 3, 4 fed back; the 4th never is
+
+
+def test_streamed_text_holds_back_a_possible_stop_string_start() -> None:
+    request = Request([0, 1], SamplingParams(stop=("hij",)), stream_text=True)
+    released = []
+    for token in [5, 6, 7, 8, 10]:  # f g h i k: "hi" could start "hij" until "k" arrives
+        append_token(request, token, eos_token_ids=frozenset(), max_len=100)
+        released.append(update_text(request, CharTokenizer()))
+    assert released == ["f", "g", "", "", "hik"]
+    assert request.text == "fghik"
+
+
+def test_streamed_text_holds_back_half_characters() -> None:
+    class ByteTokenizer:
+        def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+            return bytes(ids).decode("utf-8", errors="replace")
+
+    request = Request([0], SamplingParams(max_new_tokens=3), stream_text=True)
+    released = []
+    for token in "é!".encode():  # two bytes for é, then !
+        append_token(request, token, eos_token_ids=frozenset(), max_len=100)
+        released.append(update_text(request, ByteTokenizer()))
+    assert released == ["", "é", "!"]

@@ -1,0 +1,103 @@
+"""The consumer's side of a request: an async stream of chunks fed from the engine thread."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+from server.engine.request import Request
+
+
+class RequestFailed(Exception):
+    """The engine could not finish this request (its prefix failed to load, a step failed)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None = None  # set on the last chunk
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    prefix_tokens: int
+
+
+class RequestStream:
+    """`async for chunk in stream`, `await stream.text()`, `await stream.result()`, `cancel()`.
+
+    The engine thread calls `push`; chunks cross to the consumer's event loop through
+    `call_soon_threadsafe`, so the engine never blocks on a slow consumer.
+    """
+
+    def __init__(
+        self,
+        request: Request,
+        loop: asyncio.AbstractEventLoop,
+        on_cancel: Callable[[Request], None],
+    ):
+        self.request = request
+        self._loop = loop
+        self._queue: asyncio.Queue[Chunk] = asyncio.Queue()
+        self._on_cancel = on_cancel
+        self._done = False
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    def push(self, chunk: Chunk) -> None:
+        """Called from the engine thread."""
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, chunk)
+        except RuntimeError:  # the consumer's loop is closed: nobody is listening any more
+            self.cancel()
+
+    def cancel(self) -> None:
+        """Stop generating; the slot is freed by the engine's next step. Safe from any thread."""
+        if not self.request.finished:
+            self._on_cancel(self.request)
+
+    def __aiter__(self) -> AsyncIterator[Chunk]:
+        return self._chunks()
+
+    async def _chunks(self) -> AsyncIterator[Chunk]:
+        if self._done:
+            return
+        try:
+            while True:
+                chunk = await self._queue.get()
+                if chunk.finish_reason == "error":
+                    raise RequestFailed(self.request.error or "generation failed")
+                yield chunk
+                if chunk.finish_reason is not None:
+                    return
+        finally:
+            self._done = True
+            if not self.request.finished:  # the consumer walked away mid-stream
+                self.cancel()
+
+    async def result(self) -> Result:
+        token_ids: list[int] = []
+        text: list[str] = []
+        reason = "stop"
+        async for chunk in self:
+            token_ids += chunk.token_ids
+            text.append(chunk.text)
+            reason = chunk.finish_reason or reason
+        return Result(
+            text="".join(text),
+            token_ids=token_ids,
+            finish_reason=reason,
+            prompt_tokens=len(self.request.prompt_token_ids),
+            prefix_tokens=self.request.prefix_len,
+        )
+
+    async def text(self) -> str:
+        return (await self.result()).text
