@@ -19,6 +19,24 @@ from server.engine.kv_cache import SlotKVCache
 from server.engine.request import Request
 from server.engine.sampler import sample
 
+# A forward's fixed cost (Python, kernel launches, weight reads), in padded-token equivalents.
+FORWARD_OVERHEAD_TOKENS = 64
+
+
+def plan_forwards(
+    requests: Sequence[Request], overhead_tokens: int = FORWARD_OVERHEAD_TOKENS
+) -> list[list[Request]]:
+    """One padded forward for all rows, or decode rows and prefill rows apart when padding
+    every decode row to the longest prompt would cost more than a second forward."""
+    decode = [r for r in requests if len(r.pending_token_ids) == 1]
+    prefill = [r for r in requests if len(r.pending_token_ids) > 1]
+    if not decode or not prefill:
+        return [list(requests)]
+    longest = max(len(r.pending_token_ids) for r in prefill)
+    joint = len(requests) * longest
+    split = len(decode) + len(prefill) * longest + overhead_tokens
+    return [decode, prefill] if split < joint else [list(requests)]
+
 
 class ModelRunner:
     def __init__(self, model: PreTrainedModel, spec: ModelSpec, num_slots: int, max_len: int):
@@ -31,6 +49,7 @@ class ModelRunner:
                 f"max_len: expected <= the model's {spec.max_positions} positions, found {max_len}"
             )
         self.max_len = max_len
+        self.forward_overhead_tokens = FORWARD_OVERHEAD_TOKENS
         self.cache = SlotKVCache(spec, num_slots, max_len, dtype=self.dtype, device=self.device)
         # eager attention adds the mask to the scores: it needs 0 / -inf-like floats, and a bool
         # mask would be added as 1/0 without any error. sdpa takes a bool mask (True = attend).
@@ -46,10 +65,14 @@ class ModelRunner:
     @torch.inference_mode()
     def step(self, requests: Sequence[Request]) -> list[int]:
         """Feed every request its pending tokens; return each one's next token id."""
-        logits = self.forward(requests)
-        for request in requests:
+        groups = plan_forwards(requests, self.forward_overhead_tokens)
+        logits = torch.cat([self.forward(group) for group in groups])
+        ordered = [request for group in groups for request in group]
+        for request in ordered:
             request.num_cached += len(request.pending_token_ids)
-        return sample(logits, requests).tolist()
+        next_ids = sample(logits, ordered).tolist()
+        by_request = dict(zip(map(id, ordered), next_ids, strict=True))
+        return [by_request[id(request)] for request in requests]
 
     @torch.inference_mode()
     def forward(self, requests: Sequence[Request]) -> torch.Tensor:

@@ -25,7 +25,7 @@ from server.engine.request import Request
 class SchedulerConfig:
     num_slots: int = 16
     max_waiting: int = 256
-    max_prefill_tokens: int = 1024
+    max_prefill_tokens: int = 512
     max_running_per_tenant: int = 8  # 0: no cap
     max_prefix_bytes: int = 1 << 30
 

@@ -73,15 +73,18 @@ def test_joint_prefill_of_mixed_prefixes_matches_peft(arch: str, attn: str, tmp_
         assert base_greedy(base, case.prompt, NEW_TOKENS) != case.expected, case.kind
 
 
+@pytest.mark.parametrize("forwards", ["joint", "split"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
 def test_requests_joining_mid_decode_into_reused_slots_match_peft(
-    arch: str, attn: str, tmp_path: Path
+    arch: str, attn: str, forwards: str, tmp_path: Path
 ) -> None:
     cases = build_cases(arch, attn, tmp_path)
     # Fewer slots than requests: later requests take slots that earlier ones filled and left,
-    # and they prefill in the same forward as rows that are decoding.
+    # and they prefill in the same step as rows that are decoding: in one padded forward
+    # ("joint") or in a forward of their own ("split").
     llm = LLM(tiny_loaded(arch, attn), num_slots=3, max_len=128)
+    llm.runner.forward_overhead_tokens = 10_000 if forwards == "joint" else -10_000
     requests = [greedy(case, load(llm, case)) for case in cases]
     phases_per_step: list[set[bool]] = []
     run_step = llm.runner.step
