@@ -239,7 +239,9 @@ def main() -> None:
             f"Command: `{command()}`.",
             f"{args.requests} requests at {args.rate}/s, prompts of 16-48 tokens, "
             f"{args.new_tokens} new tokens each (greedy, EOS ignored), prefix tuning with "
-            f"{args.virtual_tokens} virtual tokens per tenant; engine with 16 slots; float32.",
+            f"{args.virtual_tokens} virtual tokens per tenant; engine with 16 slots; float32. "
+            "TTFT counts from arrival, time spent queued included; per-token latency is the "
+            "mean gap between a request's tokens after its first.",
             "",
             *lines,
             "",
