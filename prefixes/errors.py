@@ -34,3 +34,52 @@ class InvalidPrefix(PrefixError):
 
     def to_dict(self) -> dict[str, Any]:
         return {**super().to_dict(), "expected": str(self.expected), "found": str(self.found)}
+
+
+class RegistryError(PrefixError):
+    """Base class of what the prefix registry refuses: names, access, quotas, capacity."""
+
+
+class InvalidName(RegistryError):
+    """A tenant name, prefix name or reference does not follow `^[a-z0-9][a-z0-9._-]{0,63}$`."""
+
+
+class NotFound(RegistryError):
+    """No such tenant, key or prefix, or one the caller may not see (existence is not disclosed)."""
+
+
+class AlreadyExists(RegistryError):
+    """The name is taken (a prefix uploaded without overwrite, or a tenant created twice)."""
+
+
+class Unauthorized(RegistryError):
+    """An API key that is unknown or revoked."""
+
+
+class QuotaExceeded(RegistryError):
+    """An upload would take a tenant past one of its quotas."""
+
+    def __init__(self, tenant: str, quota: str, limit: int, requested: int) -> None:
+        super().__init__(
+            f"quota exceeded for tenant {tenant!r}: {quota} = {limit}, "
+            f"this upload needs {requested}",
+            field=quota,
+        )
+        self.quota = quota
+        self.limit = limit
+        self.requested = requested
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "limit": self.limit, "requested": self.requested}
+
+
+class Incompatible(RegistryError):
+    """The prefix was compiled against another base model: serving it would be silently wrong."""
+
+
+class PoolExhausted(RegistryError):
+    """Every byte of the device pool is pinned by running requests; retry when some finish."""
+
+
+class CorruptBlob(RegistryError):
+    """A stored tensor file is missing or its bytes no longer match their sha256."""

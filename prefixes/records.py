@@ -1,0 +1,139 @@
+"""What the registry hands out: plain frozen dataclasses, no database or tensor objects."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from prefixes.errors import InvalidPrefix
+from prefixes.kinds import PrefixKind
+
+
+class Visibility(enum.StrEnum):
+    PRIVATE = "private"  # the owner only
+    PUBLIC = "public"  # any tenant may read its metadata and use it
+
+    @classmethod
+    def parse(cls, value: str) -> Visibility:
+        try:
+            return cls(value)
+        except ValueError:
+            raise InvalidPrefix("visibility", "private or public", repr(value)) from None
+
+
+class Scope(enum.StrEnum):
+    OWN = "own"
+    PUBLIC = "public"  # every public prefix, the caller's own public ones included
+    ALL = "all"  # own (any visibility) and everyone's public ones
+
+    @classmethod
+    def parse(cls, value: str) -> Scope:
+        try:
+            return cls(value)
+        except ValueError:
+            raise InvalidPrefix("scope", "own, public or all", repr(value)) from None
+
+
+@dataclass(frozen=True, slots=True)
+class Quotas:
+    """Per-tenant limits. A tenant's own value of None means the registry's default."""
+
+    max_prefixes: int | None = None
+    max_bytes: int | None = None
+    max_virtual_tokens: int | None = None
+
+    def over(self, defaults: Quotas) -> Quotas:
+        """These quotas with every None taken from `defaults`."""
+        return Quotas(
+            self.max_prefixes if self.max_prefixes is not None else defaults.max_prefixes,
+            self.max_bytes if self.max_bytes is not None else defaults.max_bytes,
+            self.max_virtual_tokens
+            if self.max_virtual_tokens is not None
+            else defaults.max_virtual_tokens,
+        )
+
+
+DEFAULT_QUOTAS = Quotas(max_prefixes=1000, max_bytes=1 << 30, max_virtual_tokens=None)
+
+
+@dataclass(frozen=True, slots=True)
+class Tenant:
+    name: str
+    quotas: Quotas  # effective: defaults filled in
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    prefixes: int
+    bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedKey:
+    """A new API key. `api_key` is shown once: the registry keeps only its hash."""
+
+    tenant: str
+    key_id: str
+    api_key: str = field(repr=False)  # kept out of logs and tracebacks
+
+
+@dataclass(frozen=True, slots=True)
+class KeyInfo:
+    key_id: str
+    tenant: str
+    created_at: datetime
+    revoked: bool
+
+
+@dataclass(frozen=True, slots=True)
+class PrefixInfo:
+    """One version of a prefix, as stored. `compatible` is False when it was compiled against
+    another base model than the one loaded: such a prefix is listed but never served."""
+
+    owner: str
+    name: str
+    version: int
+    kind: PrefixKind
+    num_virtual_tokens: int
+    bytes: int
+    sha256: str
+    visibility: Visibility
+    description: str
+    created_at: datetime
+    model_fingerprint: str
+    compatible: bool
+
+    @property
+    def id(self) -> str:
+        return f"{self.owner}/{self.name}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The API's prefix object (docs API.md), plus the two model-binding fields."""
+        return {
+            "id": self.id,
+            "owner": self.owner,
+            "name": self.name,
+            "version": self.version,
+            "kind": self.kind.value,
+            "num_virtual_tokens": self.num_virtual_tokens,
+            "bytes": self.bytes,
+            "sha256": self.sha256,
+            "visibility": self.visibility.value,
+            "description": self.description,
+            "created_at": self.created_at.isoformat(),
+            "model_fingerprint": self.model_fingerprint,
+            "compatible": self.compatible,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    items: list[PrefixInfo]
+    next_cursor: str | None  # pass back as `cursor` for the next page; None at the end
+
+
+def timestamp(seconds: float) -> datetime:
+    return datetime.fromtimestamp(seconds, UTC)

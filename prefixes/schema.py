@@ -1,0 +1,138 @@
+"""Tables and numbered migrations.
+
+`schema_version` holds one row: how many entries of MIGRATIONS have run. Opening a database runs
+the missing ones in order, each in its own transaction with its version bump, so a crash leaves
+the schema at a whole version. A migration, once released, never changes: a new schema is a new
+function appended to MIGRATIONS. A database newer than the code is refused, not guessed at.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Connection,
+    Engine,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    func,
+    insert,
+    select,
+    update,
+)
+
+from prefixes.database import write_transaction
+
+
+def _v1_tables() -> MetaData:
+    """The schema of version 1. While it is also the current schema, the tables below are these;
+    when a migration changes a table, the current definition gets its own code and this stays."""
+    metadata = MetaData()
+    Table(
+        "tenants",
+        metadata,
+        Column("name", String(64), primary_key=True),
+        # NULL means the registry's default, so changing a default reaches existing tenants.
+        Column("max_prefixes", Integer),
+        Column("max_bytes", BigInteger),
+        Column("max_virtual_tokens", Integer),
+        Column("created_at", Float, nullable=False),
+    )
+    Table(
+        "api_keys",
+        metadata,
+        Column("key_id", String(32), primary_key=True),  # public, shown in listings
+        Column("tenant", String(64), ForeignKey("tenants.name"), nullable=False, index=True),
+        Column("key_hash", String(64), nullable=False, unique=True),  # sha256 hex of the key
+        Column("created_at", Float, nullable=False),
+        Column("revoked_at", Float),
+    )
+    prefixes = Table(
+        "prefixes",
+        metadata,
+        Column("id", Integer, primary_key=True, autoincrement=True),
+        Column("owner", String(64), ForeignKey("tenants.name"), nullable=False),
+        Column("name", String(64), nullable=False),
+        Column("version", Integer, nullable=False),
+        Column("kind", String(32), nullable=False),
+        Column("num_virtual_tokens", Integer, nullable=False),
+        Column("bytes", BigInteger, nullable=False),  # size of the stored file
+        Column("sha256", String(64), nullable=False, index=True),  # its content address
+        Column("model_fingerprint", String(64), nullable=False),
+        Column("visibility", String(16), nullable=False),
+        Column("description", Text, nullable=False),
+        Column("created_at", Float, nullable=False),
+        # Set on delete or when a newer version replaces this one; the row stays as a tombstone
+        # so version numbers keep rising even after a delete and a new upload.
+        Column("retired_at", Float),
+        UniqueConstraint("owner", "name", "version"),
+    )
+    live = prefixes.c.retired_at.is_(None)
+    # At most one live version per name, enforced by the database even across replicas.
+    Index(
+        "ix_prefixes_live_name",
+        prefixes.c.owner,
+        prefixes.c.name,
+        unique=True,
+        sqlite_where=live,
+        postgresql_where=live,
+    )
+    Index(
+        "ix_prefixes_live_visibility",
+        prefixes.c.visibility,
+        prefixes.c.owner,
+        prefixes.c.name,
+        sqlite_where=live,
+        postgresql_where=live,
+    )
+    return metadata
+
+
+def _v1_create(connection: Connection) -> None:
+    _v1_tables().create_all(connection)
+
+
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1_create]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+metadata = _v1_tables()
+tenants = metadata.tables["tenants"]
+api_keys = metadata.tables["api_keys"]
+prefixes = metadata.tables["prefixes"]
+
+_version_metadata = MetaData()
+schema_version = Table(
+    "schema_version", _version_metadata, Column("version", Integer, nullable=False)
+)
+
+
+def migrate(engine: Engine) -> int:
+    """Bring the database to SCHEMA_VERSION; return the version it was at before."""
+    with write_transaction(engine) as connection:
+        schema_version.create(connection, checkfirst=True)
+        found = connection.execute(select(func.max(schema_version.c.version))).scalar()
+        if found is None:
+            connection.execute(insert(schema_version).values(version=0))
+            found = 0
+    if found > SCHEMA_VERSION:
+        raise RuntimeError(
+            f"registry database: schema version {found} is newer than this code's "
+            f"({SCHEMA_VERSION}); upgrade prefix-server"
+        )
+    for number in range(found + 1, SCHEMA_VERSION + 1):
+        with write_transaction(engine) as connection:
+            current = connection.execute(select(schema_version.c.version)).scalar_one()
+            if current >= number:  # another process migrated meanwhile
+                continue
+            MIGRATIONS[number - 1](connection)
+            connection.execute(update(schema_version).values(version=number))
+    return found

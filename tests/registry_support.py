@@ -1,0 +1,45 @@
+"""Helpers for registry tests: real upload files and registries on tiny models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from prefixes import ModelSpec, PrefixKind, RawPrefix, write_native
+from prefixes.registry import Registry
+
+if TYPE_CHECKING:  # the crash test's child processes must start without transformers
+    from server.models import LoadedModel
+
+MAX_VIRTUAL_TOKENS = 32
+
+
+def native_files(spec: ModelSpec, tokens: int, seed: int) -> dict[str, bytes]:
+    """A native prefix-tuning upload with random KV: distinct bytes for each seed."""
+    shape = (spec.num_layers, 2, spec.num_kv_heads, tokens, spec.head_dim)
+    kv = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    return {"prefix.safetensors": write_native(RawPrefix(PrefixKind.PREFIX_TUNING, kv))}
+
+
+def peft_files(adapter_dir: Path) -> dict[str, bytes]:
+    """Every file PEFT's save_pretrained wrote, as an HTTP upload would carry them."""
+    return {path.name: path.read_bytes() for path in adapter_dir.iterdir()}
+
+
+def open_registry(data_dir: Path, loaded: LoadedModel, **options: Any) -> Registry:
+    """A registry serving `loaded`, wired the way the server wires it."""
+    return Registry(
+        data_dir,
+        spec=loaded.spec,
+        compiler=lambda raw: loaded.compile(raw, MAX_VIRTUAL_TOKENS),
+        max_virtual_tokens=MAX_VIRTUAL_TOKENS,
+        device=loaded.device,
+        **options,
+    )
+
+
+def blob_files(data_dir: Path) -> set[str]:
+    """The content addresses of every tensor file on disk."""
+    return {path.name.removesuffix(".safetensors") for path in (data_dir / "blobs").glob("*/*")}
