@@ -1,17 +1,47 @@
-"""The `prefix-server` command."""
+"""The `prefix-server` command: serve, tenant create, upload, generate."""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
+import secrets
 import sys
+import typing
 from pathlib import Path
+from typing import Any
+
+from pydantic import SecretStr, ValidationError
 
 from prefixes import PrefixError, read_upload
+from server.config import Settings
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="prefix-server")
     commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the HTTP server")
+    add_settings_flags(serve)
+    serve.set_defaults(run=run_serve)
+
+    tenant = commands.add_parser("tenant", help="manage tenants offline")
+    tenant_commands = tenant.add_subparsers(dest="tenant_command", required=True)
+    create = tenant_commands.add_parser("create", help="create a tenant; prints its API key once")
+    create.add_argument("name")
+    create.add_argument("--data-dir", type=Path, default=None)
+    create.add_argument("--database-url", default=None)
+    create.set_defaults(run=run_tenant_create)
+
+    upload = commands.add_parser("upload", help="upload a PEFT adapter folder or native file")
+    upload.add_argument("path", type=Path)
+    upload.add_argument("--name", required=True)
+    upload.add_argument("--url", default="http://127.0.0.1:8000")
+    upload.add_argument("--api-key", default=os.environ.get("PREFIX_SERVER_API_KEY"))
+    upload.add_argument("--visibility", choices=["private", "public"], default="private")
+    upload.add_argument("--description", default="")
+    upload.add_argument("--overwrite", action="store_true")
+    upload.set_defaults(run=run_upload)
 
     generate = commands.add_parser("generate", help="generate offline, optionally with a prefix")
     generate.add_argument("prompt")
@@ -29,9 +59,123 @@ def main(argv: list[str] | None = None) -> int:
     return int(args.run(args))
 
 
+def add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per Settings field; unset flags fall back to PREFIX_SERVER_* and defaults."""
+    for name, field in Settings.model_fields.items():
+        kwargs: dict[str, Any] = {"default": None, "help": field.description, "dest": name}
+        choices = literal_choices(field.annotation)
+        if choices:
+            kwargs["choices"] = choices
+        parser.add_argument("--" + name.replace("_", "-"), **kwargs)
+
+
+def literal_choices(annotation: Any) -> list[str] | None:
+    if typing.get_origin(annotation) is typing.Literal:
+        return [str(a) for a in typing.get_args(annotation)]
+    return None
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    given = {
+        k: getattr(args, k) for k in Settings.model_fields if getattr(args, k, None) is not None
+    }
+    return Settings(**given)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from server.api.app import create_app
+
+    try:
+        settings = settings_from(args)
+    except ValidationError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
+    if settings.admin_key is None:
+        settings = settings.model_copy(update={"admin_key": SecretStr(dev_admin_key(settings))})
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=int(settings.shutdown_grace) + 1,
+    )
+    return 0
+
+
+def dev_admin_key(settings: Settings) -> str:
+    """No admin key configured: use the data directory's own (created once, mode 0600)."""
+    path = settings.data_dir / "admin_key"
+    if path.exists():
+        print(f"admin key: read from {path}", file=sys.stderr)
+        return path.read_text().strip()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    key = "psk-admin-" + secrets.token_urlsafe(24)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w") as file:
+        file.write(key + "\n")
+    print(f"admin key (shown once; stored in {path}, mode 0600): {key}", file=sys.stderr)
+    return key
+
+
+def run_tenant_create(args: argparse.Namespace) -> int:
+    from prefixes.errors import RegistryError
+    from prefixes.tenant_admin import create_tenant
+
+    settings = Settings(
+        **{
+            k: v
+            for k, v in {"data_dir": args.data_dir, "database_url": args.database_url}.items()
+            if v
+        }
+    )
+    try:
+        issued = create_tenant(settings.data_dir, settings.database_url, args.name)
+    except RegistryError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"tenant: {issued.tenant}\napi_key: {issued.api_key}")
+    return 0
+
+
 def read_prefix_files(path: Path) -> dict[str, bytes]:
     files = sorted(path.iterdir()) if path.is_dir() else [path]
     return {f.name: f.read_bytes() for f in files if f.is_file()}
+
+
+def run_upload(args: argparse.Namespace) -> int:
+    import httpx
+
+    if not args.api_key:
+        print("error: --api-key (or PREFIX_SERVER_API_KEY) is required", file=sys.stderr)
+        return 2
+    if not args.path.exists():
+        print(f"error: {args.path} does not exist", file=sys.stderr)
+        return 2
+    files = [
+        ("files", (name, data))
+        for name, data in read_prefix_files(args.path).items()
+        if name.endswith((".json", ".safetensors", ".bin", ".pt"))
+    ]
+    fields = {
+        "name": args.name,
+        "visibility": args.visibility,
+        "description": args.description,
+        "overwrite": str(args.overwrite).lower(),
+    }
+    response = httpx.post(
+        f"{args.url.rstrip('/')}/v1/prefixes",
+        data=fields,
+        files=files,
+        headers={"Authorization": f"Bearer {args.api_key}"},
+        timeout=120,
+    )
+    print(response.text)
+    return 0 if response.status_code == 201 else 1
 
 
 def run_generate(args: argparse.Namespace) -> int:

@@ -109,3 +109,22 @@ def base_greedy(model: PreTrainedModel, prompt: list[int], max_new_tokens: int) 
             min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0,
         )  # fmt: skip
     return out[0, len(prompt) :].tolist()
+
+
+def word_tokenizer(vocab_size: int = 384):
+    """A real fast tokenizer for the tiny models: token i is the word `w{i}`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(vocab_size)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="w0")
+
+
+def save_tiny_model(folder: Path, arch: str = "llama", seed: int = 0) -> Path:
+    """A tiny model and its word tokenizer as a folder `prefix-server serve --model` can load."""
+    tiny_model(arch, seed=seed).save_pretrained(folder)
+    word_tokenizer().save_pretrained(folder)
+    return folder

@@ -1,0 +1,146 @@
+"""The FastAPI app factory and its lifespan: load the model, open the registry, run the engine.
+
+The model loads in the background after the server starts listening, so /health answers 503
+while it loads (instead of refusing connections) and 200 once the engine runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from prefixes.registry import Registry
+from server.api.errors import install_error_handlers
+from server.api.metrics import EngineCollector, HttpMetrics
+from server.api.routes import generate, health, openai, prefixes, tenants
+from server.api.services import Services
+from server.config import Settings
+from server.engine.engine import Engine
+from server.engine.scheduler import SchedulerConfig
+from server.models import LoadedModel, load_model
+
+log = logging.getLogger("prefix_server")
+
+
+def create_app(
+    settings: Settings, *, loaded: LoadedModel | None = None, background_start: bool = True
+) -> FastAPI:
+    """`loaded` injects an already loaded model (tests); otherwise `settings.model` is loaded."""
+    state = Services(settings)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        starting = asyncio.create_task(asyncio.to_thread(start_services, state, loaded))
+        if not background_start:
+            await starting
+        try:
+            yield
+        finally:
+            await starting  # a start still loading finishes first, then everything stops
+            await asyncio.to_thread(stop_services, state)
+
+    app = FastAPI(
+        title="prefix-server",
+        summary="One frozen LLM, thousands of personal prefixes, one batch.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.services = state
+    install_error_handlers(app)
+    for module in (health, tenants, prefixes, generate, openai):
+        app.include_router(module.router)
+
+    metrics_registry = CollectorRegistry()
+    http_metrics = HttpMetrics(metrics_registry)
+    metrics_registry.register(EngineCollector(state))
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        return Response(generate_latest(metrics_registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.middleware("http")
+    async def observe(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex[:16]
+        started = time.perf_counter()
+        response = await call_next(request)
+        elapsed = time.perf_counter() - started
+        route = getattr(request.scope.get("route"), "path", "unmatched")
+        http_metrics.requests.labels(route, request.method, str(response.status_code)).inc()
+        http_metrics.latency.labels(route).observe(elapsed)
+        response.headers["X-Request-ID"] = request_id
+        log.info(
+            json.dumps(
+                {
+                    "event": "request",
+                    "request_id": request_id,
+                    "method": request.method,
+                    "route": route,
+                    "status": response.status_code,
+                    "ms": round(elapsed * 1000, 1),
+                }
+            )
+        )
+        return response
+
+    return app
+
+
+def start_services(state: Services, loaded: LoadedModel | None) -> None:
+    settings = state.settings
+    try:
+        if loaded is None:
+            loaded = load_model(
+                settings.model,
+                dtype=settings.dtype,
+                device=settings.device,
+                attn_implementation=settings.attn_implementation,
+                cache_dir=settings.model_cache,
+            )
+        state.loaded = loaded
+        max_virtual_tokens = settings.max_virtual_tokens
+        state.registry = Registry(
+            settings.data_dir,
+            spec=loaded.spec,
+            compiler=lambda raw: loaded.compile(raw, max_virtual_tokens),
+            max_virtual_tokens=max_virtual_tokens,
+            device=loaded.device,
+            database_url=settings.database_url,
+            device_pool_bytes=settings.device_pool_bytes,
+            host_pool_bytes=settings.host_pool_bytes,
+        )
+        for info in state.registry.incompatible_prefixes():
+            log.warning("prefix %s was compiled for another model: it will not be served", info.id)
+        scheduler = SchedulerConfig(
+            num_slots=settings.num_slots,
+            max_waiting=settings.max_waiting,
+            max_prefill_tokens=settings.max_prefill_tokens,
+            max_running_per_tenant=settings.max_running_per_tenant,
+            max_prefix_bytes=settings.device_pool_bytes,
+        )
+        state.engine = Engine(loaded, scheduler, max_len=settings.max_len).start()
+        state.ready = True
+        log.info("ready: model %s, data in %s", loaded.model_id, settings.data_dir)
+    except Exception as exc:
+        log.exception("startup failed")
+        state.startup_error = f"{type(exc).__name__}: {exc}"
+
+
+def stop_services(state: Services) -> None:
+    """Stop admitting, give running requests the grace period, cancel the rest, close."""
+    state.ready = False
+    if state.engine is not None:
+        if not state.engine.drain(state.settings.shutdown_grace):
+            log.warning("shutdown grace period over: cancelling the requests still running")
+        state.engine.stop()
+    if state.registry is not None:
+        state.registry.close()

@@ -1,0 +1,49 @@
+"""API keys -> tenants (through the registry's hashed keys); the admin key."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.concurrency import run_in_threadpool
+
+from prefixes.errors import Unauthorized
+from server.api.errors import ApiError
+from server.api.services import Ready, ready
+
+_CHALLENGE = {"WWW-Authenticate": "Bearer"}
+
+
+def bearer_key(request: Request) -> str:
+    header = request.headers.get("authorization", "")
+    scheme, _, key = header.partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
+        raise ApiError(
+            401, "unauthorized", "missing API key: send 'Authorization: Bearer <key>'",
+            headers=_CHALLENGE,
+        )  # fmt: skip
+    return key.strip()
+
+
+async def current_tenant(
+    key: Annotated[str, Depends(bearer_key)], server: Annotated[Ready, Depends(ready)]
+) -> str:
+    try:
+        return await run_in_threadpool(server.registry.authenticate, key)
+    except Unauthorized:
+        raise ApiError(401, "unauthorized", "invalid API key", headers=_CHALLENGE) from None
+
+
+def require_admin(
+    key: Annotated[str, Depends(bearer_key)], server: Annotated[Ready, Depends(ready)]
+) -> None:
+    admin = server.settings.admin_key
+    if admin is None:
+        raise ApiError(403, "forbidden", "no admin key is configured on this server")
+    if not hmac.compare_digest(key.encode(), admin.get_secret_value().encode()):
+        raise ApiError(401, "unauthorized", "invalid admin key", headers=_CHALLENGE)
+
+
+Tenant = Annotated[str, Depends(current_tenant)]
+Server = Annotated[Ready, Depends(ready)]

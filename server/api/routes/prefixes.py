@@ -1,0 +1,131 @@
+"""Prefix endpoints: upload (multipart), list, get, delete."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+
+from server.api.auth import Server, Tenant
+from server.api.errors import ApiError
+from server.api.problems import to_api_error
+from server.api.schemas import PrefixInfo, PrefixPage
+
+router = APIRouter()
+MAX_FILES = 8
+
+
+async def read_limited_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it passes `limit` (never read whole)."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise too_large(limit, int(declared))
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise too_large(limit, None)
+    return bytes(body)
+
+
+def too_large(limit: int, found: int | None) -> ApiError:
+    found_text = f"{found} bytes" if found is not None else "more"
+    return ApiError(
+        413, "payload_too_large", f"upload: expected at most {limit} bytes, found {found_text}"
+    )
+
+
+async def read_upload_form(request: Request, limit: int) -> tuple[dict[str, str], dict[str, bytes]]:
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise ApiError(415, "unsupported_media_type", "upload: expected multipart/form-data")
+    request._body = await read_limited_body(request, limit)  # form() parses the buffered body
+    try:
+        form = await request.form(max_files=MAX_FILES, max_fields=16)
+    except Exception as exc:  # malformed multipart, too many parts
+        raise ApiError(
+            400, "invalid_request", f"upload: malformed multipart body ({exc})"
+        ) from None
+    fields: dict[str, str] = {}
+    files: dict[str, bytes] = {}
+    for key, value in form.multi_items():
+        if isinstance(value, UploadFile):
+            if key != "files":
+                raise ApiError(422, "invalid_request", f"{key}: files go in the field 'files'")
+            name = value.filename or ""
+            if name in files:
+                raise ApiError(422, "invalid_request", f"files: {name} was sent twice")
+            files[name] = await value.read()
+        else:
+            fields[key] = value
+    return fields, files
+
+
+def flag(fields: dict[str, str], key: str) -> bool:
+    value = fields.get(key, "false").strip().lower()
+    if value not in ("true", "false", "1", "0"):
+        raise ApiError(422, "invalid_request", f"{key}: expected true or false, found {value!r}")
+    return value in ("true", "1")
+
+
+@router.post("/v1/prefixes", status_code=201, response_model=PrefixInfo)
+async def upload(request: Request, server: Server, tenant: Tenant) -> dict[str, Any]:
+    fields, files = await read_upload_form(request, server.settings.max_upload_bytes)
+    unknown = set(fields) - {"name", "visibility", "description", "overwrite"}
+    if unknown:
+        raise ApiError(422, "invalid_request", f"unknown fields: {sorted(unknown)}")
+    if "name" not in fields:
+        raise ApiError(422, "invalid_request", "name: required")
+    if not files:
+        raise ApiError(422, "invalid_request", "files: expected at least one file")
+    try:
+        info = await run_in_threadpool(
+            server.registry.upload,
+            tenant,
+            fields["name"],
+            files,
+            visibility=fields.get("visibility", "private"),
+            description=fields.get("description", ""),
+            overwrite=flag(fields, "overwrite"),
+        )
+    except ApiError:
+        raise
+    except Exception as exc:
+        raise to_api_error(exc) from None
+    return info.to_dict()
+
+
+@router.get("/v1/prefixes", response_model=PrefixPage)
+async def list_prefixes(
+    server: Server,
+    tenant: Tenant,
+    scope: str = "all",
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    cursor: str | None = None,
+) -> dict[str, Any]:
+    try:
+        page = await run_in_threadpool(
+            server.registry.list_prefixes, tenant=tenant, scope=scope, limit=limit, cursor=cursor
+        )
+    except Exception as exc:
+        raise to_api_error(exc) from None
+    return {"data": [info.to_dict() for info in page.items], "next": page.next_cursor}
+
+
+@router.get("/v1/prefixes/{owner}/{name}", response_model=PrefixInfo)
+async def get_prefix(owner: str, name: str, server: Server, tenant: Tenant) -> dict[str, Any]:
+    try:
+        info = await run_in_threadpool(server.registry.get, f"{owner}/{name}", tenant=tenant)
+    except Exception as exc:
+        raise to_api_error(exc) from None
+    return info.to_dict()
+
+
+@router.delete("/v1/prefixes/{owner}/{name}", status_code=204)
+async def delete_prefix(owner: str, name: str, server: Server, tenant: Tenant) -> Response:
+    try:
+        await run_in_threadpool(server.registry.delete, f"{owner}/{name}", tenant=tenant)
+    except Exception as exc:
+        raise to_api_error(exc) from None
+    return Response(status_code=204)

@@ -1,0 +1,51 @@
+"""What the routes use: the loaded model, the registry and the engine, set up by the lifespan."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fastapi import Request
+
+from prefixes.registry import Registry
+from server.api.errors import ApiError
+from server.config import Settings
+from server.engine.engine import Engine
+from server.models import LoadedModel
+
+
+@dataclass
+class Services:
+    settings: Settings
+    loaded: LoadedModel | None = None
+    registry: Registry | None = None
+    engine: Engine | None = None
+    startup_error: str | None = None
+    ready: bool = field(default=False)
+
+    @property
+    def model_id(self) -> str:
+        return self.loaded.model_id if self.loaded else "loading"
+
+
+@dataclass(frozen=True)
+class Ready:
+    """Services once the server is ready: every field set."""
+
+    settings: Settings
+    loaded: LoadedModel
+    registry: Registry
+    engine: Engine
+
+
+def services(request: Request) -> Services:
+    state: Services = request.app.state.services
+    return state
+
+
+def ready(request: Request) -> Ready:
+    """Dependency: 503 until the model is loaded and the engine runs."""
+    state = services(request)
+    if not state.ready or not state.loaded or not state.registry or not state.engine:
+        message = state.startup_error or "the server is starting: the model is loading"
+        raise ApiError(503, "unavailable", message, headers={"Retry-After": "5"})
+    return Ready(state.settings, state.loaded, state.registry, state.engine)

@@ -1,0 +1,54 @@
+"""One Settings object: every flag of `prefix-server serve`, also as PREFIX_SERVER_* variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MiB = 1 << 20
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PREFIX_SERVER_", extra="forbid")
+
+    model: str | None = Field(
+        None, description="local folder or cached hub name; default: embedded SmolLM2"
+    )
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(8000, ge=0, le=65535, description="port to listen on")
+    data_dir: Path = Field(Path("data"), description="registry, prefix files, model cache")
+    device: Literal["cpu", "cuda"] = Field("cpu", description="where the model runs")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="model dtype")
+    attn_implementation: Literal["sdpa", "eager"] = Field("sdpa", description="attention kernel")
+    admin_key: SecretStr | None = Field(None, description="key for /v1/tenants")
+    database_url: str | None = Field(
+        None, description="SQLAlchemy URL; default sqlite in the data directory"
+    )
+    num_slots: int = Field(16, ge=1, description="rows decoded together (KV cache slots)")
+    max_len: int = Field(2048, ge=16, description="positions per slot: prefix + prompt + output")
+    max_waiting: int = Field(256, ge=1, description="queued requests before 429")
+    max_prefill_tokens: int = Field(512, ge=1, description="prompt tokens admitted per step")
+    max_running_per_tenant: int = Field(8, ge=0, description="rows one tenant may hold; 0: no cap")
+    max_virtual_tokens: int = Field(256, ge=1, description="largest prefix length accepted")
+    max_new_tokens_limit: int = Field(4096, ge=1, description="largest max_new_tokens accepted")
+    max_upload_bytes: int = Field(64 * MiB, ge=1024, description="largest upload (413 beyond)")
+    device_pool_bytes: int = Field(1024 * MiB, ge=1, description="compiled prefixes on device")
+    host_pool_bytes: int = Field(2048 * MiB, ge=0, description="evicted prefixes kept in RAM")
+    shutdown_grace: float = Field(10.0, ge=0, description="seconds to finish requests on SIGTERM")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="logging")
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ValueError("device: expected a machine with CUDA, found none")
+        return self
+
+    @property
+    def model_cache(self) -> Path:
+        return self.data_dir / "models"

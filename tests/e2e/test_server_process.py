@@ -1,0 +1,222 @@
+"""A real `prefix-server serve` process on 127.0.0.1, driven by the official openai client and
+by concurrent httpx requests from two tenants; then killed and restarted on the same data."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from prefixes import read_upload
+from server.engine.llm import LLM
+from server.engine.request import Request, SamplingParams
+from server.models import LoadedModel, load_model
+from tests.tiny import make_adapter, save_tiny_model
+
+ADMIN = "e2e-admin-key"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Server:
+    url: str
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        self.process.send_signal(sig)
+        return self.process.wait(timeout=60)
+
+
+def start_server(model: Path, data_dir: Path, log: Path) -> Server:
+    port = free_port()
+    command = [
+        sys.executable, "-m", "server.cli", "serve", "--model", str(model),
+        "--data-dir", str(data_dir), "--port", str(port), "--admin-key", ADMIN,
+        "--num-slots", "4", "--max-len", "128", "--shutdown-grace", "2",
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    process = subprocess.Popen(command, stdout=log.open("ab"), stderr=subprocess.STDOUT, env=env)
+    server = Server(f"http://127.0.0.1:{port}", process, log)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"server exited: {log.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"{server.url}/health", timeout=1).status_code == 200:
+                return server
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    process.kill()
+    raise AssertionError(f"server never became healthy: {log.read_text()[-3000:]}")
+
+
+@dataclass
+class World:
+    model_dir: Path
+    data_dir: Path
+    loaded: LoadedModel
+    adapters: dict[str, Path]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> World:
+    root = tmp_path_factory.mktemp("e2e")
+    model_dir = save_tiny_model(root / "model")
+    loaded = load_model(str(model_dir))
+    adapters = {
+        "pirate": root / "pirate",  # alice's prefix tuning
+        "poet": root / "poet",  # bob's prompt tuning
+    }
+    make_adapter(loaded.model, "prefix", 6, adapters["pirate"], seed=1)
+    make_adapter(loaded.model, "prompt", 4, adapters["poet"], seed=2)
+    return World(model_dir, root / "data", loaded, adapters)
+
+
+def reference(world: World, prompt: list[int], adapter: str | None, n: int) -> list[int]:
+    llm = LLM(world.loaded, num_slots=1, max_len=128)
+    prefix = None
+    if adapter:
+        files = {p.name: p.read_bytes() for p in world.adapters[adapter].iterdir() if p.is_file()}
+        prefix = llm.compile(read_upload(files))
+    sampling = SamplingParams(max_new_tokens=n, temperature=0)
+    (request,) = llm.generate([Request(prompt, sampling, prefix)])
+    return request.output_token_ids
+
+
+def create_tenant(server: Server, name: str) -> str:
+    response = httpx.post(
+        f"{server.url}/v1/tenants",
+        json={"name": name},
+        headers={"Authorization": f"Bearer {ADMIN}"},
+    )
+    assert response.status_code == 201, response.text
+    return str(response.json()["api_key"])
+
+
+def upload(server: Server, key: str, name: str, folder: Path) -> None:
+    files = [("files", (p.name, p.read_bytes())) for p in folder.iterdir() if p.suffix != ".md"]
+    response = httpx.post(
+        f"{server.url}/v1/prefixes",
+        data={"name": name},
+        files=files,
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=60,
+    )
+    assert response.status_code == 201, response.text
+
+
+@pytest.fixture(scope="module")
+def running(world: World) -> Iterator[tuple[Server, dict[str, str]]]:
+    server = start_server(world.model_dir, world.data_dir, world.data_dir.parent / "server.log")
+    keys = {"alice": create_tenant(server, "alice"), "bob": create_tenant(server, "bob")}
+    upload(server, keys["alice"], "pirate", world.adapters["pirate"])
+    upload(server, keys["bob"], "poet", world.adapters["poet"])
+    yield server, keys
+    if server.process.poll() is None:
+        server.process.kill()
+        server.process.wait()
+
+
+def test_openai_client_works_unchanged(
+    world: World, running: tuple[Server, dict[str, str]]
+) -> None:
+    server, keys = running
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=keys["alice"])
+    tokenizer = world.loaded.tokenizer
+    expected = tokenizer.decode(reference(world, [3, 14, 15, 92], "pirate", 6))  # type: ignore[union-attr]
+
+    models = {m.id for m in client.models.list().data}
+    assert models == {world.loaded.model_id, "alice/pirate"}  # not bob's private prefix
+
+    completion = client.completions.create(
+        model="alice/pirate", prompt="w3 w14 w15 w92", max_tokens=6, temperature=0
+    )
+    assert completion.choices[0].text == expected
+    assert completion.usage is not None and completion.usage.completion_tokens == 6
+
+    streamed = client.completions.create(
+        model="alice/pirate", prompt="w3 w14 w15 w92", max_tokens=6, temperature=0, stream=True
+    )
+    assert "".join(chunk.choices[0].text for chunk in streamed) == expected
+
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="bob/poet", prompt="w1", max_tokens=2)
+
+
+def test_concurrent_tenants_get_the_tokens_they_get_alone(
+    world: World, running: tuple[Server, dict[str, str]]
+) -> None:
+    server, keys = running
+    jobs = [
+        ("alice" if i % 2 == 0 else "bob", [i + 1, 2 * i + 5, 7][: 1 + i % 3], i % 3)
+        for i in range(10)
+    ]
+    adapters = {"alice": "pirate", "bob": "poet"}
+
+    async def one(
+        client: httpx.AsyncClient, tenant: str, prompt: list[int], mode: int
+    ) -> list[int]:
+        body = {
+            "prompt": prompt,
+            "prefix": None if mode == 2 else adapters[tenant],
+            "max_new_tokens": 5,
+            "temperature": 0,
+        }
+        response = await client.post(
+            "/v1/generate", json=body, headers={"Authorization": f"Bearer {keys[tenant]}"}
+        )
+        assert response.status_code == 200, response.text
+        return list(response.json()["token_ids"])
+
+    async def main() -> list[list[int]]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+            return await asyncio.gather(*(one(client, *job) for job in jobs))
+
+    results = asyncio.run(main())
+    for (tenant, prompt, mode), tokens in zip(jobs, results, strict=True):
+        adapter = None if mode == 2 else adapters[tenant]
+        assert tokens == reference(world, prompt, adapter, 5), (tenant, prompt, mode)
+
+
+def test_prefixes_and_keys_survive_sigkill(
+    world: World, running: tuple[Server, dict[str, str]]
+) -> None:
+    server, keys = running
+    body = {"prompt": [9, 8, 7], "prefix": "alice/pirate", "max_new_tokens": 5, "temperature": 0}
+    headers = {"Authorization": f"Bearer {keys['alice']}"}
+    before = httpx.post(f"{server.url}/v1/generate", json=body, headers=headers).json()
+
+    server.stop(signal.SIGKILL)
+    restarted = start_server(world.model_dir, world.data_dir, server.log)
+    try:
+        after = httpx.post(f"{restarted.url}/v1/generate", json=body, headers=headers)
+        assert after.status_code == 200, after.text
+        assert (
+            after.json()["token_ids"]
+            == before["token_ids"]
+            == reference(world, [9, 8, 7], "pirate", 5)
+        )
+        listed = httpx.get(f"{restarted.url}/v1/prefixes", headers=headers).json()["data"]
+        assert [p["id"] for p in listed] == ["alice/pirate"]
+    finally:
+        # uvicorn finishes its graceful shutdown, then re-raises the signal it caught.
+        assert restarted.stop(signal.SIGTERM) in (0, -signal.SIGTERM)
+    assert "Application shutdown complete" in restarted.log.read_text()
