@@ -54,6 +54,14 @@ _STATUS_TYPES = {
 }
 
 
+def validation_problem(error: dict[str, Any]) -> dict[str, str]:
+    """One pydantic/FastAPI validation error as {field, message}, the field a dotted path."""
+    if error.get("type") == "json_invalid":
+        return {"field": "body", "message": "malformed JSON"}
+    path = ".".join(str(part) for part in error.get("loc", ()) if part != "body")
+    return {"field": path or "body", "message": str(error.get("msg", ""))}
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
@@ -61,15 +69,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = [
-            {
-                "field": "body"
-                if e.get("type") == "json_invalid"
-                else ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body",
-                "message": "malformed JSON" if e.get("type") == "json_invalid" else e.get("msg", ""),
-            }
-            for e in exc.errors()
-        ]
+        problems = [validation_problem(e) for e in exc.errors()]
         summary = "; ".join(f"{p['field']}: {p['message']}" for p in problems)
         return error_response(422, "invalid_request", summary, details=problems)
 
