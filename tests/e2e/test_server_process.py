@@ -220,3 +220,26 @@ def test_prefixes_and_keys_survive_sigkill(
         # uvicorn finishes its graceful shutdown, then re-raises the signal it caught.
         assert restarted.stop(signal.SIGTERM) in (0, -signal.SIGTERM)
     assert "Application shutdown complete" in restarted.log.read_text()
+
+
+def test_sigterm_lets_a_running_request_finish(world: World, tmp_path: Path) -> None:
+    server = start_server(world.model_dir, tmp_path / "data", tmp_path / "server.log")
+    try:
+        key = create_tenant(server, "carol")
+        body = {"prompt": [5, 6], "max_new_tokens": 100, "temperature": 0, "stream": True}
+        events = []
+        with httpx.stream(
+            "POST", f"{server.url}/v1/generate", json=body, timeout=60,
+            headers={"Authorization": f"Bearer {key}"},
+        ) as response:  # fmt: skip
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line.removeprefix("data: "))
+                    if len(events) == 1:
+                        server.process.send_signal(signal.SIGTERM)
+        assert events[-1] == "[DONE]"
+        assert '"finish_reason": "length"' in events[-2]  # all 100 tokens, not cancelled
+        assert server.process.wait(timeout=30) in (0, -signal.SIGTERM)
+    finally:
+        if server.process.poll() is None:
+            server.process.kill()
