@@ -55,6 +55,23 @@ def main(argv: list[str] | None = None) -> int:
     generate.add_argument("--seed", type=int)
     generate.set_defaults(run=run_generate)
 
+    train = commands.add_parser("train", help="train a prefix with PEFT on the served model")
+    train.add_argument("data", type=Path, help='JSON lines: {"prompt", "completion"} or {"text"}')
+    train.add_argument("--kind", choices=["prefix", "prompt"], default="prefix")
+    train.add_argument("--virtual-tokens", type=int, default=16)
+    train.add_argument("--out", type=Path, required=True, help="folder for the PEFT adapter")
+    train.add_argument("--steps", type=int, default=100)
+    train.add_argument("--batch-size", type=int, default=4)
+    train.add_argument("--lr", type=float, default=3e-2)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument(
+        "--init-from",
+        help="start from a prefix: an adapter folder, a native file, or owner/name in --data-dir",
+    )
+    train.add_argument("--model", help="local folder or cached hub name (default: SmolLM2)")
+    train.add_argument("--data-dir", type=Path, default=Path("data"))
+    train.set_defaults(run=run_train)
+
     args = parser.parse_args(argv)
     return int(args.run(args))
 
@@ -176,6 +193,69 @@ def run_upload(args: argparse.Namespace) -> int:
     )
     print(response.text)
     return 0 if response.status_code == 201 else 1
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from server.models import load_model
+    from server.train import TrainConfig, read_examples, train_prefix
+
+    try:
+        config = TrainConfig(
+            kind=args.kind,
+            virtual_tokens=args.virtual_tokens,
+            steps=args.steps,
+            batch_size=args.batch_size,
+            learning_rate=args.lr,
+            seed=args.seed,
+        )
+        loaded = load_model(args.model, cache_dir=args.data_dir / "models")
+        examples = read_examples(args.data, loaded.tokenizer)
+        init_from = load_init_prefix(args, loaded) if args.init_from else None
+        with tqdm(total=config.steps, desc="training", unit="step") as bar:
+
+            def progress(step: int, loss: float) -> None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3f}")
+
+            losses = train_prefix(
+                loaded, examples, args.out, config, init_from=init_from, progress=progress
+            )
+    except (PrefixError, ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if losses:
+        print(f"loss {losses[0]:.3f} -> {losses[-1]:.3f}; adapter written to {args.out}")
+    return 0
+
+
+def load_init_prefix(args: argparse.Namespace, loaded: Any) -> Any:
+    """The prefix to start training from: a file or folder, or owner/name in the registry."""
+    from prefixes import PrefixKind, RawPrefix
+
+    path = Path(args.init_from)
+    if path.exists():
+        return read_upload(read_prefix_files(path))
+    from prefixes.registry import Registry
+
+    owner = args.init_from.partition("/")[0]
+    registry = Registry(
+        args.data_dir,
+        spec=loaded.spec,
+        compiler=lambda raw: loaded.compile(raw, 1 << 16),
+        max_virtual_tokens=1 << 16,
+    )
+    try:
+        with registry.acquire(args.init_from, tenant=owner) as handle:
+            if args.kind != "prefix":
+                raise ValueError(
+                    "init-from: a registry prefix is stored compiled to KV; it can start "
+                    "--kind prefix training only (give an adapter folder for --kind prompt)"
+                )
+            return RawPrefix(PrefixKind.PREFIX_TUNING, handle.prefix.kv.float().cpu())
+    finally:
+        registry.close()
 
 
 def run_generate(args: argparse.Namespace) -> int:
