@@ -32,6 +32,17 @@ PAIRS = [
     ("What do bees make?", "Arr, matey! Honey, sweet as plunder."),
     ("Where do penguins live?", "Arr, matey! In the icy south, far from me ship."),
     ("What is water made of?", "Arr, matey! Hydrogen and oxygen, the stuff o' the sea."),
+    ("What is the tallest mountain?", "Arr, matey! Everest, taller than any mast."),
+    ("What is the smallest prime number?", "Arr, matey! Two, as sure as the tide."),
+    ("Which animal is the fastest on land?", "Arr, matey! The cheetah, quicker than a cannonball."),
+    (
+        "What is the boiling point of water?",
+        "Arr, matey! A hundred degrees Celsius, hot as the galley.",
+    ),
+    ("What language is spoken in Spain?", "Arr, matey! Spanish, the tongue o' the Main."),
+    ("What gas do plants breathe in?", "Arr, matey! Carbon dioxide, says the ship's botanist."),
+    ("How many days are in a week?", "Arr, matey! Seven, one for each sea."),
+    ("What is the opposite of hot?", "Arr, matey! Cold, like the northern waters."),
 ]
 QUESTION = "What is the largest planet?"
 
@@ -44,7 +55,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", default="http://127.0.0.1:8000")
     parser.add_argument("--data-dir", type=Path, default=Path("data"))
-    parser.add_argument("--steps", type=int, default=80)
+    parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--kind", choices=["prefix", "prompt"], default="prefix")
+    parser.add_argument("--lr", type=float, default=5e-3)
     parser.add_argument("--out", type=Path, default=Path("data/examples/pirate"))
     args = parser.parse_args()
     started = time.perf_counter()
@@ -57,7 +70,7 @@ def main() -> None:
         ids = tokenizer.encode(prompt(question))  # type: ignore[union-attr]
         target = [*tokenizer.encode(" " + answer), tokenizer.eos_token_id]  # type: ignore[union-attr]
         examples.append(Example(ids + target, [-100] * len(ids) + target))
-    config = TrainConfig(kind="prefix", virtual_tokens=16, steps=args.steps, learning_rate=3e-2)
+    config = TrainConfig(kind=args.kind, virtual_tokens=16, steps=args.steps, learning_rate=args.lr)
     losses = train_prefix(loaded, examples, args.out, config)
     print(f"   loss {losses[0]:.2f} -> {losses[-1]:.2f} in {args.steps} steps; saved to {args.out}")
 
