@@ -40,6 +40,9 @@ format: install
 
 bench: install
 	$(PY) bench/decode_step.py --write docs/benchmarks.md
+	$(PY) bench/prefill_budget.py --write docs/benchmarks.md
+	$(PY) bench/load.py --write docs/benchmarks.md
+	$(PY) bench/registry.py --write docs/benchmarks.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -31,14 +31,38 @@ from server.models import LoadedModel, freeze, load_model, wrap_model
 ROWS = 16
 
 
-def tiny_llama() -> LoadedModel:
+def tiny_llama(device: str = "cpu", dtype: str = "float32") -> LoadedModel:
     """hidden 256, 4 layers, 8 query / 2 KV heads: small enough that overheads dominate."""
     config = LlamaConfig(
         vocab_size=32000, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
         num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=2048,
     )  # fmt: skip
+    return random_model(config, "tiny-llama", device, dtype)
+
+
+def smollm2_geometry(device: str = "cpu", dtype: str = "float32") -> LoadedModel:
+    """SmolLM2-135M's exact architecture with random weights: the same cost per step, for
+    machines that do not have the embedded model's weights."""
+    config = LlamaConfig(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+        num_attention_heads=9, num_key_value_heads=3, head_dim=64, max_position_embeddings=8192,
+        tie_word_embeddings=True, rope_theta=100000.0,
+    )  # fmt: skip
+    return random_model(config, "SmolLM2-135M geometry (random weights)", device, dtype)
+
+
+def random_model(config: LlamaConfig, name: str, device: str, dtype: str) -> LoadedModel:
     torch.manual_seed(0)
-    return wrap_model(freeze(AutoModelForCausalLM.from_config(config)), None, "tiny-llama")
+    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+    return wrap_model(freeze(model, device), None, name)
+
+
+def load_named(name: str, device: str = "cpu", dtype: str = "float32") -> LoadedModel:
+    if name == "tiny":
+        return tiny_llama(device, dtype)
+    if name == "smollm2-geometry":
+        return smollm2_geometry(device, dtype)
+    return load_model(None, cache_dir=Path("data/models"), device=device, dtype=dtype)
 
 
 def random_prefix(loaded: LoadedModel, tokens: int, seed: int) -> CompiledPrefix:
@@ -114,9 +138,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--prefix-len", type=int, default=16)
     parser.add_argument("--prompt-len", type=int, default=32)
-    parser.add_argument(
-        "--write", type=Path, help="update this markdown file's decode_step section"
-    )
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--section", default="decode_step")
+    parser.add_argument("--write", type=Path, help="update this markdown file's section")
     args = parser.parse_args()
 
     lines = [
@@ -125,7 +150,7 @@ def main() -> None:
         "|---|---|---|---|---|---|",
     ]
     for name in args.models.split(","):
-        loaded = tiny_llama() if name == "tiny" else load_model(None, cache_dir=Path("data/models"))
+        loaded = load_named(name, args.device, args.dtype)
         r = measure(
             loaded, prefix_len=args.prefix_len, prompt_len=args.prompt_len, steps=args.steps
         )
@@ -145,14 +170,15 @@ def main() -> None:
             f"Command: `{command()}`.",
             f"Each row: a prefix-tuning prefix of {args.prefix_len} virtual tokens and a "
             f"{args.prompt_len}-token prompt, prefilled before timing; median of {args.steps} "
-            "steps after 3 warm-up steps, the three variants taking turns step by step; float32.",
+            "steps after 3 warm-up steps, the three variants taking turns step by step; "
+            f"{args.dtype} on {args.device}.",
             "",
             *lines,
         ]
     )
     print(body)
     if args.write:
-        write_section(args.write, "decode_step", body)
+        write_section(args.write, args.section, body)
 
 
 if __name__ == "__main__":

@@ -31,13 +31,13 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.decode_step import tiny_llama
+from bench.decode_step import load_named
 from bench.report import command, machine, write_section
 from prefixes import CompiledPrefix, read_upload
 from server.engine.engine import Engine
 from server.engine.request import SamplingParams
 from server.engine.scheduler import SchedulerConfig
-from server.models import LoadedModel, load_model
+from server.models import LoadedModel
 
 
 @dataclass
@@ -135,8 +135,9 @@ def peft_generate(
 ):
     peft.set_adapter(f"t{tenant}")
     width = max(len(p) for p in prompts)
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=peft.device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    mask = mask.to(peft.device)
     clock = FirstTokenClock()
     with torch.inference_mode():
         peft.generate(
@@ -170,7 +171,11 @@ def run_peft(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=["smollm2", "tiny"], default="smollm2")
+    parser.add_argument(
+        "--model", choices=["smollm2", "smollm2-geometry", "tiny"], default="smollm2"
+    )
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--tenants", type=int, default=16)
     parser.add_argument("--requests", type=int, default=48)
     parser.add_argument("--rate", type=float, default=4.0, help="arrivals per second")
@@ -180,9 +185,7 @@ def main() -> None:
     parser.add_argument("--write", type=Path)
     args = parser.parse_args()
 
-    loaded = (
-        tiny_llama() if args.model == "tiny" else load_model(None, cache_dir=Path("data/models"))
-    )
+    loaded = load_named(args.model, args.device, args.dtype)
     jobs = workload(args, loaded.spec.vocab_size)
     adapters = Path(tempfile.mkdtemp(prefix="bench-adapters-"))
     peft: PeftModel | None = None
@@ -239,7 +242,8 @@ def main() -> None:
             f"Command: `{command()}`.",
             f"{args.requests} requests at {args.rate}/s, prompts of 16-48 tokens, "
             f"{args.new_tokens} new tokens each (greedy, EOS ignored), prefix tuning with "
-            f"{args.virtual_tokens} virtual tokens per tenant; engine with 16 slots; float32. "
+            f"{args.virtual_tokens} virtual tokens per tenant; engine with 16 slots; "
+            f"{args.dtype} on {args.device}. "
             "TTFT counts from arrival, time spent queued included; per-token latency is the "
             "mean gap between a request's tokens after its first.",
             "",
@@ -250,7 +254,8 @@ def main() -> None:
     )
     print(body)
     if args.write:
-        write_section(args.write, f"load_{args.model}", body)
+        suffix = "" if args.device == "cpu" else f"_{args.device}_{args.dtype}"
+        write_section(args.write, f"load_{args.model}{suffix}", body)
 
 
 if __name__ == "__main__":

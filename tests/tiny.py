@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
 import torch
@@ -19,6 +20,8 @@ from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrain
 from server.models import LoadedModel, freeze, wrap_model
 
 ARCHITECTURES = ("llama", "qwen2", "gpt2")
+# Where the tiny models run: set PREFIX_SERVER_TEST_DEVICE=cuda to run the suite on a GPU.
+DEVICE = os.environ.get("PREFIX_SERVER_TEST_DEVICE", "cpu")
 ADAPTER_KINDS = ("prefix", "prefix_projection", "prompt", "p_tuning")
 
 # No special token ids: generation then never stops early on a random EOS, in PEFT or here.
@@ -51,7 +54,7 @@ def tiny_config(arch: str):
 def tiny_model(arch: str, attn: str = "sdpa", seed: int = 0) -> PreTrainedModel:
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(arch), attn_implementation=attn)
-    return freeze(model)
+    return freeze(model, DEVICE)
 
 
 def tiny_loaded(arch: str, attn: str = "sdpa", seed: int = 0) -> LoadedModel:
@@ -80,7 +83,7 @@ def make_adapter(
     with torch.no_grad():
         for name, param in peft_model.prompt_encoder.named_parameters():
             scale = 1.0 if "embedding" in name or param.ndim < 2 else param.shape[-1] ** -0.5
-            param.copy_(torch.randn(param.shape, generator=generator) * scale)
+            param.copy_(torch.randn(param.shape, generator=generator).to(param.device) * scale)
     peft_model.eval()
     peft_model.save_pretrained(out_dir)
     return peft_model
@@ -88,7 +91,7 @@ def make_adapter(
 
 def peft_greedy(peft_model: PeftModel, prompt: list[int], max_new_tokens: int) -> list[int]:
     """PEFT's own generate for one unpadded request: the oracle."""
-    ids = torch.tensor([prompt])
+    ids = torch.tensor([prompt], device=peft_model.device)
     with torch.no_grad():
         out = peft_model.generate(
             input_ids=ids,
@@ -102,7 +105,7 @@ def peft_greedy(peft_model: PeftModel, prompt: list[int], max_new_tokens: int) -
 
 
 def base_greedy(model: PreTrainedModel, prompt: list[int], max_new_tokens: int) -> list[int]:
-    ids = torch.tensor([prompt])
+    ids = torch.tensor([prompt], device=model.device)
     with torch.no_grad():
         out = model.generate(
             input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
