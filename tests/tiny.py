@@ -15,7 +15,15 @@ from peft import (
     TaskType,
     get_peft_model,
 )
-from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedModel, Qwen2Config
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    LlamaConfig,
+    MistralConfig,
+    PreTrainedModel,
+    Qwen2Config,
+    Qwen3Config,
+)
 
 from server.models import LoadedModel, freeze, wrap_model
 
@@ -42,6 +50,19 @@ def tiny_config(arch: str):
             vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
             initializer_range=_INIT, tie_word_embeddings=False, **_NO_SPECIAL,
+        )  # fmt: skip
+    if arch == "qwen3":  # q/k norms, head_dim (32) != hidden / heads (16)
+        return Qwen3Config(
+            vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+            max_position_embeddings=512, initializer_range=_INIT, tie_word_embeddings=False,
+            **_NO_SPECIAL,
+        )  # fmt: skip
+    if arch == "mistral":
+        return MistralConfig(
+            vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=512,
+            sliding_window=None, initializer_range=_INIT, **_NO_SPECIAL,
         )  # fmt: skip
     if arch == "gpt2":  # untied: a tied random GPT-2 just repeats its last token
         return GPT2Config(

@@ -55,7 +55,7 @@ def greedy(case: Case, prefix: CompiledPrefix | None) -> Request:
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mistral", "gpt2"])
 def test_joint_prefill_of_mixed_prefixes_matches_peft(arch: str, attn: str, tmp_path: Path) -> None:
     cases = build_cases(arch, attn, tmp_path)
     llm = LLM(tiny_loaded(arch, attn), num_slots=len(cases), max_len=128)
