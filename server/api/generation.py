@@ -68,9 +68,17 @@ def sampling_params(
 
 
 async def start(
-    server: Ready, tenant: str, prompt: list[int], prefix_ref: str | None, sampling: SamplingParams
+    server: Ready,
+    tenant: str,
+    prompt: list[int],
+    prefix_ref: str | None,
+    sampling: SamplingParams,
+    *,
+    stream: bool,
 ) -> RequestStream:
-    """Pin the prefix version (if any) and queue the request; the engine releases the pin."""
+    """Pin the prefix version (if any) and queue the request; the engine releases the pin.
+
+    Text is decoded every step only for streams; otherwise once, at the end."""
     try:
         handle = None
         if prefix_ref:
@@ -81,6 +89,7 @@ async def start(
             prefix=handle.prefix if handle else None,
             release=handle.release if handle else None,
             tenant=tenant,
+            stream_text=stream,
         )
     except Exception as exc:
         raise to_api_error(exc) from None

@@ -196,6 +196,29 @@ def test_concurrent_tenants_get_the_tokens_they_get_alone(
         assert tokens == reference(world, prompt, adapter, 5), (tenant, prompt, mode)
 
 
+def test_cli_tenant_create_offline_and_upload_to_the_server(
+    world: World, running: tuple[Server, dict[str, str]], tmp_path: Path
+) -> None:
+    server, keys = running
+    from server.cli import main
+
+    command = [sys.executable, "-m", "server.cli", "tenant", "create", "dave"]
+    command += ["--data-dir", str(tmp_path)]
+    created = subprocess.run(command, capture_output=True, text=True, check=True)
+    assert created.stdout.startswith("tenant: dave\napi_key: psk_")
+    again = subprocess.run(command, capture_output=True, text=True)
+    assert again.returncode == 1 and "already exists" in again.stderr
+
+    argv = ["upload", str(world.adapters["pirate"]), "--name", "via-cli", "--url", server.url]
+    assert main([*argv, "--api-key", keys["alice"]]) == 0
+    listed = httpx.get(
+        f"{server.url}/v1/prefixes", headers={"Authorization": f"Bearer {keys['alice']}"}
+    )
+    assert "alice/via-cli" in {p["id"] for p in listed.json()["data"]}
+    assert main([*argv, "--api-key", keys["alice"]]) == 1  # the name is taken: 409
+    assert main([*argv, "--api-key", "psk_wrong"]) == 1
+
+
 def test_prefixes_and_keys_survive_sigkill(
     world: World, running: tuple[Server, dict[str, str]]
 ) -> None:
@@ -215,7 +238,7 @@ def test_prefixes_and_keys_survive_sigkill(
             == reference(world, [9, 8, 7], "pirate", 5)
         )
         listed = httpx.get(f"{restarted.url}/v1/prefixes", headers=headers).json()["data"]
-        assert [p["id"] for p in listed] == ["alice/pirate"]
+        assert "alice/pirate" in [p["id"] for p in listed]
     finally:
         # uvicorn finishes its graceful shutdown, then re-raises the signal it caught.
         assert restarted.stop(signal.SIGTERM) in (0, -signal.SIGTERM)
@@ -243,26 +266,3 @@ def test_sigterm_lets_a_running_request_finish(world: World, tmp_path: Path) -> 
     finally:
         if server.process.poll() is None:
             server.process.kill()
-
-
-def test_cli_tenant_create_offline_and_upload_to_the_server(
-    world: World, running: tuple[Server, dict[str, str]], tmp_path: Path
-) -> None:
-    server, keys = running
-    from server.cli import main
-
-    command = [sys.executable, "-m", "server.cli", "tenant", "create", "dave"]
-    command += ["--data-dir", str(tmp_path)]
-    created = subprocess.run(command, capture_output=True, text=True, check=True)
-    assert created.stdout.startswith("tenant: dave\napi_key: psk_")
-    again = subprocess.run(command, capture_output=True, text=True)
-    assert again.returncode == 1 and "already exists" in again.stderr
-
-    argv = ["upload", str(world.adapters["pirate"]), "--name", "via-cli", "--url", server.url]
-    assert main([*argv, "--api-key", keys["alice"]]) == 0
-    listed = httpx.get(
-        f"{server.url}/v1/prefixes", headers={"Authorization": f"Bearer {keys['alice']}"}
-    )
-    assert "alice/via-cli" in {p["id"] for p in listed.json()["data"]}
-    assert main([*argv, "--api-key", keys["alice"]]) == 1  # the name is taken: 409
-    assert main([*argv, "--api-key", "psk_wrong"]) == 1

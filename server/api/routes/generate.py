@@ -25,7 +25,7 @@ async def generate(
     sampling = sampling_params(
         server, body, max_new_tokens=body.max_new_tokens, ignore_eos=body.ignore_eos
     )
-    stream = await start(server, tenant, prompt, body.prefix, sampling)
+    stream = await start(server, tenant, prompt, body.prefix, sampling, stream=body.stream)
     if body.stream:
         return StreamingResponse(
             events(stream), media_type="text/event-stream", headers=SSE_HEADERS

@@ -84,7 +84,9 @@ async def completions(
         raise ApiError(400, "invalid_request", "prompt: streaming takes one prompt")
     sampling = sampling_params(server, body, max_new_tokens=body.max_tokens or DEFAULT_MAX_TOKENS)
     prefix = prefix_of(server, body.model)
-    streams = [await start(server, tenant, p, prefix, sampling) for p in prompts]
+    streams = [
+        await start(server, tenant, p, prefix, sampling, stream=body.stream) for p in prompts
+    ]
     meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
     if body.stream:
         return StreamingResponse(
@@ -134,7 +136,8 @@ async def chat_completions(
         body.max_completion_tokens or body.max_tokens or server.settings.max_new_tokens_limit
     )
     sampling = sampling_params(server, body, max_new_tokens=max_tokens)
-    stream = await start(server, tenant, prompt, prefix_of(server, body.model), sampling)
+    prefix = prefix_of(server, body.model)
+    stream = await start(server, tenant, prompt, prefix, sampling, stream=body.stream)
     meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
     if body.stream:
         return StreamingResponse(
