@@ -113,12 +113,28 @@ class Engine:
 
     def stop(self, timeout: float = 10.0) -> None:
         """Cancel whatever is left and join the thread."""
+        running = self._thread.is_alive()
+        outputs: list[StepOutput] = []
         with self._wake:
             self._accepting = False
             self._stop = True
             self._wake.notify()
-        if self._thread.is_alive():
+            if not running:  # never started: nobody else will release what waits
+                outputs = self._abort_cancelled(everything=True)
+        self._publish(outputs)
+        if running:
             self._thread.join(timeout)
+
+    def _abort_cancelled(self, *, everything: bool) -> list[StepOutput]:
+        """With the lock held: finish the requests marked cancelled (or all of them)."""
+        cancelled, self._cancelled = self._cancelled, []
+        if everything:
+            cancelled += self.core.running + self._all_waiting()
+        return [
+            StepOutput(request, [], "")
+            for request in cancelled
+            if self.core.abort(request, "cancelled")
+        ]
 
     def _request_cancel(self, request: Request) -> None:
         with self._wake:
@@ -132,16 +148,13 @@ class Engine:
             with self._wake:
                 while not (self._stop or self._cancelled or self.core.has_work):
                     self._wake.wait()
-                cancelled, self._cancelled = self._cancelled, []
-                if self._stop:
-                    cancelled += self.core.running + self._all_waiting()
-                outputs = []
-                for request in cancelled:
-                    if self.core.abort(request, "cancelled"):
-                        outputs.append(StepOutput(request, [], ""))
-                self._publish(outputs)
-                if self._stop:
-                    return
+                stopping = self._stop
+                outputs = self._abort_cancelled(everything=stopping)
+            # Published outside the lock: a stream whose loop has closed cancels itself, and
+            # that takes the lock.
+            self._publish(outputs)
+            if stopping:
+                return
             try:
                 outputs = self._step()
             except Exception:  # a bug in the step itself: fail what runs, keep serving

@@ -146,6 +146,7 @@ def test_full_queue_refuses_at_once_with_a_retry_hint(loaded: LoadedModel) -> No
     asyncio.run(main())
     assert releases.counts == Counter([99])  # the refused request's pin is released at once
     engine.stop()
+    assert releases.counts == Counter([0, 1, 2, 99])  # stopping releases what still waited
 
 
 def test_cancel_frees_the_slot_by_the_next_step_and_ends_the_stream(loaded: LoadedModel) -> None:
