@@ -12,7 +12,6 @@ import os
 import pickle
 import shlex
 import struct
-import time
 import tracemalloc
 from pathlib import Path
 
@@ -557,11 +556,9 @@ def test_enormous_header_length_is_refused_without_allocating(llama, tmp_path):
     files = peft_files(llama, "prompt", tmp_path)
     data = struct.pack("<Q", 2**60) + b'{"prompt_embeddings": {}}'
     tracemalloc.start()
-    start = time.perf_counter()
     try:
         with pytest.raises(UnsupportedFormat) as err:
             read_upload({**files, WEIGHTS: data})
-        elapsed = time.perf_counter() - start
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -569,8 +566,7 @@ def test_enormous_header_length_is_refused_without_allocating(llama, tmp_path):
     assert err.value.field == WEIGHTS
     assert msg.startswith(f"{WEIGHTS}:") and f"claims {2**60} bytes" in msg
     assert f"file has {len(data) - 8}" in msg
-    assert elapsed < 0.5
-    assert peak < 1 << 20
+    assert peak < 1 << 20  # refused from the header alone: nothing near 2**60 was allocated
 
 
 def test_header_over_the_limit_names_the_limit():

@@ -8,7 +8,6 @@ registers 10,000 through `upload` and reports the figures in docs/benchmarks.md.
 
 from __future__ import annotations
 
-import statistics
 import time
 
 import pytest
@@ -74,15 +73,6 @@ def query_plans(run) -> list[str]:
     return plans
 
 
-def median_ms(run, repeats: int = 200) -> float:
-    times = []
-    for i in range(repeats):
-        started = time.perf_counter()
-        run(i)
-        times.append(time.perf_counter() - started)
-    return statistics.median(times) * 1000
-
-
 def test_every_lookup_and_page_seeks_an_index(registry):
     resolve = query_plans(lambda: registry.resolve("bob/p00001", tenant="bob"))
     assert resolve == ["SEARCH prefixes USING INDEX ix_prefixes_live_name (owner=? AND name=?)"]
@@ -99,37 +89,30 @@ def test_every_lookup_and_page_seeks_an_index(registry):
 
 
 def test_paging_through_ten_thousand_prefixes(registry):
-    seen, cursor, pages = [], None, 0
-    started = time.perf_counter()
+    seen, cursor = [], None
     while True:
         page = registry.list_prefixes(tenant="bob", scope="all", limit=500, cursor=cursor)
         seen += [info.id for info in page.items]
-        pages += 1
         if page.next_cursor is None:
             break
         cursor = page.next_cursor
-    elapsed = time.perf_counter() - started
     visible = sum(1 for i in range(COUNT) if i % 3 == 0 or TENANTS[i % len(TENANTS)] == "bob")
     assert len(seen) == len(set(seen)) == visible  # bob's own and everyone's public ones
     assert seen == sorted(seen)
-    assert elapsed / pages < 0.5, f"{elapsed / pages * 1000:.1f} ms per page of 500"
 
 
-def test_resolve_and_warm_acquire_stay_fast(registry):
+def test_resolve_and_warm_acquire_among_ten_thousand(registry):
+    """Correct answers here; their speed is measured by bench/registry.py (docs/benchmarks.md)."""
     refs = [f"{TENANTS[i % len(TENANTS)]}/p{i:05d}" for i in range(0, COUNT, 47)]
     owner = {ref: ref.split("/")[0] for ref in refs}
 
-    def resolve(i):
-        ref = refs[i % len(refs)]
-        registry.resolve(ref, tenant=owner[ref])
-
-    def acquire(i):
-        ref = refs[i % len(refs)]
-        registry.acquire(ref, tenant=owner[ref]).release()
-
-    for i in range(len(refs)):
-        acquire(i)  # every file resident: what follows is warm
-    # Generous bounds (about 0.3 ms each on a 2-core CI machine): the plans above are the guard.
-    assert median_ms(resolve) < 20
-    assert median_ms(acquire) < 20
-    assert registry.stats().misses == 8
+    for ref in refs:
+        assert registry.resolve(ref, tenant=owner[ref]).id == ref
+    for ref in refs:
+        registry.acquire(ref, tenant=owner[ref]).release()  # cold: read from disk
+    for ref in refs:
+        with registry.acquire(ref, tenant=owner[ref]) as handle:  # warm: already resident
+            assert handle.id == ref
+    stats = registry.stats()
+    assert stats.misses == 8  # the rows share 8 files: each is read from disk once
+    assert stats.hits >= len(refs)
