@@ -219,6 +219,30 @@ def test_cli_tenant_create_offline_and_upload_to_the_server(
     assert main([*argv, "--api-key", "psk_wrong"]) == 1
 
 
+def cancelled_count(server: Server) -> float:
+    for line in httpx.get(f"{server.url}/metrics").text.splitlines():
+        if line.startswith('prefix_server_requests_finished_total{reason="cancelled"}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_a_client_that_disconnects_mid_stream_cancels_its_request(
+    running: tuple[Server, dict[str, str]],
+) -> None:
+    server, keys = running
+    before = cancelled_count(server)
+    body = {"prompt": [1, 2], "max_new_tokens": 120, "temperature": 0, "stream": True}
+    headers = {"Authorization": f"Bearer {keys['bob']}"}
+    with httpx.stream("POST", f"{server.url}/v1/generate", json=body, headers=headers) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                break  # leave after the first event: the connection closes
+    deadline = time.monotonic() + 10
+    while cancelled_count(server) == before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert cancelled_count(server) == before + 1
+
+
 def test_prefixes_and_keys_survive_sigkill(
     world: World, running: tuple[Server, dict[str, str]]
 ) -> None:
