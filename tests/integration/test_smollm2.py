@@ -64,3 +64,29 @@ def test_one_adapter_of_each_kind_matches_peft_in_one_batch(
 
     for kind, request, tokens in zip(kinds, requests, expected, strict=True):
         assert request.output_token_ids == tokens, kind
+
+
+def test_chat_completions_use_the_models_chat_template(
+    smollm2: LoadedModel, tmp_path: Path
+) -> None:
+    from fastapi.testclient import TestClient
+
+    from server.api.app import create_app
+    from server.config import Settings
+
+    settings = Settings(data_dir=tmp_path, admin_key="admin", num_slots=2, max_len=512)
+    with TestClient(create_app(settings, loaded=smollm2, background_start=False)) as client:
+        created = client.post(
+            "/v1/tenants", json={"name": "alice"}, headers={"Authorization": "Bearer admin"}
+        )
+        headers = {"Authorization": f"Bearer {created.json()['api_key']}"}
+        body = {
+            "model": smollm2.model_id,
+            "messages": [{"role": "user", "content": "What is the capital of France?"}],
+            "max_tokens": 12,
+            "temperature": 0,
+        }
+        answer = client.post("/v1/chat/completions", json=body, headers=headers).json()
+    assert answer["object"] == "chat.completion"
+    assert "Paris" in answer["choices"][0]["message"]["content"]
+    assert answer["usage"]["prompt_tokens"] > 10  # the template wrapped the message
