@@ -34,11 +34,6 @@ class ModelSpec:
         itemsize = {"float32": 4, "float16": 2, "bfloat16": 2}.get(self.dtype, 4)
         return self.num_layers * 2 * self.num_kv_heads * self.head_dim * itemsize
 
-    @property
-    def prefix_tuning_width(self) -> int:
-        """Width of PEFT's saved prefix-tuning tensor: num_layers * 2 * kv_heads * head_dim."""
-        return self.num_layers * 2 * self.num_kv_heads * self.head_dim
-
     def fingerprint(self) -> str:
         """A short stable id of geometry and weights; prefixes are bound to it."""
         fields = asdict(self)

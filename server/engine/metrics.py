@@ -28,15 +28,6 @@ class Histogram:
         self.total += value
         self.count += 1
 
-    def quantile(self, q: float) -> float:
-        """Upper bucket bound below which a fraction q of observations fall (inf if beyond)."""
-        target, seen = q * self.count, 0
-        for bound, n in zip((*self.buckets, float("inf")), self.counts, strict=True):
-            seen += n
-            if seen >= target and n:
-                return bound
-        return 0.0
-
 
 @dataclass
 class EngineMetrics:
