@@ -178,10 +178,11 @@ class Engine:
     def _publish(self, outputs: list[StepOutput]) -> None:
         for out in outputs:
             request = out.request
-            stream = self._streams.get(request.request_id)
-            if stream is None:
-                continue
-            if out.token_ids or out.text or request.finished:
-                stream.push(Chunk(out.token_ids, out.text, request.finish_reason))
+            # A finished request leaves the stream map BEFORE its last chunk is pushed: the push
+            # wakes the consumer, which must then find the engine already without it.
             if request.finished:
-                del self._streams[request.request_id]
+                stream = self._streams.pop(request.request_id, None)
+            else:
+                stream = self._streams.get(request.request_id)
+            if stream is not None and (out.token_ids or out.text or request.finished):
+                stream.push(Chunk(out.token_ids, out.text, request.finish_reason))

@@ -160,10 +160,12 @@ def test_cancel_frees_the_slot_by_the_next_step_and_ends_the_stream(loaded: Load
             if len(reasons) == 2:
                 stream.cancel()
             reasons.append(chunk.finish_reason)
-        walked_away = engine.submit([1, 2, 3], endless)
+        released = threading.Event()
+        walked_away = engine.submit([1, 2, 3], endless, release=released.set)
         async for _ in walked_away:
             break  # the consumer leaves mid-stream: the engine cancels the request
-        await asyncio.sleep(0.2)
+        # The engine frees the slot and counts the request before it releases the pin.
+        assert await asyncio.to_thread(released.wait, 10), "the walked-away request never left"
         return reasons
 
     try:
@@ -260,6 +262,36 @@ def test_a_thousand_requests_leak_no_slot_thread_or_stream(loaded: LoadedModel) 
         engine.stop()
     assert not engine.alive
     assert threading.active_count() == threads_before
+
+
+def test_a_finished_request_has_left_the_engine_when_its_result_arrives(
+    loaded: LoadedModel, prefixes: list[CompiledPrefix]
+) -> None:
+    """The awaiting side inspects the engine the moment its result arrives, hundreds of times:
+    the stream map, the slot, the running set and the tenant's count must already be retired."""
+    engine = Engine(loaded, SchedulerConfig(num_slots=4, max_waiting=500), max_len=64).start()
+    short = SamplingParams(max_new_tokens=1, temperature=0)
+    stale: list[str] = []
+
+    async def one(i: int) -> None:
+        stream = engine.submit([i % 300 + 1], short, prefix=prefixes[i % 4], tenant=f"t{i % 3}")
+        await stream.result()
+        request = stream.request
+        if stream.request_id in engine._streams:
+            stale.append(f"{stream.request_id}: still in the stream map")
+        if request.slot != -1 or request in engine.core.running:
+            stale.append(f"{stream.request_id}: still holds slot {request.slot}")
+
+    async def main() -> None:
+        for _ in range(10):  # waves, so results arrive while other rows are mid-step
+            await asyncio.gather(*(one(i) for i in range(40)))
+
+    try:
+        asyncio.run(main())
+        assert not engine.core.scheduler.running_per_tenant
+    finally:
+        engine.stop()
+    assert stale == []
 
 
 def test_an_idle_engine_sleeps(loaded: LoadedModel) -> None:
