@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import torch
 
+from prefixes.errors import InvalidPrefix
 from prefixes.kinds import CompiledPrefix, RawPrefix
 
 # Takes embeddings `[T, hidden]` (model dtype, model device), returns KV `[L, 2, H, T, D]`.
@@ -31,4 +32,20 @@ def compile_prefix(
         kv = run_embeddings(embeddings)
     else:
         kv = prefix.tensor.to(device=device, dtype=dtype)
+    check_finite(kv)
     return CompiledPrefix(prefix.kind, kv.contiguous())
+
+
+def check_finite(kv: torch.Tensor) -> None:
+    """Refuse compiled KV that overflowed the serving dtype (values beyond float16's 65504 on a
+    float16 server, a soft prompt whose forward overflowed): it could only ever produce NaN."""
+    bad = int((~torch.isfinite(kv)).sum())
+    if bad:
+        dtype = str(kv.dtype).removeprefix("torch.")
+        limit = torch.finfo(kv.dtype).max
+        raise InvalidPrefix(
+            "values",
+            f"values that stay finite once compiled to {dtype} (|value| <= {limit:.4g})",
+            f"{bad} of {kv.numel()} compiled values NaN or Inf",
+            "the prefix's values are too large for the precision this server runs in",
+        )

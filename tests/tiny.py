@@ -72,14 +72,19 @@ def tiny_config(arch: str):
     raise ValueError(arch)
 
 
-def tiny_model(arch: str, attn: str = "sdpa", seed: int = 0) -> PreTrainedModel:
+def tiny_model(
+    arch: str, attn: str = "sdpa", seed: int = 0, dtype: torch.dtype = torch.float32
+) -> PreTrainedModel:
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(arch), attn_implementation=attn)
-    return freeze(model, DEVICE)
+    return freeze(model.to(dtype), DEVICE)
 
 
-def tiny_loaded(arch: str, attn: str = "sdpa", seed: int = 0) -> LoadedModel:
-    return wrap_model(tiny_model(arch, attn, seed), tokenizer=None, model_id=f"tiny-{arch}")
+def tiny_loaded(
+    arch: str, attn: str = "sdpa", seed: int = 0, dtype: torch.dtype = torch.float32
+) -> LoadedModel:
+    model = tiny_model(arch, attn, seed, dtype)
+    return wrap_model(model, tokenizer=None, model_id=f"tiny-{arch}")
 
 
 def peft_config(kind: str, num_virtual_tokens: int):

@@ -9,7 +9,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.concurrency import run_in_threadpool
 
-from server.api.errors import ApiError
+from server.api.errors import ApiError, error_body
 from server.api.problems import to_api_error
 from server.api.schemas import SamplingFields
 from server.api.services import Ready
@@ -111,6 +111,12 @@ async def collect(stream: RequestStream, http_request: Request) -> Result:
         if not task.done():
             stream.cancel()
             task.cancel()
+
+
+def failure_event(exc: RequestFailed) -> dict[str, Any]:
+    """The SSE event that ends a stream whose request failed: the error shape of its status."""
+    error = to_api_error(exc)
+    return error_body(error.type, error.message)
 
 
 def sse(data: dict[str, Any] | str) -> str:

@@ -48,6 +48,11 @@ class EngineCollector(Collector):
         yield counter("prefix_server_generated_tokens", "tokens generated", m.generated_tokens)
         yield counter("prefix_server_engine_steps", "engine steps run", m.steps)
         yield counter("prefix_server_engine_failed_steps", "steps that raised", m.failed_steps)
+        yield counter(
+            "prefix_server_engine_non_finite_rows",
+            "requests failed alone because their own values overflowed to NaN or Inf",
+            m.non_finite_rows,
+        )
         finished = CounterMetricFamily(
             "prefix_server_requests_finished", "requests finished, by reason", labels=["reason"]
         )

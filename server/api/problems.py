@@ -15,7 +15,7 @@ from prefixes.errors import (
 from server.api.errors import ApiError
 from server.engine.engine import EngineStopped
 from server.engine.scheduler import Overloaded
-from server.engine.stream import RequestFailed
+from server.engine.stream import NonFiniteOutput, RequestFailed
 
 _PREFIX_STATUS: list[tuple[type[PrefixError], int, str]] = [
     (NotFound, 404, "not_found"),
@@ -42,6 +42,8 @@ def to_api_error(exc: Exception) -> ApiError:
         return ApiError(429, "overloaded", str(exc), headers={"Retry-After": retry})
     if isinstance(exc, EngineStopped):
         return ApiError(503, "unavailable", str(exc))
+    if isinstance(exc, NonFiniteOutput):
+        return ApiError(422, "numerical_overflow", str(exc))
     if isinstance(exc, RequestFailed):
         return ApiError(500, "generation_failed", str(exc))
     if isinstance(exc, ValueError):

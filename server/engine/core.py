@@ -11,13 +11,19 @@ from collections import deque
 from dataclasses import dataclass
 
 from server.engine.metrics import EngineMetrics
-from server.engine.request import Request
+from server.engine.request import NonFiniteOutput, Request, RequestFailed
 from server.engine.runner import ModelRunner
 from server.engine.scheduler import Scheduler, SchedulerConfig
 from server.engine.stopping import append_token, update_text
 from server.models import LoadedModel
 
 log = logging.getLogger(__name__)
+
+
+NON_FINITE_ERROR = (
+    "numerical overflow: the model's output for this request became NaN or infinite at token "
+    "{position}; its prefix's values are likely too large for this model"
+)
 
 
 @dataclass(slots=True)
@@ -62,7 +68,9 @@ class EngineCore:
         self.check(request)
         self.scheduler.add(request)
 
-    def abort(self, request: Request, reason: str = "cancelled", error: str | None = None) -> bool:
+    def abort(
+        self, request: Request, reason: str = "cancelled", error: RequestFailed | None = None
+    ) -> bool:
         """Finish a waiting or running request now; False if it had already left."""
         if request in self.running:
             self.running.remove(request)
@@ -89,19 +97,27 @@ class EngineCore:
             self.metrics.failed_steps += 1
             self.running = []
             for request in batch:
-                self._retire(request, "error", f"generation failed: {exc}")
+                self._retire(request, "error", RequestFailed(f"generation failed: {exc}"))
                 outputs.append(StepOutput(request, [], ""))
             return outputs
         now = time.monotonic()
         self.metrics.steps += 1
         self.metrics.step_seconds.observe(now - started)
         for request, token in zip(batch, next_ids, strict=True):
-            outputs.append(self._postprocess(request, token, now))
+            if token is None:  # this row's own values overflowed; the others are unaffected
+                self.metrics.non_finite_rows += 1
+                request.finish_reason = "error"  # retired below with the rows that finished
+                request.error = NonFiniteOutput(
+                    NON_FINITE_ERROR.format(position=request.num_tokens)
+                )
+                outputs.append(StepOutput(request, [], ""))
+            else:
+                outputs.append(self._postprocess(request, token, now))
         finished = [r for r in batch if r.finished]
         if finished:
             self.running = [r for r in batch if not r.finished]
             for request in finished:
-                self._retire(request, request.finish_reason or "stop")
+                self._retire(request, request.finish_reason or "stop", request.error)
         self.scheduler.note_finish_rate(len(finished) / max(now - started, 1e-6))
         return outputs
 
@@ -111,7 +127,7 @@ class EngineCore:
             self.runner.load_prefix(request.slot, request.prefix)
         except Exception as exc:  # this request's prefix only; the batch goes on
             log.exception("loading the prefix of %s failed", request.request_id)
-            self._retire(request, "error", f"prefix could not be loaded: {exc}")
+            self._retire(request, "error", RequestFailed(f"prefix could not be loaded: {exc}"))
             return StepOutput(request, [], "")
         self.running.append(request)
         self.metrics.prompt_tokens += len(request.prompt_token_ids)
@@ -129,7 +145,7 @@ class EngineCore:
         text = update_text(request, self.loaded.tokenizer)
         return StepOutput(request, [token], text)
 
-    def _retire(self, request: Request, reason: str, error: str | None = None) -> None:
+    def _retire(self, request: Request, reason: str, error: RequestFailed | None = None) -> None:
         """Free the slot of a request that was admitted, then release it."""
         if request.slot >= 0:
             self.free_slots.append(request.slot)
@@ -137,7 +153,7 @@ class EngineCore:
             self.scheduler.finished(request)
         self._release(request, reason, error)
 
-    def _release(self, request: Request, reason: str, error: str | None) -> None:
+    def _release(self, request: Request, reason: str, error: RequestFailed | None) -> None:
         request.finish_reason = reason
         request.error = error
         self.metrics.requests_finished[reason] += 1

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from prefixes import CompiledPrefix
 from server.engine.core import EngineCore, StepOutput
 from server.engine.metrics import EngineMetrics
-from server.engine.request import Request, SamplingParams
+from server.engine.request import Request, RequestFailed, SamplingParams
 from server.engine.scheduler import SchedulerConfig
 from server.engine.stream import Chunk, RequestStream
 from server.models import LoadedModel
@@ -161,7 +161,9 @@ class Engine:
                 log.exception("engine step crashed")
                 outputs = []
                 for request in list(self.core.running):
-                    self.core.abort(request, "error", "internal error in the engine step")
+                    self.core.abort(
+                        request, "error", RequestFailed("internal error in the engine step")
+                    )
                     outputs.append(StepOutput(request, [], ""))
             self._publish(outputs)
 

@@ -4,6 +4,13 @@ A slot holds the request's prefix K/V at 0..T-1 and its own tokens from T on. Th
 each forward's write and read indices before calling the model; the model only ever calls
 `update(key, value, layer_idx)` (transformers 5.23), which writes the new K/V in place and
 returns the batch's rows of the cache.
+
+Nothing trusts a freed slot to be clean. Rows are read up to the batch's longest, so a shorter
+row's read reaches past its own end into whatever an earlier request left in that slot. The
+attention mask hides those positions, but hiding is addition: a stale key of 3e38 makes a
+score of inf, and inf + -inf is NaN, which turns the whole row into NaN. So every position
+past a row's own end is zeroed in what `update` returns: masked by selection, it then
+contributes exactly nothing whatever the slot held.
 """
 
 from __future__ import annotations
@@ -30,13 +37,13 @@ class SlotKVCache(Cache):
         # One extra slot absorbs the writes of padding tokens, so they never touch a real row.
         self.scratch_slot = num_slots
         # Layout [layer, slot, position, head, dim]: (slot, position) flatten to one index, so a
-        # step's writes are one index_copy_ per layer. Zeros, not empty: masked-out storage must
-        # stay finite (0 * NaN = NaN in attention).
+        # step's writes are one index_copy_ per layer.
         shape = (spec.num_layers, num_slots + 1, max_len, spec.num_kv_heads, spec.head_dim)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
         self._write_index = torch.zeros(0, dtype=torch.long, device=device)
         self._read_slots = torch.zeros(0, dtype=torch.long, device=device)
+        self._stale = torch.zeros(0, dtype=torch.bool, device=device)
         self._kv_len = 0
 
     def load_prefix(self, slot: int, prefix: CompiledPrefix) -> None:
@@ -55,13 +62,17 @@ class SlotKVCache(Cache):
     def bind(
         self,
         read_slots: torch.Tensor,
+        read_ends: torch.Tensor,
         write_slots: torch.Tensor,
         write_pos: torch.Tensor,
         kv_len: int,
     ) -> None:
-        """Set where the next forward writes (per token) and what it reads (per row)."""
+        """Set where the next forward writes (per token) and what it reads (per row): positions
+        0..kv_len-1 of each row's slot, of which those from the row's end on read as zeros."""
         self._write_index = (write_slots * self.max_len + write_pos).reshape(-1)
         self._read_slots = read_slots
+        positions = torch.arange(kv_len, device=read_ends.device)
+        self._stale = (positions[None, :] >= read_ends[:, None])[:, :, None, None]
         self._kv_len = kv_len
 
     def update(
@@ -74,8 +85,9 @@ class SlotKVCache(Cache):
         new_v = value_states.transpose(1, 2).reshape(flat_shape)
         keys.view(flat_shape).index_copy_(0, self._write_index, new_k)
         values.view(flat_shape).index_copy_(0, self._write_index, new_v)
-        read_k = keys[self._read_slots, : self._kv_len]
-        read_v = values[self._read_slots, : self._kv_len]
+        # The gathers are copies: zeroing them leaves the slots as they are.
+        read_k = keys[self._read_slots, : self._kv_len].masked_fill_(self._stale, 0)
+        read_v = values[self._read_slots, : self._kv_len].masked_fill_(self._stale, 0)
         return read_k.transpose(1, 2), read_v.transpose(1, 2)  # [B, H, kv_len, D]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:

@@ -15,6 +15,15 @@ from prefixes import CompiledPrefix
 _ids = itertools.count()
 
 
+class RequestFailed(Exception):
+    """The engine could not finish this request (its prefix failed to load, a step failed)."""
+
+
+class NonFiniteOutput(RequestFailed):
+    """This request's own values overflowed to NaN or Inf (a prefix with extreme values): it
+    fails alone, and the rows beside it are untouched."""
+
+
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
     max_new_tokens: int = 64
@@ -64,7 +73,7 @@ class Request:
     num_cached: int = 0  # own tokens whose K/V are in the slot
     output_token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
-    error: str | None = None
+    error: RequestFailed | None = None  # why it failed, when finish_reason is "error"
     text: str = ""  # text released so far (without a stop string)
     cancel_requested: bool = False
     arrival_time: float = field(default_factory=time.monotonic)

@@ -6,11 +6,9 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-from server.engine.request import Request
+from server.engine.request import NonFiniteOutput, Request, RequestFailed
 
-
-class RequestFailed(Exception):
-    """The engine could not finish this request (its prefix failed to load, a step failed)."""
+__all__ = ["Chunk", "NonFiniteOutput", "RequestFailed", "RequestStream", "Result"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +72,7 @@ class RequestStream:
             while True:
                 chunk = await self._queue.get()
                 if chunk.finish_reason == "error":
-                    raise RequestFailed(self.request.error or "generation failed")
+                    raise self.request.error or RequestFailed("generation failed")
                 yield chunk
                 if chunk.finish_reason is not None:
                     return

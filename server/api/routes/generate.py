@@ -9,8 +9,15 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from server.api.auth import Server, Tenant
-from server.api.errors import error_body
-from server.api.generation import SSE_HEADERS, collect, sampling_params, sse, start, tokenize
+from server.api.generation import (
+    SSE_HEADERS,
+    collect,
+    failure_event,
+    sampling_params,
+    sse,
+    start,
+    tokenize,
+)
 from server.api.schemas import GenerateRequest, GenerateResponse, Usage
 from server.engine.stream import RequestFailed, RequestStream
 
@@ -63,5 +70,5 @@ async def events(stream: RequestStream) -> AsyncIterator[str]:
                 event["usage"] = usage(stream, generated).model_dump()
             yield sse(event)
     except RequestFailed as exc:
-        yield sse(error_body("generation_failed", str(exc)))
+        yield sse(failure_event(exc))
     yield sse("[DONE]")

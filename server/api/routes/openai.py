@@ -16,11 +16,12 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
 from server.api.auth import Server, Tenant
-from server.api.errors import ApiError, error_body
+from server.api.errors import ApiError
 from server.api.generation import (
     SSE_HEADERS,
     chat_prompt,
     collect,
+    failure_event,
     sampling_params,
     sse,
     start,
@@ -121,7 +122,7 @@ async def completion_events(stream: RequestStream, meta: dict[str, Any]) -> Asyn
             choice = {"index": 0, "text": chunk.text, "finish_reason": chunk.finish_reason}
             yield sse({**base, "choices": [{**choice, "logprobs": None}]})
     except RequestFailed as exc:
-        yield sse(error_body("generation_failed", str(exc)))
+        yield sse(failure_event(exc))
     yield sse("[DONE]")
 
 
@@ -168,7 +169,7 @@ async def chat_events(stream: RequestStream, meta: dict[str, Any]) -> AsyncItera
             choice = {"index": 0, "delta": delta, "finish_reason": chunk.finish_reason}
             yield sse({**base, "choices": [choice]})
     except RequestFailed as exc:
-        yield sse(error_body("generation_failed", str(exc)))
+        yield sse(failure_event(exc))
     yield sse("[DONE]")
 
 

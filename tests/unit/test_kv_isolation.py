@@ -1,0 +1,145 @@
+"""No row reads another's values: positions past a row's end contribute exactly nothing, whatever
+an earlier request left in the slot (huge, Inf, NaN); a row whose own values overflow fails alone;
+compiled prefixes that overflow the serving dtype are refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from prefixes import CompiledPrefix, InvalidPrefix, PrefixKind, RawPrefix, compile_prefix
+from server.engine.kv_cache import SlotKVCache
+from server.engine.llm import LLM
+from server.engine.request import NonFiniteOutput, Request, SamplingParams
+from server.models import LoadedModel
+from tests.tiny import tiny_loaded
+
+GREEDY = SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True)
+POISONS = [3e38, float("inf"), float("nan")]
+
+
+def test_positions_past_a_rows_end_read_as_exact_zeros(loaded: LoadedModel) -> None:
+    cache = SlotKVCache(loaded.spec, num_slots=2, max_len=16, dtype=torch.float32)
+    cache.keys.fill_(float("nan"))  # a dirty cache: nothing may trust it to be clean
+    cache.values.fill_(3e38)
+    heads, dim = loaded.spec.num_kv_heads, loaded.spec.head_dim
+    # Row 0 (slot 1) ends at 3, row 1 (slot 0) at 7; both read 7 positions.
+    cache.bind(
+        read_slots=torch.tensor([1, 0]),
+        read_ends=torch.tensor([3, 7]),
+        write_slots=torch.tensor([[1], [0]]),
+        write_pos=torch.tensor([[2], [6]]),
+        kv_len=7,
+    )
+    new = torch.ones(2, heads, 1, dim)
+    keys, values = cache.update(new, new * 2, layer_idx=0)  # [B, H, kv_len, D]
+    assert keys.shape == (2, heads, 7, dim)
+    assert torch.equal(keys[0, :, 3:], torch.zeros(heads, 4, dim))  # past row 0's end: zeros
+    assert torch.equal(values[0, :, 3:], torch.zeros(heads, 4, dim))
+    assert torch.equal(keys[0, :, 2], torch.ones(heads, dim))  # its own new token is kept
+    assert torch.equal(values[1, :, 6], torch.full((heads, dim), 2.0))
+    assert keys[0, :, :2].isnan().all()  # its own earlier positions are whatever they hold
+    assert cache.keys[0, 1, 3:].isnan().all()  # the slot itself is left as it was
+
+
+@pytest.fixture(scope="module")
+def loaded() -> LoadedModel:
+    return tiny_loaded("llama")
+
+
+@pytest.fixture(scope="module")
+def half_loaded() -> LoadedModel:
+    return tiny_loaded("llama", dtype=torch.bfloat16)
+
+
+def prefix_tuning(loaded: LoadedModel, tokens: int, seed: int, value: float | None = None):
+    spec = loaded.spec
+    shape = (spec.num_layers, 2, spec.num_kv_heads, tokens, spec.head_dim)
+    tensor = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    if value is not None:
+        tensor = tensor.sign() * value
+    return RawPrefix(PrefixKind.PREFIX_TUNING, tensor)
+
+
+def alone(loaded: LoadedModel, prompt: list[int], prefix: CompiledPrefix) -> list[int]:
+    (request,) = LLM(loaded, num_slots=1, max_len=64).generate([Request(prompt, GREEDY, prefix)])
+    return request.output_token_ids
+
+
+@pytest.mark.parametrize("poison", POISONS, ids=["3e38", "inf", "nan"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_rows_in_dirty_slots_beside_longer_rows_get_their_solo_tokens(
+    loaded: LoadedModel, half_loaded: LoadedModel, dtype: str, poison: float
+) -> None:
+    model = loaded if dtype == "float32" else half_loaded
+    own = [model.compile(prefix_tuning(model, 3 + i, seed=i), 64) for i in range(3)]
+    prompts = [[5, 6, 7], [9], [11, 12]]
+    expected = [alone(model, p, x) for p, x in zip(prompts, own, strict=True)]
+    llm = LLM(model, num_slots=4, max_len=64)
+    llm.runner.cache.keys.fill_(poison)  # every slot as a hostile earlier request left it
+    llm.runner.cache.values.fill_(poison)
+    longer = Request(list(range(1, 40)), GREEDY, own[0])  # reads 42 positions of every row
+    rows = [Request(p, GREEDY, x) for p, x in zip(prompts, own, strict=True)]
+    llm.generate([longer, *rows])
+    assert [r.output_token_ids for r in rows] == expected
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_row_whose_own_values_overflow_fails_alone(
+    loaded: LoadedModel, half_loaded: LoadedModel, dtype: str
+) -> None:
+    model = loaded if dtype == "float32" else half_loaded
+    huge = model.compile(prefix_tuning(model, 12, seed=9, value=3e38), 64)  # finite: accepted
+    own = model.compile(prefix_tuning(model, 3, seed=1), 64)
+    llm = LLM(model, num_slots=3, max_len=64)
+    victims = [Request([5, 6, 7], GREEDY, own), Request([8, 9], GREEDY, own)]
+    attacker = Request(list(range(1, 30)), GREEDY, huge)
+    llm.generate([attacker, *victims])
+    assert attacker.finish_reason == "error"
+    assert isinstance(attacker.error, NonFiniteOutput) and "NaN or infinite" in str(attacker.error)
+    assert attacker.output_token_ids == []
+    assert [v.output_token_ids for v in victims] == [
+        alone(model, [5, 6, 7], own),
+        alone(model, [8, 9], own),
+    ]
+    assert llm.core.metrics.non_finite_rows == 1
+    # Its slot is reused at once, dirty, by a shorter row beside a longer one.
+    again = [Request([8, 9], GREEDY, own), Request(list(range(1, 20)), GREEDY, own)]
+    llm.generate(again)
+    assert again[0].output_token_ids == alone(model, [8, 9], own)
+
+
+def test_compiled_values_that_overflow_the_serving_dtype_are_refused() -> None:
+    def no_soft_prompts(_: torch.Tensor) -> torch.Tensor:
+        raise AssertionError("prefix tuning needs no forward")
+
+    shape = (2, 2, 1, 3, 4)
+    cases = [
+        (torch.float16, 7e4),  # float16's largest finite is 65504
+        (torch.bfloat16, 3.4e38),  # past bfloat16's 3.39e38
+    ]
+    for dtype, value in cases:
+        raw = RawPrefix(PrefixKind.PREFIX_TUNING, torch.full(shape, value))
+        with pytest.raises(InvalidPrefix) as caught:
+            compile_prefix(raw, no_soft_prompts, dtype=dtype)
+        message = str(caught.value)
+        assert caught.value.field == "values"
+        assert str(dtype).removeprefix("torch.") in message and "NaN or Inf" in message
+    # Just inside each bound: accepted, values kept.
+    for dtype, value in [(torch.float16, 6e4), (torch.bfloat16, 3e38), (torch.float32, 3e38)]:
+        raw = RawPrefix(PrefixKind.PREFIX_TUNING, torch.full(shape, value))
+        compiled = compile_prefix(raw, no_soft_prompts, dtype=dtype)
+        assert torch.isfinite(compiled.kv).all()
+
+
+def test_a_soft_prompt_whose_forward_overflows_is_refused() -> None:
+    """The check is on the compiled KV: finite embeddings can still overflow in the forward."""
+
+    def overflowing_forward(embeddings: torch.Tensor) -> torch.Tensor:
+        kv = torch.zeros(2, 2, 1, embeddings.shape[0], 4, dtype=embeddings.dtype)
+        kv[1, 0, 0, -1] = float("inf")
+        return kv
+
+    raw = RawPrefix(PrefixKind.PROMPT_TUNING, torch.full((3, 8), 1e4))
+    with pytest.raises(InvalidPrefix, match=r"values: .* 4 of 48 compiled values NaN or Inf"):
+        compile_prefix(raw, overflowing_forward, dtype=torch.float32)
