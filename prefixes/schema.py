@@ -4,6 +4,10 @@
 the missing ones in order, each in its own transaction with its version bump, so a crash leaves
 the schema at a whole version. A migration, once released, never changes: a new schema is a new
 function appended to MIGRATIONS. A database newer than the code is refused, not guessed at.
+
+Every step runs in a `write_transaction`, under the database's write lock (PostgreSQL: the
+advisory lock), so replicas starting together on one database migrate once: the first creates
+and fills `schema_version`, the others wait, then find the work done.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ import secrets
 import time
 
 from sqlalchemy import Connection, func, insert, select, update
+from sqlalchemy.exc import IntegrityError
 
 from prefixes.errors import AlreadyExists, NotFound, Unauthorized
 from prefixes.names import check_name
@@ -30,15 +31,18 @@ def create_tenant(connection: Connection, name: str, quotas: Quotas) -> None:
     check_name(name, "tenant")
     if connection.execute(select(tenants.c.name).where(tenants.c.name == name)).first():
         raise AlreadyExists(f"tenant {name!r} already exists", field="name")
-    connection.execute(
-        insert(tenants).values(
-            name=name,
-            max_prefixes=quotas.max_prefixes,
-            max_bytes=quotas.max_bytes,
-            max_virtual_tokens=quotas.max_virtual_tokens,
-            created_at=time.time(),
+    try:
+        connection.execute(
+            insert(tenants).values(
+                name=name,
+                max_prefixes=quotas.max_prefixes,
+                max_bytes=quotas.max_bytes,
+                max_virtual_tokens=quotas.max_virtual_tokens,
+                created_at=time.time(),
+            )
         )
-    )
+    except IntegrityError:  # the primary key's verdict, should a writer ever run unlocked
+        raise AlreadyExists(f"tenant {name!r} already exists", field="name") from None
 
 
 def get_tenant(connection: Connection, name: str, defaults: Quotas) -> Tenant:
