@@ -31,6 +31,8 @@ NATIVE_PREFIX_KV = "prefix_kv"  # [layers, 2, kv_heads, T, head_dim]
 
 # A header larger than this is not a prefix; refuse before parsing it.
 MAX_HEADER_BYTES = 1 << 20
+# Geometry fields of adapter_config.json (tokens, layers, heads, widths): far above any model.
+MAX_CONFIG_INT = 1 << 20
 
 _PEFT_KINDS = {
     "PREFIX_TUNING": PrefixKind.PREFIX_TUNING,
@@ -198,7 +200,8 @@ def write_native(prefix: RawPrefix) -> bytes:
 def _parse_config(config_json: bytes) -> dict[str, Any]:
     try:
         config = json.loads(config_json)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    # ValueError covers bad UTF-8, bad JSON and integers too long to convert.
+    except (ValueError, RecursionError) as exc:
         raise UnsupportedFormat(
             f"{PEFT_CONFIG}: not valid JSON ({exc})", field=PEFT_CONFIG
         ) from None
@@ -249,6 +252,9 @@ def _float_matrix(tensor: torch.Tensor, name: str) -> torch.Tensor:
 
 def _positive_int(config: dict[str, Any], key: str) -> int:
     value = config.get(key)
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise InvalidPrefix(f"{PEFT_CONFIG} {key}", "a positive integer", repr(value))
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= MAX_CONFIG_INT:
+        shown = repr(value) if len(repr(value)) <= 40 else f"{repr(value)[:40]}..."
+        raise InvalidPrefix(
+            f"{PEFT_CONFIG} {key}", f"a positive integer at most {MAX_CONFIG_INT}", shown
+        )
     return value

@@ -220,7 +220,7 @@ class Registry:
         name: str,
         files: Mapping[str, bytes],
         *,
-        visibility: Visibility | str = Visibility.PRIVATE,
+        visibility: Visibility | str | None = None,
         description: str = "",
         overwrite: bool = False,
     ) -> PrefixInfo:
@@ -228,9 +228,10 @@ class Registry:
 
         With `overwrite`, an existing name gets a new version; requests holding the old one keep
         it. A crash at any point leaves either the whole new version or nothing visible.
+        Without `visibility`, a new prefix is private and a new version keeps the previous one's.
         """
         check_name(name, "name")
-        visibility = Visibility.parse(visibility)
+        chosen = None if visibility is None else Visibility.parse(visibility)
         if len(description) > MAX_DESCRIPTION:
             raise InvalidPrefix(
                 "description", f"at most {MAX_DESCRIPTION} characters", len(description)
@@ -262,6 +263,9 @@ class Registry:
                 # Published under the write lock: a concurrent collection of the same bytes
                 # either ran before (and we put the file back) or waits for our commit.
                 self._store.publish(staged)
+                visibility = chosen or (
+                    Visibility.parse(previous.visibility) if previous else Visibility.PRIVATE
+                )
                 info = self._insert_version(
                     connection, owner.name, name, previous, compiled, staged.sha256,
                     staged.size, visibility, description,
@@ -404,15 +408,20 @@ class Registry:
         return decode_compiled(self._store.read(sha256)).to(self._dtype)
 
     def _release(self, sha256: str) -> None:
-        """Unpin; the last release of a retired version deletes its file in the background, as
-        releases come from the engine's loop, which must not wait for the database's lock."""
+        """Unpin. Releases come from the engine's thread, which must never wait for the
+        database: even whether a retired version awaits its last release is asked in the
+        background, since a running collection holds that lock while it waits for the
+        database's write lock."""
         if self._pool.unpin(sha256) == 0:
-            with self._collect_lock:
-                awaiting = sha256 in self._awaiting_release
             # After close the executor refuses work; the next open sweeps the file instead.
-            if awaiting:
-                with suppress(RuntimeError):
-                    self._background.submit(self._collect, sha256)
+            with suppress(RuntimeError):
+                self._background.submit(self._collect_if_awaiting, sha256)
+
+    def _collect_if_awaiting(self, sha256: str) -> None:
+        with self._collect_lock:
+            awaiting = sha256 in self._awaiting_release
+        if awaiting:
+            self._collect(sha256)
 
     def _collect(self, sha256: str) -> None:
         """Delete a file and its resident KV if no live version refers to it and nothing pins it.

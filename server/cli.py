@@ -38,7 +38,11 @@ def main(argv: list[str] | None = None) -> int:
     upload.add_argument("--name", required=True)
     upload.add_argument("--url", default="http://127.0.0.1:8000")
     upload.add_argument("--api-key", default=os.environ.get("PREFIX_SERVER_API_KEY"))
-    upload.add_argument("--visibility", choices=["private", "public"], default="private")
+    upload.add_argument(
+        "--visibility",
+        choices=["private", "public"],
+        help="default: private for a new prefix, unchanged for a new version (--overwrite)",
+    )
     upload.add_argument("--description", default="")
     upload.add_argument("--overwrite", action="store_true")
     upload.set_defaults(run=run_upload)
@@ -180,10 +184,11 @@ def run_upload(args: argparse.Namespace) -> int:
     ]
     fields = {
         "name": args.name,
-        "visibility": args.visibility,
         "description": args.description,
         "overwrite": str(args.overwrite).lower(),
     }
+    if args.visibility is not None:
+        fields["visibility"] = args.visibility
     response = httpx.post(
         f"{args.url.rstrip('/')}/v1/prefixes",
         data=fields,

@@ -30,13 +30,26 @@ class Settings(BaseSettings):
     num_slots: int = Field(16, ge=1, description="rows decoded together (KV cache slots)")
     max_len: int = Field(2048, ge=16, description="positions per slot: prefix + prompt + output")
     max_waiting: int = Field(256, ge=1, description="queued requests before 429")
+    max_waiting_per_tenant: int = Field(
+        64, ge=1, description="queued requests of one tenant before that tenant gets 429"
+    )
     max_prefill_tokens: int = Field(512, ge=1, description="prompt tokens admitted per step")
     max_running_per_tenant: int = Field(8, ge=0, description="rows one tenant may hold; 0: no cap")
     max_virtual_tokens: int = Field(256, ge=1, description="largest prefix length accepted")
     max_new_tokens_limit: int = Field(4096, ge=1, description="largest max_new_tokens accepted")
+    max_prompts_per_call: int = Field(16, ge=1, description="prompts in one /v1/completions call")
+    max_request_bytes: int = Field(
+        1 * MiB, ge=1024, description="largest JSON request body (413 beyond, before auth)"
+    )
     max_upload_bytes: int = Field(64 * MiB, ge=1024, description="largest upload (413 beyond)")
     device_pool_bytes: int = Field(1024 * MiB, ge=1, description="compiled prefixes on device")
     host_pool_bytes: int = Field(2048 * MiB, ge=0, description="evicted prefixes kept in RAM")
+    max_pinned_share_per_tenant: float = Field(
+        0.25,
+        gt=0,
+        le=1,
+        description="share of the device pool one tenant's in-flight requests may pin (429 beyond)",
+    )
     shutdown_grace: float = Field(10.0, ge=0, description="seconds to finish requests on SIGTERM")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="logging")
 

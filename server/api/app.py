@@ -7,19 +7,20 @@ while it loads (instead of refusing connections) and 200 once the engine runs.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import time
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from prefixes.registry import Registry
+from server.api.access_log import AccessLog
 from server.api.errors import install_error_handlers
+from server.api.limits import BodyLimit
 from server.api.metrics import EngineCollector, HttpMetrics
+from server.api.pins import TenantPins
 from server.api.routes import generate, health, openai, prefixes, tenants
 from server.api.services import Services
 from server.config import Settings
@@ -66,33 +67,16 @@ def create_app(
     async def metrics() -> Response:
         return Response(generate_latest(metrics_registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.middleware("http")
-    async def observe(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex[:16]
-        started = time.perf_counter()
-        response = await call_next(request)
-        elapsed = time.perf_counter() - started
-        route = getattr(request.scope.get("route"), "path", "unmatched")
-        http_metrics.requests.labels(route, request.method, str(response.status_code)).inc()
-        http_metrics.latency.labels(route).observe(elapsed)
-        response.headers["X-Request-ID"] = request_id
-        log.info(
-            json.dumps(
-                {
-                    "event": "request",
-                    "request_id": request_id,
-                    "method": request.method,
-                    "route": route,
-                    "status": response.status_code,
-                    "ms": round(elapsed * 1000, 1),
-                }
-            )
-        )
-        return response
-
+    app.add_middleware(AccessLog, metrics=http_metrics)
+    # Outermost, so it reads the client's bytes itself (and can drain them after answering).
+    app.add_middleware(BodyLimit, limit_for=partial(body_limit, settings))
     return app
+
+
+def body_limit(settings: Settings, method: str, path: str) -> tuple[int, str]:
+    if method == "POST" and path == "/v1/prefixes":
+        return settings.max_upload_bytes, "upload"
+    return settings.max_request_bytes, "request body"
 
 
 def start_services(state: Services, loaded: LoadedModel | None) -> None:
@@ -123,10 +107,13 @@ def start_services(state: Services, loaded: LoadedModel | None) -> None:
         scheduler = SchedulerConfig(
             num_slots=settings.num_slots,
             max_waiting=settings.max_waiting,
+            max_waiting_per_tenant=settings.max_waiting_per_tenant,
             max_prefill_tokens=settings.max_prefill_tokens,
             max_running_per_tenant=settings.max_running_per_tenant,
             max_prefix_bytes=settings.device_pool_bytes,
         )
+        share = settings.max_pinned_share_per_tenant
+        state.pins = TenantPins(int(share * settings.device_pool_bytes))
         state.engine = Engine(loaded, scheduler, max_len=settings.max_len).start()
         state.ready = True
         log.info("ready: model %s, data in %s", loaded.model_id, settings.data_dir)

@@ -17,7 +17,8 @@ from server.engine.request import SamplingParams
 from server.engine.stream import RequestFailed, RequestStream, Result
 
 
-def tokenize(server: Ready, prompt: str | list[int]) -> list[int]:
+async def tokenize(server: Ready, prompt: str | list[int]) -> list[int]:
+    """Token ids of a prompt; text is tokenized on a worker thread, never on the event loop."""
     if isinstance(prompt, list):
         return prompt
     tokenizer = server.loaded.tokenizer
@@ -25,18 +26,26 @@ def tokenize(server: Ready, prompt: str | list[int]) -> list[int]:
         raise ApiError(
             400, "invalid_request", "prompt: this model has no tokenizer; send token ids"
         )
-    return list(tokenizer.encode(prompt))  # type: ignore[attr-defined]
+    try:
+        ids = await run_in_threadpool(tokenizer.encode, prompt)  # type: ignore[attr-defined]
+    except Exception as exc:  # text the tokenizer cannot take, e.g. a lone surrogate
+        raise ApiError(400, "invalid_request", f"prompt: cannot be tokenized ({exc})") from None
+    return list(ids)
 
 
-def chat_prompt(server: Ready, messages: list[dict[str, Any]]) -> list[int]:
+async def chat_prompt(server: Ready, messages: list[dict[str, Any]]) -> list[int]:
+    """Token ids of a conversation through the model's chat template, on a worker thread."""
     tokenizer = server.loaded.tokenizer
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise ApiError(400, "invalid_request", "messages: this model has no chat template")
     try:
-        ids = tokenizer.apply_chat_template(  # type: ignore[attr-defined]
-            messages, add_generation_prompt=True, tokenize=True
+        ids = await run_in_threadpool(
+            tokenizer.apply_chat_template,  # type: ignore[attr-defined]
+            messages,
+            add_generation_prompt=True,
+            tokenize=True,
         )
-    except Exception as exc:  # a template can reject a conversation (roles, order)
+    except Exception as exc:  # a template can reject a conversation (roles, order, text)
         raise ApiError(400, "invalid_request", f"messages: {exc}") from None
     if isinstance(ids, dict) or hasattr(ids, "input_ids"):
         ids = ids["input_ids"]
@@ -52,6 +61,14 @@ def sampling_params(
             400,
             "invalid_request",
             f"max_new_tokens: expected at most {limit}, found {max_new_tokens}",
+        )
+    vocab = server.loaded.spec.vocab_size
+    if fields.top_k > vocab:
+        raise ApiError(
+            422,
+            "invalid_request",
+            f"top_k: expected at most the vocabulary size {vocab}, found {fields.top_k}",
+            field="top_k",
         )
     try:
         return SamplingParams(
@@ -80,17 +97,15 @@ async def start(
 
     Text is decoded every step only for streams; otherwise once, at the end."""
     try:
-        handle = None
-        if prefix_ref:
+        prefix, release = None, None
+        if prefix_ref is not None:  # "" is a reference too (an invalid one), not the base model
             handle = await run_in_threadpool(server.registry.acquire, prefix_ref, tenant=tenant)
+            prefix, release = handle.prefix, server.pins.admit(tenant, handle)
         return server.engine.submit(
-            prompt,
-            sampling,
-            prefix=handle.prefix if handle else None,
-            release=handle.release if handle else None,
-            tenant=tenant,
-            stream_text=stream,
+            prompt, sampling, prefix=prefix, release=release, tenant=tenant, stream_text=stream
         )
+    except ApiError:
+        raise
     except Exception as exc:
         raise to_api_error(exc) from None
 

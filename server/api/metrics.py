@@ -60,12 +60,10 @@ class EngineCollector(Collector):
             finished.add_metric([reason], count)
         yield finished
         yield gauge("prefix_server_running_rows", "rows in the batch", engine.num_running)
-        waiting = GaugeMetricFamily(
-            "prefix_server_queue_depth", "waiting requests per tenant", labels=["tenant"]
-        )
-        for tenant, depth in sorted(engine.waiting_per_tenant().items()):
-            waiting.add_metric([tenant], depth)
-        yield waiting
+        # Totals only: /metrics is read without a key, and tenant names are not public.
+        waiting = engine.waiting_per_tenant()
+        yield gauge("prefix_server_queue_depth", "waiting requests", sum(waiting.values()))
+        yield gauge("prefix_server_waiting_tenants", "tenants with waiting requests", len(waiting))
         yield histogram("prefix_server_time_to_first_token_seconds", "TTFT", m.time_to_first_token)
         yield histogram(
             "prefix_server_inter_token_seconds", "time between tokens", m.inter_token_latency

@@ -6,6 +6,15 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+# Bounds every request field states, so no value can overflow a tensor or a loop later on.
+MIN_TEMPERATURE = 0.01  # below this (but above 0) float32 logits / temperature can overflow
+MAX_TEMPERATURE = 100.0
+MAX_TOP_K = 1 << 20  # the vocabulary bound is checked against the model (server/api/generation.py)
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256  # every stop string is searched for after every token
+MAX_TOKENS_FIELD = 1 << 20  # max_tokens, max_new_tokens: the server's own limit is lower
+
+# Ids past the vocabulary are refused against the model (400), before any tensor is built.
 TokenIds = list[Annotated[int, Field(ge=0)]]
 
 
@@ -14,11 +23,18 @@ class Strict(BaseModel):
 
 
 class SamplingFields(BaseModel):
-    temperature: float = Field(1.0, ge=0.0, le=100.0)
+    temperature: float = Field(1.0, ge=0.0, le=MAX_TEMPERATURE)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0)
+    top_k: int = Field(0, ge=0, le=MAX_TOP_K)
     seed: int | None = Field(None, ge=0, lt=2**63)
     stop: list[str] | str | None = None
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, value: float) -> float:
+        if 0 < value < MIN_TEMPERATURE:
+            raise ValueError(f"expected 0 (greedy) or at least {MIN_TEMPERATURE}, found {value}")
+        return value
 
     @field_validator("stop")
     @classmethod
@@ -26,15 +42,20 @@ class SamplingFields(BaseModel):
         stops = [value] if isinstance(value, str) else list(value or [])
         if any(not s for s in stops):
             raise ValueError("stop strings must not be empty")
-        if len(stops) > 16:
-            raise ValueError(f"at most 16 stop strings, found {len(stops)}")
+        if len(stops) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings, found {len(stops)}")
+        longest = max(map(len, stops), default=0)
+        if longest > MAX_STOP_CHARS:
+            raise ValueError(
+                f"stop strings of at most {MAX_STOP_CHARS} characters, found {longest}"
+            )
         return stops
 
 
 class GenerateRequest(SamplingFields, Strict):
     prompt: str | TokenIds
     prefix: str | None = None
-    max_new_tokens: int = Field(64, ge=1)
+    max_new_tokens: int = Field(64, ge=1, le=MAX_TOKENS_FIELD)
     ignore_eos: bool = False
     stream: bool = False
 
@@ -89,7 +110,7 @@ class OpenAIBase(SamplingFields):
     model_config = ConfigDict(extra="allow")
 
     model: str
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_FIELD)
     n: int = Field(1, ge=1)
     stream: bool = False
     logprobs: bool | int | None = None
@@ -112,4 +133,4 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(OpenAIBase):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_FIELD)

@@ -8,6 +8,7 @@ from fastapi import Request
 
 from prefixes.registry import Registry
 from server.api.errors import ApiError
+from server.api.pins import TenantPins
 from server.config import Settings
 from server.engine.engine import Engine
 from server.models import LoadedModel
@@ -19,6 +20,7 @@ class Services:
     loaded: LoadedModel | None = None
     registry: Registry | None = None
     engine: Engine | None = None
+    pins: TenantPins | None = None
     startup_error: str | None = None
     ready: bool = field(default=False)
 
@@ -35,6 +37,7 @@ class Ready:
     loaded: LoadedModel
     registry: Registry
     engine: Engine
+    pins: TenantPins
 
 
 def services(request: Request) -> Services:
@@ -45,7 +48,7 @@ def services(request: Request) -> Services:
 def ready(request: Request) -> Ready:
     """Dependency: 503 until the model is loaded and the engine runs."""
     state = services(request)
-    if not state.ready or not state.loaded or not state.registry or not state.engine:
+    if not (state.ready and state.loaded and state.registry and state.engine and state.pins):
         message = state.startup_error or "the server is starting: the model is loading"
         raise ApiError(503, "unavailable", message, headers={"Retry-After": "5"})
-    return Ready(state.settings, state.loaded, state.registry, state.engine)
+    return Ready(state.settings, state.loaded, state.registry, state.engine, state.pins)

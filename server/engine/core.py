@@ -91,28 +91,23 @@ class EngineCore:
         batch = self.running
         started = time.monotonic()
         try:
-            next_ids = self.runner.step(batch)
-        except Exception as exc:  # one bad step fails its rows, never the engine
-            log.exception("engine step failed; failing its %d requests", len(batch))
+            next_ids: list[int | RequestFailed | None] = list(self.runner.step(batch))
+        except Exception:  # never the engine, and never the whole batch for one bad row
+            log.exception("engine step failed; running its %d rows alone", len(batch))
             self.metrics.failed_steps += 1
-            self.running = []
-            for request in batch:
-                self._retire(request, "error", RequestFailed(f"generation failed: {exc}"))
-                outputs.append(StepOutput(request, [], ""))
-            return outputs
+            next_ids = self._step_rows_alone(batch)
         now = time.monotonic()
         self.metrics.steps += 1
         self.metrics.step_seconds.observe(now - started)
         for request, token in zip(batch, next_ids, strict=True):
+            if isinstance(token, int):
+                outputs.append(self._postprocess(request, token, now))
+                continue
             if token is None:  # this row's own values overflowed; the others are unaffected
                 self.metrics.non_finite_rows += 1
-                request.finish_reason = "error"  # retired below with the rows that finished
-                request.error = NonFiniteOutput(
-                    NON_FINITE_ERROR.format(position=request.num_tokens)
-                )
-                outputs.append(StepOutput(request, [], ""))
-            else:
-                outputs.append(self._postprocess(request, token, now))
+                token = NonFiniteOutput(NON_FINITE_ERROR.format(position=request.num_tokens))
+            request.finish_reason, request.error = "error", token  # retired below
+            outputs.append(StepOutput(request, [], ""))
         finished = [r for r in batch if r.finished]
         if finished:
             self.running = [r for r in batch if not r.finished]
@@ -120,6 +115,18 @@ class EngineCore:
                 self._retire(request, request.finish_reason or "stop", request.error)
         self.scheduler.note_finish_rate(len(finished) / max(now - started, 1e-6))
         return outputs
+
+    def _step_rows_alone(self, batch: list[Request]) -> list[int | RequestFailed | None]:
+        """After a failed step: each row once more on its own, so only the row that makes the
+        step fail fails. A failed forward advanced nobody, so a retry rewrites the same places."""
+        results: list[int | RequestFailed | None] = []
+        for request in batch:
+            try:
+                results.append(self.runner.step([request])[0])
+            except Exception as exc:
+                log.exception("request %s fails its step alone", request.request_id)
+                results.append(RequestFailed(f"generation failed: {exc}"))
+        return results
 
     def _admit(self, request: Request) -> StepOutput | None:
         request.slot = self.free_slots.popleft()

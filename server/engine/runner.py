@@ -86,11 +86,13 @@ class ModelRunner:
         with self._attention_kernels():
             logits = torch.cat([self.forward(group) for group in groups])
         ordered = [request for group in groups for request in group]
-        for request in ordered:
-            request.num_cached += len(request.pending_token_ids)
         finite = torch.isfinite(logits).all(dim=-1)
         # One host sync for both: a non-finite row's id becomes -1.
         next_ids = torch.where(finite, sample(logits, ordered), -1).tolist()
+        # Only now, when nothing can raise any more: a step that raised advanced no row, so the
+        # engine can run its rows again, alone, to find the one that fails.
+        for request in ordered:
+            request.num_cached += len(request.pending_token_ids)
         by_request = {
             id(r): (t if t >= 0 else None) for r, t in zip(ordered, next_ids, strict=True)
         }

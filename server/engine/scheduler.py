@@ -9,7 +9,9 @@ Policy, in order:
   forward, and so every running row's next token, from stalling behind a burst of long prompts.
   The first newcomer of a step is always admitted, so a long prompt is never starved.
 - The distinct prefixes of running rows stay within `max_prefix_bytes`.
-- The waiting queue is bounded: beyond `max_waiting`, `add` raises Overloaded at once.
+- The waiting queue is bounded: beyond `max_waiting`, `add` raises Overloaded at once; so is
+  each tenant's share of it (`max_waiting_per_tenant`), so one tenant's flood gets that tenant
+  429 and leaves room in the queue for everyone else.
 """
 
 from __future__ import annotations
@@ -25,12 +27,15 @@ from server.engine.request import Request
 class SchedulerConfig:
     num_slots: int = 16
     max_waiting: int = 256
+    max_waiting_per_tenant: int = 1 << 30
     max_prefill_tokens: int = 512
     max_running_per_tenant: int = 8  # 0: no cap
     max_prefix_bytes: int = 1 << 30
 
     def __post_init__(self) -> None:
-        for name in ("num_slots", "max_waiting", "max_prefill_tokens", "max_prefix_bytes"):
+        names = ("num_slots", "max_waiting", "max_waiting_per_tenant", "max_prefill_tokens",
+                 "max_prefix_bytes")  # fmt: skip
+        for name in names:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected >= 1, found {getattr(self, name)}")
         if self.max_running_per_tenant < 0:
@@ -42,9 +47,10 @@ class SchedulerConfig:
 class Overloaded(Exception):
     """The waiting queue is full; try again after `retry_after` seconds."""
 
-    def __init__(self, retry_after: float, waiting: int) -> None:
+    def __init__(self, retry_after: float, waiting: int, tenant: str | None = None) -> None:
+        whose = f"tenant {tenant!r} has" if tenant else "the server has"
         super().__init__(
-            f"server overloaded: {waiting} requests waiting; retry in {retry_after:.0f} s"
+            f"overloaded: {whose} {waiting} requests waiting; retry in {retry_after:.0f} s"
         )
         self.retry_after = retry_after
 
@@ -60,8 +66,10 @@ class Scheduler:
 
     def add(self, request: Request) -> None:
         if self.num_waiting >= self.config.max_waiting:
-            retry = min(60.0, max(1.0, math.ceil(self.num_waiting / self.finish_rate)))
-            raise Overloaded(retry, self.num_waiting)
+            raise Overloaded(self._retry_after(self.num_waiting), self.num_waiting)
+        queued = len(self.queues.get(request.tenant, ()))
+        if queued >= self.config.max_waiting_per_tenant:
+            raise Overloaded(self._retry_after(queued), queued, request.tenant)
         queue = self.queues.setdefault(request.tenant, deque())
         if not queue:
             self.turns.append(request.tenant)
@@ -118,6 +126,9 @@ class Scheduler:
         self.running_per_tenant[request.tenant] -= 1
         if self.running_per_tenant[request.tenant] <= 0:
             del self.running_per_tenant[request.tenant]
+
+    def _retry_after(self, waiting: int) -> float:
+        return min(60.0, max(1.0, math.ceil(waiting / self.finish_rate)))
 
     def note_finish_rate(self, per_second: float) -> None:
         self.finish_rate = 0.9 * self.finish_rate + 0.1 * max(per_second, 0.01)

@@ -7,8 +7,10 @@ its own data directory (`tmp_path`), so no test sees another's tenants or prefix
 from __future__ import annotations
 
 import itertools
+import threading
+import time
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,7 @@ except ImportError:  # pragma: no cover
 from prefixes import read_upload
 from server.api.app import create_app
 from server.config import Settings
+from server.engine.engine import Engine
 from server.engine.llm import LLM
 from server.engine.request import Request, SamplingParams
 from server.models import LoadedModel
@@ -216,3 +219,53 @@ def alone(
     (request,) = llm.generate([Request(prompt, params, prefix=compiled)])
     assert request.finish_reason == "length"
     return list(request.output_token_ids)
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
+
+
+class StalledEngine:
+    """Holds the engine thread before each step that admits requests, until `go()`: what is
+    admitted stays in flight, what comes after waits in the queue. Deterministic."""
+
+    def __init__(self, engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.engine = engine
+        self.stepping = threading.Event()
+        self._go = threading.Event()
+        step = engine.core.step
+
+        def held_step(admitted: Any = None) -> Any:
+            if admitted:
+                self.stepping.set()
+                assert self._go.wait(10), "the test never let the engine go"
+            return step(admitted)
+
+        monkeypatch.setattr(engine.core, "step", held_step)
+
+    @property
+    def waiting(self) -> int:
+        return self.engine.core.scheduler.num_waiting
+
+    def go(self) -> None:
+        self._go.set()
+
+
+@contextmanager
+def in_background(
+    client: TestClient, path: str, body: dict, headers: dict[str, str]
+) -> Iterator[dict[str, Response]]:
+    """POST from another thread; the response is in the dict after the block."""
+    result: dict[str, Response] = {}
+    thread = threading.Thread(
+        target=lambda: result.update(response=client.post(path, json=body, headers=headers))
+    )
+    thread.start()
+    try:
+        yield result
+    finally:
+        thread.join(20)
+        assert not thread.is_alive()

@@ -171,12 +171,6 @@ def test_completions_refusals(
         assert error["field"] == next(iter(change))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason='BUG: /v1/completions with model "" runs the base model (200): server/api/routes/'
-    "openai.py prefix_of returns '' and server/api/generation.py start treats a falsy ref as "
-    "no prefix; the contract's model is the base model's id or a prefix ref, so '' is unknown",
-)
 def test_an_empty_model_is_not_the_base_model(client: TestClient, tenant: TenantAuth) -> None:
     body = {"model": "", "prompt": [1], "max_tokens": 2}
     assert client.post("/v1/completions", json=body, headers=tenant.headers).status_code in (

@@ -201,40 +201,44 @@ def test_a_prefix_that_fails_to_load_fails_only_its_request(
     assert failure is not None and "prefix could not be loaded" in str(failure)
 
 
-def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving(
-    loaded: LoadedModel,
+def test_a_row_that_makes_the_step_fail_fails_alone_and_the_engine_keeps_serving(
+    loaded: LoadedModel, prefixes: list[CompiledPrefix]
 ) -> None:
+    """A fault tied to one row (here: any forward that holds its third token) fails the batch's
+    step; the engine runs the rows again one by one, and only that row fails."""
     engine = Engine(loaded, SchedulerConfig(num_slots=4), max_len=128)
     forward = engine.core.runner.forward
-    calls = {"n": 0}
+    poison = [66, 66, 66]
 
-    def flaky(requests):
-        calls["n"] += 1
-        if calls["n"] == 3:
+    def faulty(requests):
+        if any(r.prompt_token_ids == poison and len(r.output_token_ids) == 2 for r in requests):
             raise RuntimeError("injected fault")
         return forward(requests)
 
-    engine.core.runner.forward = flaky  # type: ignore[method-assign]
+    engine.core.runner.forward = faulty  # type: ignore[method-assign]
     engine.start()
+    jobs = [([1, 2, 3], None), ([4, 5], prefixes[0]), ([7, 8, 9, 10], prefixes[1])]
 
-    async def main() -> tuple[list[str], list[int]]:
-        streams = [engine.submit([1, 2, 3], GREEDY) for _ in range(3)]
-        errors = []
-        for stream in streams:
-            try:
-                await stream.result()
-            except RequestFailed as exc:
-                errors.append(str(exc))
-        after = await engine.submit([1, 2, 3], GREEDY).result()
-        return errors, after.token_ids
+    async def main() -> tuple[list[list[int]], str, list[int]]:
+        victims = [
+            engine.submit(p, GREEDY, prefix=x, tenant=f"t{i}") for i, (p, x) in enumerate(jobs)
+        ]
+        culprit = engine.submit(poison, GREEDY, tenant="mallory")
+        with pytest.raises(RequestFailed) as failed:
+            await culprit.result()
+        tokens = [(await v.result()).token_ids for v in victims]
+        after = await engine.submit(poison[:2], GREEDY).result()
+        return tokens, str(failed.value), after.token_ids
 
     try:
-        errors, tokens = asyncio.run(main())
+        tokens, error, after = asyncio.run(main())
     finally:
         engine.stop()
-    assert errors == ["generation failed: injected fault"] * 3
-    assert tokens == alone(loaded, [1, 2, 3], None)
+    assert error == "generation failed: injected fault"
+    assert tokens == [alone(loaded, p, x) for p, x in jobs]
+    assert after == alone(loaded, [66, 66], None)
     assert engine.metrics.failed_steps == 1
+    assert engine.metrics.requests_finished["error"] == 1
 
 
 def test_a_thousand_requests_leak_no_slot_thread_or_stream(loaded: LoadedModel) -> None:

@@ -28,7 +28,7 @@ router = APIRouter()
 async def generate(
     body: GenerateRequest, http_request: Request, server: Server, tenant: Tenant
 ) -> GenerateResponse | StreamingResponse:
-    prompt = tokenize(server, body.prompt)
+    prompt = await tokenize(server, body.prompt)
     sampling = sampling_params(
         server, body, max_new_tokens=body.max_new_tokens, ignore_eos=body.ignore_eos
     )

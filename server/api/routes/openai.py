@@ -29,13 +29,23 @@ from server.api.generation import (
 )
 from server.api.schemas import ChatCompletionRequest, CompletionRequest, OpenAIBase
 from server.api.services import Ready
+from server.engine.request import SamplingParams
 from server.engine.stream import RequestFailed, RequestStream, Result
 
 router = APIRouter()
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
 
 
+# Fields OpenAI clients send that change nothing in the output: accepted and ignored. Any other
+# field this server does not implement is refused, never silently ignored.
+IGNORED_FIELDS = frozenset({"user", "metadata", "store", "service_tier"})
+
+
 def check_supported(body: OpenAIBase) -> None:
+    for field in sorted(set(body.model_extra or {}) - IGNORED_FIELDS):
+        raise ApiError(
+            400, "invalid_request", f"{field}: not supported by this server", field=field
+        )
     unsupported = {
         "n": body.n != 1,
         "logprobs": body.logprobs not in (None, False, 0),
@@ -55,14 +65,22 @@ def prefix_of(server: Ready, model: str) -> str | None:
     return None if model == server.loaded.model_id else model
 
 
-def prompts_of(server: Ready, prompt: Any) -> list[list[int]]:
+async def prompts_of(server: Ready, prompt: Any) -> list[list[int]]:
     if isinstance(prompt, str):
-        return [tokenize(server, prompt)]
+        return [await tokenize(server, prompt)]
     if prompt and all(isinstance(p, int) for p in prompt):
         return [prompt]
     if not prompt:
         raise ApiError(400, "invalid_request", "prompt: expected a non-empty prompt")
-    return [tokenize(server, p) for p in prompt]
+    limit = server.settings.max_prompts_per_call
+    if len(prompt) > limit:
+        raise ApiError(
+            422,
+            "invalid_request",
+            f"prompt: expected at most {limit} prompts per call, found {len(prompt)}",
+            field="prompt",
+        )
+    return [await tokenize(server, p) for p in prompt]
 
 
 def openai_usage(results: list[tuple[RequestStream, int]]) -> dict[str, int]:
@@ -80,14 +98,12 @@ async def completions(
     body: CompletionRequest, http_request: Request, server: Server, tenant: Tenant
 ) -> Any:
     check_supported(body)
-    prompts = prompts_of(server, body.prompt)
+    prompts = await prompts_of(server, body.prompt)
     if body.stream and len(prompts) > 1:
         raise ApiError(400, "invalid_request", "prompt: streaming takes one prompt")
     sampling = sampling_params(server, body, max_new_tokens=body.max_tokens or DEFAULT_MAX_TOKENS)
     prefix = prefix_of(server, body.model)
-    streams = [
-        await start(server, tenant, p, prefix, sampling, stream=body.stream) for p in prompts
-    ]
+    streams = await start_all(server, tenant, prompts, prefix, sampling, stream=body.stream)
     meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
     if body.stream:
         return StreamingResponse(
@@ -105,6 +121,27 @@ async def completions(
             [(s, len(r.token_ids)) for s, r in zip(streams, results, strict=True)]
         ),
     }
+
+
+async def start_all(
+    server: Ready,
+    tenant: str,
+    prompts: list[list[int]],
+    prefix: str | None,
+    sampling: SamplingParams,
+    *,
+    stream: bool,
+) -> list[RequestStream]:
+    """Start one request per prompt, all or none: if one is refused, those started are cancelled."""
+    streams: list[RequestStream] = []
+    try:
+        for prompt in prompts:
+            streams.append(await start(server, tenant, prompt, prefix, sampling, stream=stream))
+    except BaseException:
+        for started in streams:
+            started.cancel()
+        raise
+    return streams
 
 
 async def collect_all(streams: list[RequestStream], http_request: Request) -> list[Result]:
@@ -132,7 +169,7 @@ async def chat_completions(
 ) -> Any:
     check_supported(body)
     messages = [m.model_dump(exclude_none=True) for m in body.messages]
-    prompt = chat_prompt(server, messages)
+    prompt = await chat_prompt(server, messages)
     max_tokens = (
         body.max_completion_tokens or body.max_tokens or server.settings.max_new_tokens_limit
     )

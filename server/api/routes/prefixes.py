@@ -17,30 +17,11 @@ router = APIRouter()
 MAX_FILES = 8
 
 
-async def read_limited_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it passes `limit` (never read whole)."""
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise too_large(limit, int(declared))
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise too_large(limit, None)
-    return bytes(body)
-
-
-def too_large(limit: int, found: int | None) -> ApiError:
-    found_text = f"{found} bytes" if found is not None else "more"
-    return ApiError(
-        413, "payload_too_large", f"upload: expected at most {limit} bytes, found {found_text}"
-    )
-
-
-async def read_upload_form(request: Request, limit: int) -> tuple[dict[str, str], dict[str, bytes]]:
+async def read_upload_form(request: Request) -> tuple[dict[str, str], dict[str, bytes]]:
+    """The form's fields and files. The body's size limit is the BodyLimit middleware's."""
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise ApiError(415, "unsupported_media_type", "upload: expected multipart/form-data")
-    request._body = await read_limited_body(request, limit)  # form() parses the buffered body
+    await request.body()  # buffered whole first: form() then parses it from memory
     try:
         form = await request.form(max_files=MAX_FILES, max_fields=16)
     except Exception as exc:  # malformed multipart, too many parts
@@ -71,7 +52,7 @@ def flag(fields: dict[str, str], key: str) -> bool:
 
 @router.post("/v1/prefixes", status_code=201, response_model=PrefixInfo)
 async def upload(request: Request, server: Server, tenant: Tenant) -> dict[str, Any]:
-    fields, files = await read_upload_form(request, server.settings.max_upload_bytes)
+    fields, files = await read_upload_form(request)
     unknown = set(fields) - {"name", "visibility", "description", "overwrite"}
     if unknown:
         raise ApiError(422, "invalid_request", f"unknown fields: {sorted(unknown)}")
@@ -85,7 +66,7 @@ async def upload(request: Request, server: Server, tenant: Tenant) -> dict[str, 
             tenant,
             fields["name"],
             files,
-            visibility=fields.get("visibility", "private"),
+            visibility=fields.get("visibility"),
             description=fields.get("description", ""),
             overwrite=flag(fields, "overwrite"),
         )
