@@ -1,10 +1,11 @@
 """Everything about a prefix that does not need HTTP: formats, validation, compilation.
 
 This package never imports `server`: it receives the model's geometry as a `ModelSpec` and,
-to compile a soft prompt, a callable that runs embeddings through the frozen model.
+to compile a soft prompt, a callable that runs embeddings through the frozen model (both held
+by a `PrefixCompiler`).
 """
 
-from prefixes.compile import compile_prefix
+from prefixes.compile import PrefixCompiler, compile_prefix
 from prefixes.errors import InvalidPrefix, PrefixError, UnsupportedFormat
 from prefixes.formats import read_native, read_peft, read_upload, write_native
 from prefixes.kinds import CompiledPrefix, PrefixKind, RawPrefix
@@ -15,6 +16,7 @@ __all__ = [
     "CompiledPrefix",
     "InvalidPrefix",
     "ModelSpec",
+    "PrefixCompiler",
     "PrefixError",
     "PrefixKind",
     "RawPrefix",

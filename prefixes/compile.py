@@ -9,14 +9,43 @@ is serving the soft prompt.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from prefixes.errors import InvalidPrefix
 from prefixes.kinds import CompiledPrefix, RawPrefix
+from prefixes.spec import ModelSpec
+from prefixes.validate import validate
 
 # Takes embeddings `[T, hidden]` (model dtype, model device), returns KV `[L, 2, H, T, D]`.
 EmbeddingRunner = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class PrefixCompiler:
+    """The model-facing step of an upload, handed to the registry as one object: check a raw
+    prefix against the model's geometry and the length limit, then compile it to KV in the
+    model's dtype on the model's device.
+
+    The server builds it from its loaded model (`LoadedModel.prefix_compiler`); this package
+    only ever sees the geometry and the one callable that needs the model's weights.
+    """
+
+    spec: ModelSpec
+    run_embeddings: EmbeddingRunner
+    max_virtual_tokens: int
+    device: torch.device | str = "cpu"
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The model's dtype: compiled KV is stored and served in it."""
+        dtype: torch.dtype = getattr(torch, self.spec.dtype)
+        return dtype
+
+    def compile(self, raw: RawPrefix) -> CompiledPrefix:
+        validate(raw, self.spec, self.max_virtual_tokens)
+        return compile_prefix(raw, self.run_embeddings, dtype=self.dtype, device=self.device)
 
 
 def compile_prefix(

@@ -11,12 +11,13 @@ import logging
 import os
 import shutil
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedModel
 
-from prefixes import CompiledPrefix, ModelSpec, RawPrefix, compile_prefix, validate
+from prefixes import CompiledPrefix, ModelSpec, PrefixCompiler, RawPrefix
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +52,15 @@ class LoadedModel:
     def eos_token_ids(self) -> frozenset[int]:
         return eos_token_ids(self.model)
 
+    def prefix_compiler(self, max_virtual_tokens: int) -> PrefixCompiler:
+        """What the registry calls to validate an upload against this model and compile it."""
+        return PrefixCompiler(
+            self.spec, partial(embeddings_to_kv, self.model), max_virtual_tokens, self.device
+        )
+
     def compile(self, raw: RawPrefix, max_virtual_tokens: int) -> CompiledPrefix:
         """Validate a raw prefix against this model and compile it to KV."""
-        validate(raw, self.spec, max_virtual_tokens)
-        return compile_prefix(
-            raw, lambda emb: embeddings_to_kv(self.model, emb), dtype=self.dtype, device=self.device
-        )
+        return self.prefix_compiler(max_virtual_tokens).compile(raw)
 
 
 def load_model(
