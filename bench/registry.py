@@ -66,14 +66,7 @@ def upload_files(spec: ModelSpec, kind: PrefixKind, tokens: int, seed: int) -> d
 
 
 def open_registry(data_dir: Path, loaded: LoadedModel, **options) -> Registry:
-    return Registry(
-        data_dir,
-        spec=loaded.spec,
-        compiler=lambda raw: loaded.compile(raw, 64),
-        max_virtual_tokens=64,
-        device=loaded.device,
-        **options,
-    )
+    return Registry(data_dir, compiler=loaded.prefix_compiler(64), **options)
 
 
 def synchronize(device: torch.device) -> None:

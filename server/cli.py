@@ -144,8 +144,8 @@ def dev_admin_key(settings: Settings) -> str:
 
 
 def run_tenant_create(args: argparse.Namespace) -> int:
+    from prefixes.catalog import Catalog
     from prefixes.errors import RegistryError
-    from prefixes.tenant_admin import create_tenant
 
     settings = Settings(
         **{
@@ -155,7 +155,9 @@ def run_tenant_create(args: argparse.Namespace) -> int:
         }
     )
     try:
-        issued = create_tenant(settings.data_dir, settings.database_url, args.name)
+        # The catalog alone: creating a tenant needs no model, so this works offline.
+        with Catalog(settings.data_dir, database_url=settings.database_url) as catalog:
+            issued = catalog.create_tenant(args.name)
     except RegistryError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -245,22 +247,17 @@ def load_init_prefix(args: argparse.Namespace, loaded: Any) -> Any:
     from prefixes.registry import Registry
 
     owner = args.init_from.partition("/")[0]
-    registry = Registry(
-        args.data_dir,
-        spec=loaded.spec,
-        compiler=lambda raw: loaded.compile(raw, 1 << 16),
-        max_virtual_tokens=1 << 16,
-    )
-    try:
-        with registry.acquire(args.init_from, tenant=owner) as handle:
-            if args.kind != "prefix":
-                raise ValueError(
-                    "init-from: a registry prefix is stored compiled to KV; it can start "
-                    "--kind prefix training only (give an adapter folder for --kind prompt)"
-                )
-            return RawPrefix(PrefixKind.PREFIX_TUNING, handle.prefix.kv.float().cpu())
-    finally:
-        registry.close()
+    # Nothing is uploaded here, so the compiler's length limit never applies.
+    with (
+        Registry(args.data_dir, compiler=loaded.prefix_compiler(1 << 16)) as registry,
+        registry.acquire(args.init_from, tenant=owner) as handle,
+    ):
+        if args.kind != "prefix":
+            raise ValueError(
+                "init-from: a registry prefix is stored compiled to KV; it can start "
+                "--kind prefix training only (give an adapter folder for --kind prompt)"
+            )
+        return RawPrefix(PrefixKind.PREFIX_TUNING, handle.prefix.kv.float().cpu())
 
 
 def run_generate(args: argparse.Namespace) -> int:

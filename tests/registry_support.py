@@ -30,14 +30,7 @@ def peft_files(adapter_dir: Path) -> dict[str, bytes]:
 
 def open_registry(data_dir: Path, loaded: LoadedModel, **options: Any) -> Registry:
     """A registry serving `loaded`, wired the way the server wires it."""
-    return Registry(
-        data_dir,
-        spec=loaded.spec,
-        compiler=lambda raw: loaded.compile(raw, MAX_VIRTUAL_TOKENS),
-        max_virtual_tokens=MAX_VIRTUAL_TOKENS,
-        device=loaded.device,
-        **options,
-    )
+    return Registry(data_dir, compiler=loaded.prefix_compiler(MAX_VIRTUAL_TOKENS), **options)
 
 
 def blob_files(data_dir: Path) -> set[str]:

@@ -91,19 +91,14 @@ def start_services(state: Services, loaded: LoadedModel | None) -> None:
                 cache_dir=settings.model_cache,
             )
         state.loaded = loaded
-        max_virtual_tokens = settings.max_virtual_tokens
+        # Opening it logs the prefixes compiled for another model, which it will not serve.
         state.registry = Registry(
             settings.data_dir,
-            spec=loaded.spec,
-            compiler=lambda raw: loaded.compile(raw, max_virtual_tokens),
-            max_virtual_tokens=max_virtual_tokens,
-            device=loaded.device,
+            compiler=loaded.prefix_compiler(settings.max_virtual_tokens),
             database_url=settings.database_url,
             device_pool_bytes=settings.device_pool_bytes,
             host_pool_bytes=settings.host_pool_bytes,
         )
-        for info in state.registry.incompatible_prefixes():
-            log.warning("prefix %s was compiled for another model: it will not be served", info.id)
         scheduler = SchedulerConfig(
             num_slots=settings.num_slots,
             max_waiting=settings.max_waiting,

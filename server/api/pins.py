@@ -13,7 +13,7 @@ import threading
 from collections import Counter
 from collections.abc import Callable
 
-from prefixes.registry import PrefixHandle
+from prefixes.serving import PrefixHandle
 from server.api.errors import ApiError
 
 

@@ -18,9 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from prefixes import ModelSpec, RawPrefix, compile_prefix, read_upload, validate
+from prefixes import ModelSpec, PrefixCompiler, read_upload
 from prefixes.errors import NotFound
-from prefixes.kinds import CompiledPrefix
 from prefixes.registry import Registry
 from prefixes.store import UploadStage
 from tests.registry_support import blob_files, native_files
@@ -38,19 +37,12 @@ MODES = ("new", "overwrite")
 CHILD_MODULE = "tests.integration.test_registry_crash"
 
 
-def compile_without_model(raw: RawPrefix) -> CompiledPrefix:
-    def no_soft_prompts(embeddings: torch.Tensor) -> torch.Tensor:
-        raise AssertionError("only prefix-tuning uploads in this test")
-
-    validate(raw, SPEC, MAX_TOKENS)
-    return compile_prefix(raw, no_soft_prompts, dtype=torch.float32)
+def no_soft_prompts(embeddings: torch.Tensor) -> torch.Tensor:
+    raise AssertionError("only prefix-tuning uploads in this test")
 
 
 def open_registry(data_dir: Path, **options) -> Registry:
-    return Registry(
-        data_dir, spec=SPEC, compiler=compile_without_model, max_virtual_tokens=MAX_TOKENS,
-        **options,
-    )  # fmt: skip
+    return Registry(data_dir, compiler=PrefixCompiler(SPEC, no_soft_prompts, MAX_TOKENS), **options)
 
 
 def child(data_dir: Path, stage: UploadStage, mode: str) -> None:

@@ -83,10 +83,7 @@ def test_init_from_a_registry_prefix(model_dir: Path, data: Path, tmp_path: Path
     first, copy = tmp_path / "first", tmp_path / "copy"
     assert train(model_dir, data, first, "--steps", "5") == 0
     loaded = load_model(str(model_dir))
-    with Registry(
-        tmp_path / "data", spec=loaded.spec, compiler=lambda r: loaded.compile(r, 64),
-        max_virtual_tokens=64,
-    ) as registry:  # fmt: skip
+    with Registry(tmp_path / "data", compiler=loaded.prefix_compiler(64)) as registry:
         registry.create_tenant("alice")
         registry.upload("alice", "start", adapter_files(first))
     assert train(model_dir, data, copy, "--steps", "0", "--init-from", "alice/start") == 0

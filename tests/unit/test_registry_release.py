@@ -24,7 +24,7 @@ def test_releasing_a_retired_version_never_waits_for_the_write_lock(tmp_path: Pa
         writer_holds, writer_may_go = threading.Event(), threading.Event()
 
         def writer() -> None:  # another replica, or an upload, in its write transaction
-            with write_transaction(registry._engine):
+            with write_transaction(registry.database):
                 writer_holds.set()
                 writer_may_go.wait(30)
 
@@ -32,7 +32,7 @@ def test_releasing_a_retired_version_never_waits_for_the_write_lock(tmp_path: Pa
         writing.start()
         assert writer_holds.wait(10)
         # A collection waiting for the lock, holding the registry's collection lock meanwhile.
-        collecting = threading.Thread(target=registry._collect, args=(other.sha256,))
+        collecting = threading.Thread(target=registry.serving.collect, args=(other.sha256,))
         collecting.start()
         releasing = threading.Thread(target=handle.release)
         releasing.start()

@@ -1,0 +1,193 @@
+"""The registry's serving side: pinned handles to compiled KV, the device and host pool, and the
+collection of files that nothing uses any more.
+
+It finds versions through the catalog and reads files from the store it shares with uploads; it
+never writes metadata. A file goes only when no live version names it and nothing pins it: the
+database answers the first under its write lock (so no upload can commit a row naming the file
+in between), the pool the second under its own lock (so no pin can start in between).
+
+Thread-safe: the HTTP layer and the engine thread may call any method concurrently.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
+from functools import partial
+from types import TracebackType
+
+import torch
+
+from prefixes import versions
+from prefixes.catalog import Catalog
+from prefixes.database import write_transaction
+from prefixes.errors import CorruptBlob, InvalidPrefix
+from prefixes.kinds import CompiledPrefix
+from prefixes.kvfile import decode_compiled
+from prefixes.pool import PoolStats, PrefixPool
+from prefixes.records import PrefixInfo
+from prefixes.store import BlobStore
+
+log = logging.getLogger(__name__)
+
+
+class PrefixHandle:
+    """One pinned version of a prefix. Until `release`, its KV stays on the device and its file
+    on disk, whatever happens to the name (delete, overwrite)."""
+
+    __slots__ = ("_lock", "_release", "_released", "info", "prefix")
+
+    def __init__(
+        self, info: PrefixInfo, prefix: CompiledPrefix, release: Callable[[], None]
+    ) -> None:
+        self.info = info
+        self.prefix = prefix
+        self._release = release
+        self._released = False
+        self._lock = threading.Lock()
+
+    @property
+    def id(self) -> str:
+        return self.info.id
+
+    @property
+    def version(self) -> int:
+        return self.info.version
+
+    def release(self) -> None:
+        """Unpin; calling it again does nothing."""
+        with self._lock:
+            if self._released:
+                return
+            self._released = True
+        self._release()
+
+    def __enter__(self) -> PrefixHandle:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.release()
+
+    def __repr__(self) -> str:
+        state = "released" if self._released else "pinned"
+        return f"PrefixHandle({self.id!r}, version={self.version}, {state})"
+
+
+class Serving:
+    def __init__(
+        self,
+        catalog: Catalog,
+        store: BlobStore,
+        *,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        device_pool_bytes: int,
+        host_pool_bytes: int,
+    ) -> None:
+        """Opening sweeps what a crash left behind (see `_sweep_orphans`)."""
+        self._catalog = catalog
+        self._store = store
+        self._dtype = dtype  # stored KV is cast to the model's dtype on load
+        self._pool = PrefixPool(device_pool_bytes, host_pool_bytes, device)
+        # Files of retired versions that were pinned when retired: collected at the last release.
+        self._collect_lock = threading.Lock()
+        self._awaiting_release: set[str] = set()
+        # One thread, so work runs in submission order and `drain` can wait for all of it.
+        self._background = ThreadPoolExecutor(1, thread_name_prefix="prefix-registry")
+        self._sweep_orphans()
+
+    def close(self) -> None:
+        self._background.shutdown(wait=True, cancel_futures=True)
+
+    def acquire(self, ref: str, *, tenant: str) -> PrefixHandle:
+        """Pin the current version's KV on the device and return a handle to it.
+
+        May read from disk on a miss: call it from a worker thread, not the engine's loop.
+        Raises NotFound, Incompatible, or PoolExhausted when pinned prefixes fill the pool.
+        """
+        info = self._catalog.resolve(ref, tenant=tenant)
+        try:
+            kv = self._pool.pin(info.sha256, partial(self._load, info.sha256))
+        except CorruptBlob:
+            if self._catalog.is_current(info):
+                raise
+            # Deleted or replaced between resolving and loading: the file went with it.
+            info = self._catalog.resolve(ref, tenant=tenant)
+            kv = self._pool.pin(info.sha256, partial(self._load, info.sha256))
+        return PrefixHandle(
+            info, CompiledPrefix(info.kind, kv), partial(self._release, info.sha256)
+        )
+
+    def check_fits(self, nbytes: int) -> None:
+        """Refuse, at upload, compiled KV larger than the whole device pool."""
+        if nbytes > self._pool.device_budget_bytes:
+            raise InvalidPrefix(
+                "bytes",
+                f"at most {self._pool.device_budget_bytes} (the device pool's budget)",
+                nbytes,
+                "it could never be loaded",
+            )
+
+    def collect(self, sha256: str) -> None:
+        """Delete a file and its resident KV if no live version refers to it and nothing pins it;
+        if something pins it, the last release collects it.
+
+        Runs under the database's write lock, so an upload of the same bytes cannot publish
+        between our check and the unlink; the pool drops the entry and the file under its own
+        lock, so a pin cannot slip in between either.
+        """
+        with self._collect_lock, write_transaction(self._catalog.database) as connection:
+            gone = versions.is_referenced(connection, sha256) or self._pool.discard(
+                sha256, partial(self._store.remove, sha256)
+            )
+            if gone:
+                self._awaiting_release.discard(sha256)
+            else:  # pinned: the last release collects it
+                self._awaiting_release.add(sha256)
+
+    def drain(self) -> None:
+        """Wait for background work submitted so far: the file deletions that the last release
+        of a deleted or replaced version started."""
+        self._background.submit(lambda: None).result()
+
+    def stats(self) -> PoolStats:
+        return self._pool.stats()
+
+    def _load(self, sha256: str) -> torch.Tensor:
+        return decode_compiled(self._store.read(sha256)).to(self._dtype)
+
+    def _release(self, sha256: str) -> None:
+        """Unpin. Releases come from the engine's thread, which must never wait for the
+        database: even whether a retired version awaits its last release is asked in the
+        background, since a running collection holds that lock while it waits for the
+        database's write lock."""
+        if self._pool.unpin(sha256) == 0:
+            # After close the executor refuses work; the next open sweeps the file instead.
+            with suppress(RuntimeError):
+                self._background.submit(self._collect_if_awaiting, sha256)
+
+    def _collect_if_awaiting(self, sha256: str) -> None:
+        with self._collect_lock:
+            awaiting = sha256 in self._awaiting_release
+        if awaiting:
+            self.collect(sha256)
+
+    def _sweep_orphans(self) -> None:
+        """Remove what a crash left: temp files, and files no live version refers to."""
+        removed_temp = self._store.sweep_temp()
+        with write_transaction(self._catalog.database) as connection:
+            removed = self._store.sweep_blobs(keep=versions.live_digests(connection))
+        if removed_temp or removed:
+            log.info(
+                "registry: swept %d temp workspaces and %d unreferenced files",
+                len(removed_temp),
+                len(removed),
+            )
