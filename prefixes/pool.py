@@ -136,12 +136,8 @@ class PrefixPool:
             resident = self._device.get(key)
             return 0 if resident is None else resident.pins
 
-    def pinned_keys(self) -> set[str]:
-        with self._lock:
-            return {key for key, resident in self._device.items() if resident.pins}
-
     def tier(self, key: str) -> str:
-        """Where a key's KV is now: "device", "host" or "disk" (for tests and metrics)."""
+        """Where a key's KV is now: "device", "host" or "disk" (tests observe eviction by it)."""
         with self._lock:
             return "device" if key in self._device else "host" if key in self._host else "disk"
 
