@@ -5,35 +5,35 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Self
 
 from prefixes.errors import InvalidPrefix
 from prefixes.kinds import PrefixKind
 
 
-class Visibility(enum.StrEnum):
+class _Choice(enum.StrEnum):
+    """A field with a fixed set of values, read from a request: an unknown value is refused
+    with the field's name (the class's, lower-cased) and every allowed value."""
+
+    @classmethod
+    def parse(cls, value: str) -> Self:
+        try:
+            return cls(value)
+        except ValueError:
+            *others, last = [member.value for member in cls]
+            expected = f"{', '.join(others)} or {last}"
+            raise InvalidPrefix(cls.__name__.lower(), expected, repr(value)) from None
+
+
+class Visibility(_Choice):
     PRIVATE = "private"  # the owner only
     PUBLIC = "public"  # any tenant may read its metadata and use it
 
-    @classmethod
-    def parse(cls, value: str) -> Visibility:
-        try:
-            return cls(value)
-        except ValueError:
-            raise InvalidPrefix("visibility", "private or public", repr(value)) from None
 
-
-class Scope(enum.StrEnum):
+class Scope(_Choice):
     OWN = "own"
     PUBLIC = "public"  # every public prefix, the caller's own public ones included
     ALL = "all"  # own (any visibility) and everyone's public ones
-
-    @classmethod
-    def parse(cls, value: str) -> Scope:
-        try:
-            return cls(value)
-        except ValueError:
-            raise InvalidPrefix("scope", "own, public or all", repr(value)) from None
 
 
 @dataclass(frozen=True, slots=True)
