@@ -99,7 +99,11 @@ async def storm(live: Live) -> Counter[str]:
 
     async def one(index: int) -> str:
         async with gate:
-            return await open_and_drop(live, index, after_first_event=index % 3 != 2)
+            dropping = open_and_drop(live, index, after_first_event=index % 3 != 2)
+            try:
+                return await asyncio.wait_for(dropping, 120)
+            except TimeoutError:
+                return "no first event within 120 s"
 
     return Counter(await asyncio.gather(*(one(i) for i in range(STREAMS))))
 

@@ -42,6 +42,7 @@ OVERLOAD = 10  # offered rate / measured capacity
 MAX_WAITING = 16  # the server's queue: beyond it, 429
 NEW_TOKENS = 96  # prompts of <= 6 tokens and prefixes of <= 6: within max_len 128
 MEMORY_BOUND = 32 * MiB
+ANSWER_WITHIN = 300  # seconds: a request not answered by then counts as hung
 
 
 @dataclass(frozen=True)
@@ -76,14 +77,15 @@ async def send(live: Live, index: int) -> Outcome:
     shape = SHAPES[index]
     outcome = Outcome(index)
     try:
-        answer = await post_json(
-            live.url, "/v1/generate", body_of(shape), bearer(live.keys[shape.tenant])
+        answer = await asyncio.wait_for(
+            post_json(live.url, "/v1/generate", body_of(shape), bearer(live.keys[shape.tenant])),
+            ANSWER_WITHIN,
         )
-    except (OSError, h11.ProtocolError) as exc:
+        body = answer.json()
+    except (OSError, h11.ProtocolError, TimeoutError, ValueError) as exc:
         outcome.error = f"{type(exc).__name__}: {exc}"
         return outcome
     outcome.status = answer.status
-    body = answer.json()
     assert isinstance(body, dict)
     if answer.status == 200:
         outcome.token_ids = list(body["token_ids"])
