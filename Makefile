@@ -8,7 +8,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: install serve test lint format bench clean
+.PHONY: install serve test lint format bench soak clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -43,6 +43,11 @@ bench: install
 	$(PY) bench/prefill_budget.py --write docs/benchmarks.md
 	$(PY) bench/load.py --write docs/benchmarks.md
 	$(PY) bench/registry.py --write docs/benchmarks.md
+
+# Not in CI: 10 minutes of tenants uploading, overwriting, deleting and generating against a
+# real server; reports errors and the server's memory over time (SOAK_ARGS="--minutes 3").
+soak: install
+	$(PY) bench/soak.py $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
