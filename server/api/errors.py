@@ -1,4 +1,8 @@
-"""One error shape for every 4xx/5xx: {"error": {"type", "message", ...}}."""
+"""One error shape for every 4xx/5xx: {"error": {"type", "message", ...}}.
+
+The one place that knows both sides: the library's and the engine's exceptions are mapped to HTTP
+statuses here, by handlers registered once, so routes raise what they get and translate nothing.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,20 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from prefixes import PrefixError
+from prefixes.errors import (
+    AlreadyExists,
+    CorruptBlob,
+    Incompatible,
+    NotFound,
+    PoolExhausted,
+    QuotaExceeded,
+    Unauthorized,
+)
+from server.engine.engine import EngineStopped
+from server.engine.request import InvalidRequest, NonFiniteOutput, RequestFailed
+from server.engine.scheduler import Overloaded
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +80,50 @@ def validation_problem(error: dict[str, Any]) -> dict[str, str]:
     return {"field": path or "body", "message": str(error.get("msg", ""))}
 
 
+_PREFIX_STATUS: list[tuple[type[PrefixError], int, str]] = [
+    (NotFound, 404, "not_found"),
+    (AlreadyExists, 409, "conflict"),
+    (Unauthorized, 401, "unauthorized"),
+    (QuotaExceeded, 422, "quota_exceeded"),
+    (Incompatible, 409, "incompatible_prefix"),
+    (PoolExhausted, 429, "overloaded"),
+    (CorruptBlob, 500, "internal_error"),
+]
+# What the handlers below translate; anything else is a bug: 500.
+LibraryError = PrefixError | Overloaded | EngineStopped | RequestFailed | InvalidRequest
+
+
+def to_api_error(exc: LibraryError) -> ApiError:
+    """The HTTP error for an exception raised by the registry or the engine."""
+    if isinstance(exc, PrefixError):
+        extra = {k: v for k, v in exc.to_dict().items() if k not in ("type", "message")}
+        for kind, status, type_ in _PREFIX_STATUS:
+            if isinstance(exc, kind):
+                headers = {"Retry-After": "1"} if status == 429 else None
+                return ApiError(status, type_, exc.message, headers=headers, **extra)
+        return ApiError(422, "invalid_prefix", exc.message, **extra)
+    if isinstance(exc, Overloaded):
+        retry = str(max(1, round(exc.retry_after)))
+        return ApiError(429, "overloaded", str(exc), headers={"Retry-After": retry})
+    if isinstance(exc, EngineStopped):
+        return ApiError(503, "unavailable", str(exc))
+    if isinstance(exc, NonFiniteOutput):
+        return ApiError(422, "numerical_overflow", str(exc))
+    if isinstance(exc, RequestFailed):
+        return ApiError(500, "generation_failed", str(exc))
+    return ApiError(400, "invalid_request", str(exc))
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
         return error_response(exc.status, exc.type, exc.message, exc.headers, **exc.extra)
+
+    async def _library_error(request: Request, exc: Exception) -> JSONResponse:
+        return await _api_error(request, to_api_error(exc))  # type: ignore[arg-type]
+
+    for kind in (PrefixError, Overloaded, EngineStopped, RequestFailed, InvalidRequest):
+        app.add_exception_handler(kind, _library_error)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:

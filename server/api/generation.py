@@ -1,20 +1,62 @@
-"""What the generation routes share: tokenising, sampling parameters, submitting, collecting."""
+"""The one generation pipeline every protocol shares: prompts -> pinned prefix -> engine ->
+a JSON body or one SSE stream. A protocol (native, completions, chat) only decodes its request
+into a `Job` and encodes results and chunks through its `Encoder`.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from fastapi import Request
 from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import StreamingResponse
 
-from server.api.errors import ApiError, error_body
-from server.api.problems import to_api_error
+from server.api.errors import ApiError, error_body, to_api_error
 from server.api.schemas import SamplingFields
 from server.api.services import Ready
 from server.engine.request import SamplingParams
-from server.engine.stream import RequestFailed, RequestStream, Result
+from server.engine.stream import Chunk, RequestFailed, RequestStream, Result
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+@dataclass(frozen=True)
+class Job:
+    """What a protocol asks for: one request per prompt, all with the same prefix and sampling."""
+
+    prompts: list[list[int]]
+    prefix: str | None  # a prefix reference; None: the base model
+    sampling: SamplingParams
+    stream: bool
+
+
+class Encoder(Protocol):
+    """A protocol's response shapes. One encoder per HTTP request, so it may keep state."""
+
+    def result(self, results: list[Result]) -> Any: ...
+
+    def opening(self) -> list[dict[str, Any]]: ...
+
+    def chunk(self, chunk: Chunk, stream: RequestStream) -> dict[str, Any]: ...
+
+
+async def respond(
+    server: Ready, tenant: str, job: Job, encoder: Encoder, http_request: Request
+) -> Any:
+    if job.stream and len(job.prompts) > 1:
+        raise ApiError(400, "invalid_request", "prompt: streaming takes one prompt")
+    streams = await start_all(server, tenant, job)
+    if job.stream:
+        events = sse_events(streams[0], encoder)
+        return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
+    return encoder.result(await collect_all(streams, http_request))
+
+
+# Decoding ------------------------------------------------------------------------------------
 
 
 async def tokenize(server: Ready, prompt: str | list[int]) -> list[int]:
@@ -55,6 +97,7 @@ async def chat_prompt(server: Ready, messages: list[dict[str, Any]]) -> list[int
 def sampling_params(
     server: Ready, fields: SamplingFields, *, max_new_tokens: int, ignore_eos: bool = False
 ) -> SamplingParams:
+    """The schema bounds every field; what depends on this server and model is checked here."""
     limit = server.settings.max_new_tokens_limit
     if max_new_tokens > limit:
         raise ApiError(
@@ -70,44 +113,46 @@ def sampling_params(
             f"top_k: expected at most the vocabulary size {vocab}, found {fields.top_k}",
             field="top_k",
         )
-    try:
-        return SamplingParams(
-            max_new_tokens=max_new_tokens,
-            temperature=fields.temperature,
-            top_p=fields.top_p,
-            top_k=fields.top_k,
-            seed=fields.seed,
-            stop=tuple(fields.stop or ()),
-            ignore_eos=ignore_eos,
-        )
-    except ValueError as exc:
-        raise ApiError(400, "invalid_request", str(exc)) from None
+    return SamplingParams(
+        max_new_tokens=max_new_tokens,
+        temperature=fields.temperature,
+        top_p=fields.top_p,
+        top_k=fields.top_k,
+        seed=fields.seed,
+        stop=tuple(fields.stop or ()),
+        ignore_eos=ignore_eos,
+    )
+
+
+# Running -------------------------------------------------------------------------------------
 
 
 async def start(
-    server: Ready,
-    tenant: str,
-    prompt: list[int],
-    prefix_ref: str | None,
-    sampling: SamplingParams,
-    *,
-    stream: bool,
+    server: Ready, tenant: str, prompt: list[int], prefix_ref: str | None, job: Job
 ) -> RequestStream:
     """Pin the prefix version (if any) and queue the request; the engine releases the pin.
 
     Text is decoded every step only for streams; otherwise once, at the end."""
+    prefix, release = None, None
+    if prefix_ref is not None:  # "" is a reference too (an invalid one), not the base model
+        handle = await run_in_threadpool(server.registry.acquire, prefix_ref, tenant=tenant)
+        prefix, release = handle.prefix, server.pins.admit(tenant, handle)
+    return server.engine.submit(
+        prompt, job.sampling, prefix=prefix, release=release, tenant=tenant, stream_text=job.stream
+    )
+
+
+async def start_all(server: Ready, tenant: str, job: Job) -> list[RequestStream]:
+    """One request per prompt, all or none: if one is refused, those started are cancelled."""
+    streams: list[RequestStream] = []
     try:
-        prefix, release = None, None
-        if prefix_ref is not None:  # "" is a reference too (an invalid one), not the base model
-            handle = await run_in_threadpool(server.registry.acquire, prefix_ref, tenant=tenant)
-            prefix, release = handle.prefix, server.pins.admit(tenant, handle)
-        return server.engine.submit(
-            prompt, sampling, prefix=prefix, release=release, tenant=tenant, stream_text=stream
-        )
-    except ApiError:
+        for prompt in job.prompts:
+            streams.append(await start(server, tenant, prompt, job.prefix, job))
+    except BaseException:
+        for started in streams:
+            started.cancel()
         raise
-    except Exception as exc:
-        raise to_api_error(exc) from None
+    return streams
 
 
 async def collect(stream: RequestStream, http_request: Request) -> Result:
@@ -120,23 +165,36 @@ async def collect(stream: RequestStream, http_request: Request) -> Result:
                 return task.result()
             if await http_request.is_disconnected():
                 stream.cancel()
-    except RequestFailed as exc:
-        raise to_api_error(exc) from None
     finally:
         if not task.done():
             stream.cancel()
             task.cancel()
 
 
-def failure_event(exc: RequestFailed) -> dict[str, Any]:
-    """The SSE event that ends a stream whose request failed: the error shape of its status."""
-    error = to_api_error(exc)
-    return error_body(error.type, error.message)
+async def collect_all(streams: list[RequestStream], http_request: Request) -> list[Result]:
+    try:
+        return list(await asyncio.gather(*(collect(s, http_request) for s in streams)))
+    finally:
+        for stream in streams:
+            stream.cancel()  # no-op for finished ones; stops the rest if one failed
+
+
+# Streaming -----------------------------------------------------------------------------------
+
+
+async def sse_events(stream: RequestStream, encoder: Encoder) -> AsyncIterator[str]:
+    """The one SSE writer: the protocol's events, a failure as an error event, then [DONE]."""
+    for event in encoder.opening():
+        yield sse(event)
+    try:
+        async for chunk in stream:
+            yield sse(encoder.chunk(chunk, stream))
+    except RequestFailed as exc:
+        error = to_api_error(exc)
+        yield sse(error_body(error.type, error.message))
+    yield sse("[DONE]")
 
 
 def sse(data: dict[str, Any] | str) -> str:
     payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
     return f"data: {payload}\n\n"
-
-
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}

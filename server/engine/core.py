@@ -11,7 +11,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from server.engine.metrics import EngineMetrics
-from server.engine.request import NonFiniteOutput, Request, RequestFailed
+from server.engine.request import InvalidRequest, NonFiniteOutput, Request, RequestFailed
 from server.engine.runner import ModelRunner
 from server.engine.scheduler import Scheduler, SchedulerConfig
 from server.engine.stopping import append_token, update_text
@@ -53,16 +53,16 @@ class EngineCore:
         return bool(self.running or self.scheduler.num_waiting)
 
     def check(self, request: Request) -> None:
-        """Raise ValueError if the request can never run on this model."""
+        """Raise InvalidRequest if the request can never run on this model."""
         used = request.prefix_len + len(request.prompt_token_ids)
         if used >= self.max_len:
-            raise ValueError(
+            raise InvalidRequest(
                 f"prompt: expected prefix + prompt tokens < {self.max_len}, found {used}"
             )
         vocab = self.loaded.spec.vocab_size
         bad = [t for t in request.prompt_token_ids if not 0 <= t < vocab]
         if bad:
-            raise ValueError(f"prompt: expected token ids in [0, {vocab}), found {bad[0]}")
+            raise InvalidRequest(f"prompt: expected token ids in [0, {vocab}), found {bad[0]}")
 
     def add(self, request: Request) -> None:
         self.check(request)

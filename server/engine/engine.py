@@ -71,7 +71,7 @@ class Engine:
         tenant: str = "default",
         stream_text: bool = True,
     ) -> RequestStream:
-        """Queue a request; call from a coroutine. Raises ValueError, Overloaded, EngineStopped.
+        """Queue a request; call from a coroutine. Raises InvalidRequest, Overloaded, EngineStopped.
 
         `release` is called once when the request leaves the engine (it unpins the prefix
         version the request started with), also when `submit` itself raises.

@@ -15,6 +15,10 @@ from prefixes import CompiledPrefix
 _ids = itertools.count()
 
 
+class InvalidRequest(ValueError):
+    """A request this engine can never run (the message names the field): the caller's error."""
+
+
 class RequestFailed(Exception):
     """The engine could not finish this request (its prefix failed to load, a step failed)."""
 
@@ -37,17 +41,17 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens: expected >= 1, found {self.max_new_tokens}")
+            raise InvalidRequest(f"max_new_tokens: expected >= 1, found {self.max_new_tokens}")
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
-            raise ValueError(
+            raise InvalidRequest(
                 f"temperature: expected a finite number >= 0, found {self.temperature}"
             )
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p: expected a number in (0, 1], found {self.top_p}")
+            raise InvalidRequest(f"top_p: expected a number in (0, 1], found {self.top_p}")
         if self.top_k < 0:
-            raise ValueError(f"top_k: expected >= 0, found {self.top_k}")
+            raise InvalidRequest(f"top_k: expected >= 0, found {self.top_k}")
         if any(not s for s in self.stop):
-            raise ValueError("stop: expected non-empty strings, found an empty string")
+            raise InvalidRequest("stop: expected non-empty strings, found an empty string")
 
     @property
     def greedy(self) -> bool:
@@ -85,7 +89,7 @@ class Request:
 
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:
-            raise ValueError("prompt: expected at least one token, found none")
+            raise InvalidRequest("prompt: expected at least one token, found none")
         self.generator = torch.Generator()
         if self.sampling.seed is None:
             self.generator.seed()

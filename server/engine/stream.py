@@ -50,6 +50,14 @@ class RequestStream:
     def request_id(self) -> str:
         return self.request.request_id
 
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.request.prompt_token_ids)  # fixed at submit
+
+    @property
+    def prefix_tokens(self) -> int:
+        return self.request.prefix_len  # fixed at submit
+
     def push(self, chunk: Chunk) -> None:
         """Called from the engine thread."""
         try:
@@ -93,8 +101,8 @@ class RequestStream:
             text="".join(text),
             token_ids=token_ids,
             finish_reason=reason,
-            prompt_tokens=len(self.request.prompt_token_ids),
-            prefix_tokens=self.request.prefix_len,
+            prompt_tokens=self.prompt_tokens,
+            prefix_tokens=self.prefix_tokens,
         )
 
     async def text(self) -> str:

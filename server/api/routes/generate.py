@@ -2,24 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from server.api.auth import Server, Tenant
-from server.api.generation import (
-    SSE_HEADERS,
-    collect,
-    failure_event,
-    sampling_params,
-    sse,
-    start,
-    tokenize,
-)
+from server.api.generation import Job, respond, sampling_params, tokenize
 from server.api.schemas import GenerateRequest, GenerateResponse, Usage
-from server.engine.stream import RequestFailed, RequestStream
+from server.engine.stream import Chunk, RequestStream, Result
 
 router = APIRouter()
 
@@ -28,47 +19,49 @@ router = APIRouter()
 async def generate(
     body: GenerateRequest, http_request: Request, server: Server, tenant: Tenant
 ) -> GenerateResponse | StreamingResponse:
-    prompt = await tokenize(server, body.prompt)
     sampling = sampling_params(
         server, body, max_new_tokens=body.max_new_tokens, ignore_eos=body.ignore_eos
     )
-    stream = await start(server, tenant, prompt, body.prefix, sampling, stream=body.stream)
-    if body.stream:
-        return StreamingResponse(
-            events(stream), media_type="text/event-stream", headers=SSE_HEADERS
-        )
-    result = await collect(stream, http_request)
-    return GenerateResponse(
-        text=result.text,
-        token_ids=result.token_ids,
-        finish_reason=result.finish_reason,
-        usage=usage(stream, len(result.token_ids)),
+    job = Job([await tokenize(server, body.prompt)], body.prefix, sampling, body.stream)
+    response: GenerateResponse | StreamingResponse = await respond(
+        server, tenant, job, NativeEncoder(), http_request
     )
+    return response
 
 
-def usage(stream: RequestStream, completion_tokens: int) -> Usage:
-    prompt_tokens = len(stream.request.prompt_token_ids)
+def usage(prompt_tokens: int, prefix_tokens: int, completion_tokens: int) -> Usage:
     return Usage(
         prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens,
-        prefix_tokens=stream.request.prefix_len,
+        prefix_tokens=prefix_tokens,
         total_tokens=prompt_tokens + completion_tokens,
     )
 
 
-async def events(stream: RequestStream) -> AsyncIterator[str]:
-    generated = 0
-    try:
-        async for chunk in stream:
-            generated += len(chunk.token_ids)
-            event: dict[str, Any] = {
-                "text": chunk.text,
-                "token_ids": chunk.token_ids,
-                "finish_reason": chunk.finish_reason,
-            }
-            if chunk.finish_reason is not None:
-                event["usage"] = usage(stream, generated).model_dump()
-            yield sse(event)
-    except RequestFailed as exc:
-        yield sse(failure_event(exc))
-    yield sse("[DONE]")
+class NativeEncoder:
+    def __init__(self) -> None:
+        self.generated = 0
+
+    def result(self, results: list[Result]) -> GenerateResponse:
+        (result,) = results
+        return GenerateResponse(
+            text=result.text,
+            token_ids=result.token_ids,
+            finish_reason=result.finish_reason,
+            usage=usage(result.prompt_tokens, result.prefix_tokens, len(result.token_ids)),
+        )
+
+    def opening(self) -> list[dict[str, Any]]:
+        return []
+
+    def chunk(self, chunk: Chunk, stream: RequestStream) -> dict[str, Any]:
+        self.generated += len(chunk.token_ids)
+        event: dict[str, Any] = {
+            "text": chunk.text,
+            "token_ids": chunk.token_ids,
+            "finish_reason": chunk.finish_reason,
+        }
+        if chunk.finish_reason is not None:
+            counts = (stream.prompt_tokens, stream.prefix_tokens, self.generated)
+            event["usage"] = usage(*counts).model_dump()
+        return event

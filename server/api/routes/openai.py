@@ -5,32 +5,19 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import StreamingResponse
 
 from server.api.auth import Server, Tenant
 from server.api.errors import ApiError
-from server.api.generation import (
-    SSE_HEADERS,
-    chat_prompt,
-    collect,
-    failure_event,
-    sampling_params,
-    sse,
-    start,
-    tokenize,
-)
+from server.api.generation import Job, chat_prompt, respond, sampling_params, tokenize
 from server.api.schemas import ChatCompletionRequest, CompletionRequest, OpenAIBase
 from server.api.services import Ready
-from server.engine.request import SamplingParams
-from server.engine.stream import RequestFailed, RequestStream, Result
+from server.engine.stream import Chunk, RequestStream, Result
 
 router = APIRouter()
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
@@ -83,8 +70,9 @@ async def prompts_of(server: Ready, prompt: Any) -> list[list[int]]:
     return [await tokenize(server, p) for p in prompt]
 
 
-def openai_usage(results: list[tuple[RequestStream, int]]) -> dict[str, int]:
-    prompt_tokens = sum(len(s.request.prompt_token_ids) for s, _ in results)
+def openai_usage(results: list[tuple[int, int]]) -> dict[str, int]:
+    """From (prompt tokens, completion tokens) per choice."""
+    prompt_tokens = sum(p for p, _ in results)
     completion = sum(n for _, n in results)
     return {
         "prompt_tokens": prompt_tokens,
@@ -93,74 +81,42 @@ def openai_usage(results: list[tuple[RequestStream, int]]) -> dict[str, int]:
     }
 
 
+def response_meta(prefix: str, model: str) -> dict[str, Any]:
+    return {"id": f"{prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": model}
+
+
 @router.post("/v1/completions")
 async def completions(
     body: CompletionRequest, http_request: Request, server: Server, tenant: Tenant
 ) -> Any:
     check_supported(body)
     prompts = await prompts_of(server, body.prompt)
-    if body.stream and len(prompts) > 1:
-        raise ApiError(400, "invalid_request", "prompt: streaming takes one prompt")
     sampling = sampling_params(server, body, max_new_tokens=body.max_tokens or DEFAULT_MAX_TOKENS)
-    prefix = prefix_of(server, body.model)
-    streams = await start_all(server, tenant, prompts, prefix, sampling, stream=body.stream)
-    meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
-    if body.stream:
-        return StreamingResponse(
-            completion_events(streams[0], meta), media_type="text/event-stream", headers=SSE_HEADERS
-        )
-    results = await collect_all(streams, http_request)
-    return {
-        **meta,
-        "object": "text_completion",
-        "choices": [
-            {"index": i, "text": r.text, "finish_reason": r.finish_reason, "logprobs": None}
-            for i, r in enumerate(results)
-        ],
-        "usage": openai_usage(
-            [(s, len(r.token_ids)) for s, r in zip(streams, results, strict=True)]
-        ),
-    }
+    job = Job(prompts, prefix_of(server, body.model), sampling, body.stream)
+    encoder = CompletionEncoder(response_meta("cmpl", body.model))
+    return await respond(server, tenant, job, encoder, http_request)
 
 
-async def start_all(
-    server: Ready,
-    tenant: str,
-    prompts: list[list[int]],
-    prefix: str | None,
-    sampling: SamplingParams,
-    *,
-    stream: bool,
-) -> list[RequestStream]:
-    """Start one request per prompt, all or none: if one is refused, those started are cancelled."""
-    streams: list[RequestStream] = []
-    try:
-        for prompt in prompts:
-            streams.append(await start(server, tenant, prompt, prefix, sampling, stream=stream))
-    except BaseException:
-        for started in streams:
-            started.cancel()
-        raise
-    return streams
+class CompletionEncoder:
+    def __init__(self, meta: dict[str, Any]) -> None:
+        self.meta = {**meta, "object": "text_completion"}
 
+    def result(self, results: list[Result]) -> dict[str, Any]:
+        return {
+            **self.meta,
+            "choices": [
+                {"index": i, "text": r.text, "finish_reason": r.finish_reason, "logprobs": None}
+                for i, r in enumerate(results)
+            ],
+            "usage": openai_usage([(r.prompt_tokens, len(r.token_ids)) for r in results]),
+        }
 
-async def collect_all(streams: list[RequestStream], http_request: Request) -> list[Result]:
-    try:
-        return list(await asyncio.gather(*(collect(s, http_request) for s in streams)))
-    finally:
-        for stream in streams:
-            stream.cancel()  # no-op for finished ones; stops the rest if one failed
+    def opening(self) -> list[dict[str, Any]]:
+        return []
 
-
-async def completion_events(stream: RequestStream, meta: dict[str, Any]) -> AsyncIterator[str]:
-    base = {**meta, "object": "text_completion"}
-    try:
-        async for chunk in stream:
-            choice = {"index": 0, "text": chunk.text, "finish_reason": chunk.finish_reason}
-            yield sse({**base, "choices": [{**choice, "logprobs": None}]})
-    except RequestFailed as exc:
-        yield sse(failure_event(exc))
-    yield sse("[DONE]")
+    def chunk(self, chunk: Chunk, stream: RequestStream) -> dict[str, Any]:
+        choice = {"index": 0, "text": chunk.text, "finish_reason": chunk.finish_reason}
+        return {**self.meta, "choices": [{**choice, "logprobs": None}]}
 
 
 @router.post("/v1/chat/completions")
@@ -174,40 +130,35 @@ async def chat_completions(
         body.max_completion_tokens or body.max_tokens or server.settings.max_new_tokens_limit
     )
     sampling = sampling_params(server, body, max_new_tokens=max_tokens)
-    prefix = prefix_of(server, body.model)
-    stream = await start(server, tenant, prompt, prefix, sampling, stream=body.stream)
-    meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
-    if body.stream:
-        return StreamingResponse(
-            chat_events(stream, meta), media_type="text/event-stream", headers=SSE_HEADERS
-        )
-    result = await collect(stream, http_request)
-    return {
-        **meta,
-        "object": "chat.completion",
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": result.text},
-                "finish_reason": result.finish_reason,
-            }
-        ],
-        "usage": openai_usage([(stream, len(result.token_ids))]),
-    }
+    job = Job([prompt], prefix_of(server, body.model), sampling, body.stream)
+    encoder = ChatEncoder(response_meta("chatcmpl", body.model))
+    return await respond(server, tenant, job, encoder, http_request)
 
 
-async def chat_events(stream: RequestStream, meta: dict[str, Any]) -> AsyncIterator[str]:
-    base = {**meta, "object": "chat.completion.chunk"}
-    first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
-    yield sse({**base, "choices": [first]})
-    try:
-        async for chunk in stream:
-            delta = {"content": chunk.text} if chunk.text else {}
-            choice = {"index": 0, "delta": delta, "finish_reason": chunk.finish_reason}
-            yield sse({**base, "choices": [choice]})
-    except RequestFailed as exc:
-        yield sse(failure_event(exc))
-    yield sse("[DONE]")
+class ChatEncoder:
+    def __init__(self, meta: dict[str, Any]) -> None:
+        self.meta = meta
+
+    def result(self, results: list[Result]) -> dict[str, Any]:
+        (result,) = results
+        message = {"role": "assistant", "content": result.text}
+        return {
+            **self.meta,
+            "object": "chat.completion",
+            "choices": [{"index": 0, "message": message, "finish_reason": result.finish_reason}],
+            "usage": openai_usage([(result.prompt_tokens, len(result.token_ids))]),
+        }
+
+    def opening(self) -> list[dict[str, Any]]:
+        delta = {"role": "assistant", "content": ""}
+        return [self._event({"index": 0, "delta": delta, "finish_reason": None})]
+
+    def chunk(self, chunk: Chunk, stream: RequestStream) -> dict[str, Any]:
+        delta = {"content": chunk.text} if chunk.text else {}
+        return self._event({"index": 0, "delta": delta, "finish_reason": chunk.finish_reason})
+
+    def _event(self, choice: dict[str, Any]) -> dict[str, Any]:
+        return {**self.meta, "object": "chat.completion.chunk", "choices": [choice]}
 
 
 @router.get("/v1/models")

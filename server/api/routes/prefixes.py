@@ -10,7 +10,6 @@ from starlette.datastructures import UploadFile
 
 from server.api.auth import Server, Tenant
 from server.api.errors import ApiError
-from server.api.problems import to_api_error
 from server.api.schemas import PrefixInfo, PrefixPage
 
 router = APIRouter()
@@ -60,20 +59,15 @@ async def upload(request: Request, server: Server, tenant: Tenant) -> dict[str, 
         raise ApiError(422, "invalid_request", "name: required")
     if not files:
         raise ApiError(422, "invalid_request", "files: expected at least one file")
-    try:
-        info = await run_in_threadpool(
-            server.registry.upload,
-            tenant,
-            fields["name"],
-            files,
-            visibility=fields.get("visibility"),
-            description=fields.get("description", ""),
-            overwrite=flag(fields, "overwrite"),
-        )
-    except ApiError:
-        raise
-    except Exception as exc:
-        raise to_api_error(exc) from None
+    info = await run_in_threadpool(
+        server.registry.upload,
+        tenant,
+        fields["name"],
+        files,
+        visibility=fields.get("visibility"),
+        description=fields.get("description", ""),
+        overwrite=flag(fields, "overwrite"),
+    )
     return info.to_dict()
 
 
@@ -85,28 +79,19 @@ async def list_prefixes(
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     cursor: str | None = None,
 ) -> dict[str, Any]:
-    try:
-        page = await run_in_threadpool(
-            server.registry.list_prefixes, tenant=tenant, scope=scope, limit=limit, cursor=cursor
-        )
-    except Exception as exc:
-        raise to_api_error(exc) from None
+    page = await run_in_threadpool(
+        server.registry.list_prefixes, tenant=tenant, scope=scope, limit=limit, cursor=cursor
+    )
     return {"data": [info.to_dict() for info in page.items], "next": page.next_cursor}
 
 
 @router.get("/v1/prefixes/{owner}/{name}", response_model=PrefixInfo)
 async def get_prefix(owner: str, name: str, server: Server, tenant: Tenant) -> dict[str, Any]:
-    try:
-        info = await run_in_threadpool(server.registry.get, f"{owner}/{name}", tenant=tenant)
-    except Exception as exc:
-        raise to_api_error(exc) from None
+    info = await run_in_threadpool(server.registry.get, f"{owner}/{name}", tenant=tenant)
     return info.to_dict()
 
 
 @router.delete("/v1/prefixes/{owner}/{name}", status_code=204)
 async def delete_prefix(owner: str, name: str, server: Server, tenant: Tenant) -> Response:
-    try:
-        await run_in_threadpool(server.registry.delete, f"{owner}/{name}", tenant=tenant)
-    except Exception as exc:
-        raise to_api_error(exc) from None
+    await run_in_threadpool(server.registry.delete, f"{owner}/{name}", tenant=tenant)
     return Response(status_code=204)

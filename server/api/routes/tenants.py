@@ -8,7 +8,6 @@ from fastapi import APIRouter, Depends
 from fastapi.concurrency import run_in_threadpool
 
 from server.api.auth import Server, require_admin
-from server.api.problems import to_api_error
 from server.api.schemas import TenantCreate, TenantCreated
 
 router = APIRouter()
@@ -18,8 +17,5 @@ router = APIRouter()
 async def create_tenant(
     body: TenantCreate, server: Server, _: Annotated[None, Depends(require_admin)]
 ) -> TenantCreated:
-    try:
-        issued = await run_in_threadpool(server.registry.create_tenant, body.name)
-    except Exception as exc:
-        raise to_api_error(exc) from None
+    issued = await run_in_threadpool(server.registry.create_tenant, body.name)
     return TenantCreated(tenant=issued.tenant, api_key=issued.api_key)
