@@ -11,6 +11,7 @@ Thread-safe: every method runs in its own transaction.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -108,26 +109,49 @@ class Catalog:
             tenant_rows.set_quotas(connection, name, quotas)
             return tenant_rows.get_tenant(connection, name, self.default_quotas)
 
+    def update_quotas(self, name: str, **changes: int | None) -> Tenant:
+        """Change the named quotas and keep the others (None: back to the registry's default).
+        Read and written in one transaction, so concurrent updates of different quotas both
+        stay. InvalidPrefix for a value that is not null or an integer in its range."""
+        unknown = set(changes) - {field.name for field in dataclasses.fields(Quotas)}
+        if unknown:
+            raise TypeError(f"unknown quotas: {sorted(unknown)}")
+        with write_transaction(self.database) as connection:
+            own = tenant_rows.own_quotas(connection, name)
+            tenant_rows.set_quotas(connection, name, dataclasses.replace(own, **changes))
+            return tenant_rows.get_tenant(connection, name, self.default_quotas)
+
     def usage(self, name: str) -> Usage:
         with read_transaction(self.database) as connection:
             tenant_rows.get_tenant(connection, name, self.default_quotas)
             return tenant_rows.usage(connection, name)
 
-    def issue_key(self, tenant: str) -> IssuedKey:
+    def issue_key(self, tenant: str, *, max_active: int | None = None) -> IssuedKey:
+        """A new key for the tenant (shown once). With `max_active`, KeyLimit rather than give
+        the tenant more active keys than that."""
         with write_transaction(self.database) as connection:
             tenant_rows.get_tenant(connection, tenant, self.default_quotas)
-            return tenant_rows.issue_key(connection, tenant)
+            return tenant_rows.issue_key(connection, tenant, max_active)
 
-    def revoke_key(self, tenant: str, key_id: str) -> None:
+    def revoke_key(self, tenant: str, key_id: str, *, keep_one: bool = False) -> None:
+        """Revoke an active key at once. With `keep_one`, KeyLimit rather than leave the
+        tenant without an active key. NotFound for an unknown tenant or no such active key."""
         with write_transaction(self.database) as connection:
-            tenant_rows.revoke_key(connection, tenant, key_id)
+            tenant_rows.get_tenant(connection, tenant, self.default_quotas)
+            tenant_rows.revoke_key(connection, tenant, key_id, keep_one=keep_one)
 
     def list_keys(self, tenant: str) -> list[KeyInfo]:
+        """Every key the tenant was issued, oldest first, revoked ones included."""
         with read_transaction(self.database) as connection:
+            tenant_rows.get_tenant(connection, tenant, self.default_quotas)
             return tenant_rows.list_keys(connection, tenant)
 
     def authenticate(self, api_key: str) -> str:
         """The name of the tenant owning this key; Unauthorized if unknown or revoked."""
+        return self.identify(api_key).tenant
+
+    def identify(self, api_key: str) -> KeyInfo:
+        """The active key presented (its id and tenant); Unauthorized if unknown or revoked."""
         with read_transaction(self.database) as connection:
             return tenant_rows.authenticate(connection, api_key)
 

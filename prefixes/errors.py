@@ -56,6 +56,11 @@ class Unauthorized(RegistryError):
     """An API key that is unknown or revoked."""
 
 
+class KeyLimit(RegistryError):
+    """A tenant's keys would go past a limit the caller asked to keep: revoking its last active
+    key, or issuing one more than the active keys allowed (a tenant managing its own keys)."""
+
+
 class QuotaExceeded(RegistryError):
     """An upload would take a tenant past one of its quotas."""
 

@@ -36,13 +36,26 @@ class Scope(_Choice):
     ALL = "all"  # own (any visibility) and everyone's public ones
 
 
+# The largest value each quota may take: what its database column holds (docs/registry.md).
+QUOTA_LIMITS = {"max_prefixes": 2**31 - 1, "max_bytes": 2**63 - 1, "max_virtual_tokens": 2**31 - 1}
+
+
 @dataclass(frozen=True, slots=True)
 class Quotas:
-    """Per-tenant limits. A tenant's own value of None means the registry's default."""
+    """Per-tenant limits. A tenant's own value of None means the registry's default; in a
+    tenant's effective quotas (`Tenant.quotas`), None means no limit. 0 refuses every upload."""
 
     max_prefixes: int | None = None
     max_bytes: int | None = None
     max_virtual_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        for name, limit in QUOTA_LIMITS.items():
+            value = getattr(self, name)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= limit
+            ):
+                raise InvalidPrefix(name, f"null or an integer from 0 to {limit}", repr(value))
 
     def over(self, defaults: Quotas) -> Quotas:
         """These quotas with every None taken from `defaults`."""

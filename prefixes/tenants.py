@@ -14,7 +14,7 @@ import time
 from sqlalchemy import Connection, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
-from prefixes.errors import AlreadyExists, NotFound, Unauthorized
+from prefixes.errors import AlreadyExists, KeyLimit, NotFound, Unauthorized
 from prefixes.names import check_name
 from prefixes.records import IssuedKey, KeyInfo, Quotas, Tenant, Usage, timestamp
 from prefixes.schema import api_keys, prefixes, tenants
@@ -53,6 +53,14 @@ def get_tenant(connection: Connection, name: str, defaults: Quotas) -> Tenant:
     return Tenant(row.name, own.over(defaults), timestamp(row.created_at))
 
 
+def own_quotas(connection: Connection, name: str) -> Quotas:
+    """The tenant's own values, as stored: None where it follows the registry's default."""
+    row = connection.execute(select(tenants).where(tenants.c.name == name)).one_or_none()
+    if row is None:
+        raise NotFound(f"tenant {name!r} does not exist", field="tenant")
+    return Quotas(row.max_prefixes, row.max_bytes, row.max_virtual_tokens)
+
+
 def set_quotas(connection: Connection, name: str, quotas: Quotas) -> None:
     result = connection.execute(
         update(tenants)
@@ -77,7 +85,18 @@ def usage(connection: Connection, name: str) -> Usage:
     return Usage(int(count), int(total))
 
 
-def issue_key(connection: Connection, tenant: str) -> IssuedKey:
+def issue_key(connection: Connection, tenant: str, max_active: int | None = None) -> IssuedKey:
+    """Inside a write transaction, so the `max_active` check and the insert are one step."""
+    if max_active is not None:
+        active = connection.execute(
+            select(func.count()).where(api_keys.c.tenant == tenant, api_keys.c.revoked_at.is_(None))
+        ).scalar_one()
+        if active >= max_active:
+            raise KeyLimit(
+                f"tenant {tenant!r} has {active} active keys, the most it may issue itself is "
+                f"{max_active}: revoke one first",
+                field="key_id",
+            )
     api_key = KEY_PREFIX + secrets.token_urlsafe(32)
     key_id = secrets.token_hex(6)
     connection.execute(
@@ -88,15 +107,20 @@ def issue_key(connection: Connection, tenant: str) -> IssuedKey:
     return IssuedKey(tenant, key_id, api_key)
 
 
-def revoke_key(connection: Connection, tenant: str, key_id: str) -> None:
+def revoke_key(connection: Connection, tenant: str, key_id: str, *, keep_one: bool) -> None:
+    """Inside a write transaction, so with `keep_one` two revocations cannot both pass the
+    check and leave the tenant without a key."""
+    active = api_keys.c.tenant == tenant, api_keys.c.revoked_at.is_(None)
+    if keep_one:
+        ids = set(connection.execute(select(api_keys.c.key_id).where(*active)).scalars())
+        if ids == {key_id}:
+            raise KeyLimit(
+                f"key {key_id!r} is the last active key of tenant {tenant!r}: "
+                "issue a new key before revoking it",
+                field="key_id",
+            )
     result = connection.execute(
-        update(api_keys)
-        .where(
-            api_keys.c.key_id == key_id,
-            api_keys.c.tenant == tenant,
-            api_keys.c.revoked_at.is_(None),
-        )
-        .values(revoked_at=time.time())
+        update(api_keys).where(api_keys.c.key_id == key_id, *active).values(revoked_at=time.time())
     )
     if result.rowcount == 0:
         raise NotFound(f"tenant {tenant!r} has no active key {key_id!r}", field="key_id")
@@ -112,16 +136,14 @@ def list_keys(connection: Connection, tenant: str) -> list[KeyInfo]:
     ]
 
 
-def authenticate(connection: Connection, api_key: str) -> str:
-    """The tenant owning an active key; Unauthorized for anything else."""
+def authenticate(connection: Connection, api_key: str) -> KeyInfo:
+    """The active key presented, with its tenant; Unauthorized for anything else."""
     presented = hash_key(api_key)
     row = connection.execute(
-        select(api_keys.c.tenant, api_keys.c.key_hash).where(
-            api_keys.c.key_hash == presented, api_keys.c.revoked_at.is_(None)
-        )
+        select(api_keys).where(api_keys.c.key_hash == presented, api_keys.c.revoked_at.is_(None))
     ).one_or_none()
     # The lookup is by hash, so timing reveals nothing about the key; compare_digest keeps the
     # final equality constant-time all the same.
     if row is None or not hmac.compare_digest(row.key_hash, presented):
         raise Unauthorized("unknown or revoked API key", field="authorization")
-    return str(row.tenant)
+    return KeyInfo(row.key_id, row.tenant, timestamp(row.created_at), revoked=False)

@@ -19,7 +19,8 @@ import torch
 from sqlalchemy import create_engine, inspect, select, text
 
 from prefixes import read_upload
-from prefixes.errors import AlreadyExists, NotFound, Unauthorized
+from prefixes.errors import AlreadyExists, KeyLimit, NotFound, Unauthorized
+from prefixes.records import Quotas
 from prefixes.registry import Registry
 from prefixes.schema import SCHEMA_VERSION, schema_version
 from prefixes.store import UploadStage
@@ -125,6 +126,27 @@ def test_tenants_keys_and_authentication(replicas):
     keys = {key.key_id: key.revoked for key in other.list_keys("alice")}
     assert keys == {first.key_id: True, second.key_id: False}
     assert other.get_tenant("alice").name == "alice"
+
+
+def test_a_tenant_revoking_both_its_keys_at_once_on_two_replicas_keeps_one(replicas):
+    fleet = [replicas(), replicas()]
+    issued = [fleet[0].create_tenant("alice"), fleet[0].issue_key("alice")]
+
+    def revoke(index: int) -> object:
+        try:
+            fleet[index].revoke_key("alice", issued[index].key_id, keep_one=True)
+        except KeyLimit as error:
+            return error
+        return None
+
+    outcomes = run_together(2, revoke)
+    assert sorted(type(o).__name__ for o in outcomes) == ["KeyLimit", "NoneType"]
+    assert [key.revoked for key in fleet[1].list_keys("alice")].count(False) == 1
+
+    # Different quotas updated at once on two replicas: both changes stay.
+    changes = [{"max_prefixes": 7}, {"max_bytes": 9}]
+    run_together(2, lambda index: fleet[index].update_quotas("alice", **changes[index]))
+    assert fleet[0].get_tenant("alice").quotas == Quotas(7, 9, None)
 
 
 def test_upload_overwrite_list_delete_and_reopen(llama, adapters, replicas, data_dir):

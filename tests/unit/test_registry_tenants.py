@@ -9,7 +9,15 @@ import pytest
 
 from prefixes import PrefixError
 from prefixes.database import DATABASE_FILE
-from prefixes.errors import AlreadyExists, InvalidName, NotFound, QuotaExceeded, Unauthorized
+from prefixes.errors import (
+    AlreadyExists,
+    InvalidName,
+    InvalidPrefix,
+    KeyLimit,
+    NotFound,
+    QuotaExceeded,
+    Unauthorized,
+)
 from prefixes.records import Quotas
 from tests.registry_support import native_files, open_registry
 from tests.tiny import tiny_loaded
@@ -140,3 +148,64 @@ def test_virtual_token_quota_refuses_before_compiling(llama, registry):
     tenant = registry.set_quotas("alice", Quotas())
     assert tenant.quotas == Quotas(3, 1 << 20, None)
     registry.upload("alice", "long", native_files(llama.spec, 5, seed=1))
+
+
+def test_update_quotas_changes_only_the_named_ones_and_none_restores_the_default(registry):
+    registry.create_tenant("alice", Quotas(max_prefixes=2, max_virtual_tokens=8))
+    assert registry.update_quotas("alice", max_bytes=10).quotas == Quotas(2, 10, 8)
+    assert registry.update_quotas("alice").quotas == Quotas(2, 10, 8)
+    # None follows the default (3 prefixes here), and a later default would reach it.
+    assert registry.update_quotas("alice", max_prefixes=None).quotas == Quotas(3, 10, 8)
+    with pytest.raises(NotFound):
+        registry.update_quotas("carol", max_bytes=10)
+    with pytest.raises(TypeError, match="max_requests"):
+        registry.update_quotas("alice", max_requests=10)
+
+
+@pytest.mark.parametrize(
+    "value", [-1, 2**31, True, 1.0, "5"], ids=["negative", "too-big", "bool", "float", "str"]
+)
+def test_invalid_quota_values_are_refused_and_nothing_changes(registry, value):
+    registry.create_tenant("alice")
+    with pytest.raises(InvalidPrefix, match="max_prefixes: expected null or an integer from 0"):
+        registry.update_quotas("alice", max_bytes=5, max_prefixes=value)
+    with pytest.raises(InvalidPrefix):
+        Quotas(max_virtual_tokens=value)
+    assert registry.get_tenant("alice").quotas == Quotas(3, 1 << 20, None)
+    registry.update_quotas("alice", max_bytes=2**63 - 1, max_prefixes=0)  # both ends allowed
+
+
+def test_keep_one_refuses_to_revoke_the_last_active_key(registry):
+    first = registry.create_tenant("alice")
+    with pytest.raises(KeyLimit, match="last active key"):
+        registry.revoke_key("alice", first.key_id, keep_one=True)
+    assert registry.authenticate(first.api_key) == "alice"
+    second = registry.issue_key("alice")
+    registry.revoke_key("alice", first.key_id, keep_one=True)
+    with pytest.raises(NotFound):  # an unknown or revoked key: NotFound, with keep_one or not
+        registry.revoke_key("alice", first.key_id, keep_one=True)
+    registry.revoke_key("alice", second.key_id)  # without keep_one, the last may go
+    with pytest.raises(Unauthorized):
+        registry.authenticate(second.api_key)
+    with pytest.raises(NotFound, match="tenant 'carol' does not exist"):
+        registry.revoke_key("carol", first.key_id)
+
+
+def test_max_active_caps_the_active_keys_issued(registry):
+    registry.create_tenant("alice")
+    second = registry.issue_key("alice", max_active=2)
+    with pytest.raises(KeyLimit, match="2 active keys"):
+        registry.issue_key("alice", max_active=2)
+    registry.revoke_key("alice", second.key_id)  # revoked keys do not count
+    registry.issue_key("alice", max_active=2)
+    registry.issue_key("alice")  # no cap unless asked
+    assert [k.revoked for k in registry.list_keys("alice")] == [False, True, False, False]
+
+
+def test_identify_names_the_key_and_list_keys_refuses_an_unknown_tenant(registry):
+    first = registry.create_tenant("alice")
+    key = registry.identify(first.api_key)
+    assert (key.key_id, key.tenant, key.revoked) == (first.key_id, "alice", False)
+    assert key == registry.list_keys("alice")[0]
+    with pytest.raises(NotFound, match="tenant 'carol' does not exist"):
+        registry.list_keys("carol")
