@@ -1,4 +1,4 @@
-"""The `prefix-server` command: serve, tenant create, upload, generate."""
+"""The `prefix-server` command: serve, tenant (create, show, quotas, keys), upload, generate."""
 
 from __future__ import annotations
 
@@ -8,13 +8,18 @@ import os
 import secrets
 import sys
 import typing
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import SecretStr, ValidationError
 
 from prefixes import PrefixError, read_upload
+from prefixes.records import QUOTA_LIMITS
 from server.config import Settings
+
+if TYPE_CHECKING:
+    from prefixes.catalog import Catalog
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,9 +34,38 @@ def main(argv: list[str] | None = None) -> int:
     tenant_commands = tenant.add_subparsers(dest="tenant_command", required=True)
     create = tenant_commands.add_parser("create", help="create a tenant; prints its API key once")
     create.add_argument("name")
-    create.add_argument("--data-dir", type=Path, default=None)
-    create.add_argument("--database-url", default=None)
+    add_catalog_flags(create)
     create.set_defaults(run=run_tenant_create)
+    show = tenant_commands.add_parser("show", help="a tenant's quotas and usage")
+    show.add_argument("name")
+    add_catalog_flags(show)
+    show.set_defaults(run=run_tenant_show)
+    quotas = tenant_commands.add_parser(
+        "quotas", help="set some of a tenant's quotas (the others stay), then show the tenant"
+    )
+    quotas.add_argument("name")
+    for quota, limit in QUOTA_LIMITS.items():
+        quotas.add_argument(
+            "--" + quota.replace("_", "-"),
+            type=quota_value(limit),
+            metavar="N|default",
+            help=f"0 to {limit}, or 'default' to follow the server's default again",
+        )
+    add_catalog_flags(quotas)
+    quotas.set_defaults(run=run_tenant_quotas)
+    keys = tenant_commands.add_parser("keys", help="a tenant's keys: ids, creation, revoked")
+    keys.add_argument("name")
+    add_catalog_flags(keys)
+    keys.set_defaults(run=run_tenant_keys)
+    issue = tenant_commands.add_parser("issue-key", help="a new API key, printed once")
+    issue.add_argument("name")
+    add_catalog_flags(issue)
+    issue.set_defaults(run=run_tenant_issue_key)
+    revoke = tenant_commands.add_parser("revoke-key", help="revoke a key at once, by its id")
+    revoke.add_argument("name")
+    revoke.add_argument("key_id")
+    add_catalog_flags(revoke)
+    revoke.set_defaults(run=run_tenant_revoke_key)
 
     upload = commands.add_parser("upload", help="upload a PEFT adapter folder or native file")
     upload.add_argument("path", type=Path)
@@ -143,26 +177,127 @@ def dev_admin_key(settings: Settings) -> str:
     return key
 
 
-def run_tenant_create(args: argparse.Namespace) -> int:
-    from prefixes.catalog import Catalog
-    from prefixes.errors import RegistryError
+def add_catalog_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", type=Path, default=None)
+    parser.add_argument("--database-url", default=None)
 
-    settings = Settings(
-        **{
-            k: v
-            for k, v in {"data_dir": args.data_dir, "database_url": args.database_url}.items()
-            if v
-        }
-    )
+
+def open_catalog(args: argparse.Namespace) -> Catalog:
+    """The catalog alone: managing tenants needs no model, so the `tenant` commands work
+    offline, and beside a running server on the same database (a revoked key is refused by
+    the server's next request)."""
+    from prefixes.catalog import Catalog
+
+    given = {"data_dir": args.data_dir, "database_url": args.database_url}
+    settings = Settings(**{k: v for k, v in given.items() if v})
+    return Catalog(settings.data_dir, database_url=settings.database_url)
+
+
+def quota_value(limit: int) -> Callable[[str], int | str]:
+    """An argparse type: an integer from 0 to `limit`, or the word 'default'."""
+
+    def parse(text: str) -> int | str:
+        if text == "default":
+            return text
+        try:
+            value = int(text)
+        except ValueError:
+            value = -1
+        if not 0 <= value <= limit:
+            raise argparse.ArgumentTypeError(
+                f"expected an integer from 0 to {limit} or 'default', found {text!r}"
+            )
+        return value
+
+    return parse
+
+
+def run_on_catalog(args: argparse.Namespace, action: Callable[[Catalog], str]) -> int:
+    """Print what `action` returns, or the registry's refusal on stderr (exit status 1)."""
     try:
-        # The catalog alone: creating a tenant needs no model, so this works offline.
-        with Catalog(settings.data_dir, database_url=settings.database_url) as catalog:
-            issued = catalog.create_tenant(args.name)
-    except RegistryError as exc:
+        with open_catalog(args) as catalog:
+            printed = action(catalog)
+    except PrefixError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(f"tenant: {issued.tenant}\napi_key: {issued.api_key}")
+    print(printed)
     return 0
+
+
+def run_tenant_create(args: argparse.Namespace) -> int:
+    def create(catalog: Catalog) -> str:
+        issued = catalog.create_tenant(args.name)
+        return f"tenant: {issued.tenant}\napi_key: {issued.api_key}"
+
+    return run_on_catalog(args, create)
+
+
+def describe_tenant(catalog: Catalog, name: str) -> str:
+    """One `field: value` line each: the tenant's effective quotas, then its usage."""
+    tenant = catalog.get_tenant(name)
+    used = catalog.usage(name)
+    quotas = {
+        "max_prefixes": tenant.quotas.max_prefixes,
+        "max_bytes": tenant.quotas.max_bytes,
+        "max_virtual_tokens": tenant.quotas.max_virtual_tokens,
+    }
+    lines = [f"tenant: {tenant.name}", f"created_at: {tenant.created_at.isoformat()}"]
+    lines += [f"{quota}: {'no limit' if v is None else v}" for quota, v in quotas.items()]
+    lines += [f"prefixes: {used.prefixes}", f"bytes: {used.bytes}"]
+    return "\n".join(lines)
+
+
+def run_tenant_show(args: argparse.Namespace) -> int:
+    return run_on_catalog(args, lambda catalog: describe_tenant(catalog, args.name))
+
+
+def run_tenant_quotas(args: argparse.Namespace) -> int:
+    changes = {
+        quota: None if value == "default" else value
+        for quota in QUOTA_LIMITS
+        if (value := getattr(args, quota)) is not None
+    }
+
+    def update(catalog: Catalog) -> str:
+        catalog.update_quotas(args.name, **changes)
+        return describe_tenant(catalog, args.name)
+
+    return run_on_catalog(args, update)
+
+
+def run_tenant_keys(args: argparse.Namespace) -> int:
+    def listing(catalog: Catalog) -> str:
+        rows = [("key_id", "created_at", "state")] + [
+            (key.key_id, key.created_at.isoformat(), "revoked" if key.revoked else "active")
+            for key in catalog.list_keys(args.name)
+        ]
+        width = max(len(row[0]) for row in rows)
+        created = max(len(row[1]) for row in rows)
+        return "\n".join(f"{a:<{width}}  {b:<{created}}  {c}" for a, b, c in rows)
+
+    return run_on_catalog(args, listing)
+
+
+def run_tenant_issue_key(args: argparse.Namespace) -> int:
+    def issue(catalog: Catalog) -> str:
+        issued = catalog.issue_key(args.name)
+        return f"tenant: {issued.tenant}\nkey_id: {issued.key_id}\napi_key: {issued.api_key}"
+
+    return run_on_catalog(args, issue)
+
+
+def run_tenant_revoke_key(args: argparse.Namespace) -> int:
+    def revoke(catalog: Catalog) -> str:
+        catalog.revoke_key(args.name, args.key_id)
+        if not any(not key.revoked for key in catalog.list_keys(args.name)):
+            print(
+                f"warning: tenant {args.name} has no active key left; "
+                f"`prefix-server tenant issue-key {args.name}` makes one",
+                file=sys.stderr,
+            )
+        return f"revoked key {args.key_id} of tenant {args.name}"
+
+    return run_on_catalog(args, revoke)
 
 
 def read_prefix_files(path: Path) -> dict[str, bytes]:
