@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -45,5 +46,36 @@ def require_admin(
         raise ApiError(401, "unauthorized", "invalid admin key", headers=_CHALLENGE)
 
 
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who calls a route under /v1/tenants/{name} that a tenant may also use on itself."""
+
+    tenant: str | None  # None: the admin
+    key_id: str | None = None  # the tenant's key that authenticated the request
+
+    def require_access(self, name: str) -> None:
+        """403 unless the admin or tenant `name` itself calls (whether `name` exists or not,
+        so another tenant learns nothing about it)."""
+        if self.tenant is not None and self.tenant != name:
+            raise ApiError(
+                403, "forbidden",
+                f"this is tenant {self.tenant!r}'s key: a tenant key reaches its own tenant only",
+            )  # fmt: skip
+
+
+async def admin_or_tenant(
+    key: Annotated[str, Depends(bearer_key)], server: Annotated[Ready, Depends(ready)]
+) -> Caller:
+    admin = server.settings.admin_key
+    if admin is not None and hmac.compare_digest(key.encode(), admin.get_secret_value().encode()):
+        return Caller(None)
+    try:
+        found = await run_in_threadpool(server.registry.identify, key)
+    except Unauthorized:
+        raise ApiError(401, "unauthorized", "invalid API key", headers=_CHALLENGE) from None
+    return Caller(found.tenant, found.key_id)
+
+
 Tenant = Annotated[str, Depends(current_tenant)]
+AdminOrTenant = Annotated[Caller, Depends(admin_or_tenant)]
 Server = Annotated[Ready, Depends(ready)]

@@ -19,6 +19,7 @@ from prefixes.errors import (
     AlreadyExists,
     CorruptBlob,
     Incompatible,
+    KeyLimit,
     NotFound,
     PoolExhausted,
     QuotaExceeded,
@@ -83,6 +84,7 @@ def validation_problem(error: dict[str, Any]) -> dict[str, str]:
 _PREFIX_STATUS: list[tuple[type[PrefixError], int, str]] = [
     (NotFound, 404, "not_found"),
     (AlreadyExists, 409, "conflict"),
+    (KeyLimit, 409, "conflict"),
     (Unauthorized, 401, "unauthorized"),
     (QuotaExceeded, 422, "quota_exceeded"),
     (Incompatible, 409, "incompatible_prefix"),

@@ -6,6 +6,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from prefixes.records import QUOTA_LIMITS
+
 # Bounds every request field states, so no value can overflow a tensor or a loop later on.
 MIN_TEMPERATURE = 0.01  # below this (but above 0) float32 logits / temperature can overflow
 MAX_TEMPERATURE = 100.0
@@ -134,3 +136,55 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(OpenAIBase):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_FIELD)
+
+
+# Tenant administration: keys and quotas (docs/api.md).
+class KeyObject(BaseModel):
+    key_id: str
+    created_at: str
+    revoked: bool
+    current: bool  # the key this request was sent with
+
+
+class KeyList(BaseModel):
+    data: list[KeyObject]
+
+
+class KeyIssued(BaseModel):
+    tenant: str
+    key_id: str
+    api_key: str
+
+
+class TenantQuotas(BaseModel):
+    """Effective quotas: null means no limit."""
+
+    max_prefixes: int | None
+    max_bytes: int | None
+    max_virtual_tokens: int | None
+
+
+class TenantUsage(BaseModel):
+    prefixes: int
+    bytes: int
+
+
+class TenantInfo(BaseModel):
+    tenant: str
+    created_at: str
+    quotas: TenantQuotas
+    usage: TenantUsage
+
+
+# A quota sent in a PATCH: a JSON integer (not a string, float or boolean) within the column.
+_MaxPrefixes = Annotated[int, Field(strict=True, ge=0, le=QUOTA_LIMITS["max_prefixes"])]
+_MaxBytes = Annotated[int, Field(strict=True, ge=0, le=QUOTA_LIMITS["max_bytes"])]
+_MaxVirtualTokens = Annotated[int, Field(strict=True, ge=0, le=QUOTA_LIMITS["max_virtual_tokens"])]
+
+
+class QuotaUpdate(Strict):
+    """Only the fields sent change; null makes a quota follow the server's default again."""
+
+    max_prefixes: _MaxPrefixes | None = None
+    max_bytes: _MaxBytes | None = None
+    max_virtual_tokens: _MaxVirtualTokens | None = None

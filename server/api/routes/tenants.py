@@ -1,14 +1,26 @@
-"""POST /v1/tenants: the admin creates a tenant and receives its first API key, once."""
+"""Tenants: the admin creates them (the first API key shown once), reads and sets their quotas;
+the admin or the tenant itself lists, issues and revokes its keys (docs/api.md)."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Response
 from fastapi.concurrency import run_in_threadpool
 
-from server.api.auth import Server, require_admin
-from server.api.schemas import TenantCreate, TenantCreated
+from prefixes.registry import Registry
+from server.api.auth import AdminOrTenant, Server, require_admin
+from server.api.schemas import (
+    KeyIssued,
+    KeyList,
+    KeyObject,
+    QuotaUpdate,
+    TenantCreate,
+    TenantCreated,
+    TenantInfo,
+    TenantQuotas,
+    TenantUsage,
+)
 
 router = APIRouter()
 
@@ -19,3 +31,75 @@ async def create_tenant(
 ) -> TenantCreated:
     issued = await run_in_threadpool(server.registry.create_tenant, body.name)
     return TenantCreated(tenant=issued.tenant, api_key=issued.api_key)
+
+
+# The most active keys a tenant may hold by issuing them itself (the admin is not limited).
+TENANT_MAX_ACTIVE_KEYS = 10
+
+
+def tenant_info(registry: Registry, name: str) -> TenantInfo:
+    tenant = registry.get_tenant(name)
+    used = registry.usage(name)
+    quotas = tenant.quotas
+    return TenantInfo(
+        tenant=tenant.name,
+        created_at=tenant.created_at.isoformat(),
+        quotas=TenantQuotas(
+            max_prefixes=quotas.max_prefixes,
+            max_bytes=quotas.max_bytes,
+            max_virtual_tokens=quotas.max_virtual_tokens,
+        ),
+        usage=TenantUsage(prefixes=used.prefixes, bytes=used.bytes),
+    )
+
+
+@router.get("/v1/tenants/{name}", response_model=TenantInfo)
+async def get_tenant(name: str, server: Server, caller: AdminOrTenant) -> TenantInfo:
+    caller.require_access(name)
+    return await run_in_threadpool(tenant_info, server.registry, name)
+
+
+@router.patch("/v1/tenants/{name}", response_model=TenantInfo)
+async def update_quotas(
+    name: str,
+    body: QuotaUpdate,
+    server: Server,
+    _: Annotated[None, Depends(require_admin)],
+) -> TenantInfo:
+    changes = body.model_dump(exclude_unset=True)
+    await run_in_threadpool(server.registry.update_quotas, name, **changes)
+    return await run_in_threadpool(tenant_info, server.registry, name)
+
+
+@router.get("/v1/tenants/{name}/keys", response_model=KeyList)
+async def list_keys(name: str, server: Server, caller: AdminOrTenant) -> KeyList:
+    caller.require_access(name)
+    keys = await run_in_threadpool(server.registry.list_keys, name)
+    return KeyList(
+        data=[
+            KeyObject(
+                key_id=key.key_id,
+                created_at=key.created_at.isoformat(),
+                revoked=key.revoked,
+                current=key.key_id == caller.key_id,
+            )
+            for key in keys
+        ]
+    )
+
+
+@router.post("/v1/tenants/{name}/keys", status_code=201, response_model=KeyIssued)
+async def issue_key(name: str, server: Server, caller: AdminOrTenant) -> KeyIssued:
+    caller.require_access(name)
+    limit = None if caller.tenant is None else TENANT_MAX_ACTIVE_KEYS
+    issued = await run_in_threadpool(server.registry.issue_key, name, max_active=limit)
+    return KeyIssued(tenant=issued.tenant, key_id=issued.key_id, api_key=issued.api_key)
+
+
+@router.delete("/v1/tenants/{name}/keys/{key_id}", status_code=204)
+async def revoke_key(name: str, key_id: str, server: Server, caller: AdminOrTenant) -> Response:
+    caller.require_access(name)
+    # A tenant keeps one active key; the admin may revoke the last (to lock a tenant out).
+    keep_one = caller.tenant is not None
+    await run_in_threadpool(server.registry.revoke_key, name, key_id, keep_one=keep_one)
+    return Response(status_code=204)
