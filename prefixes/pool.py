@@ -57,6 +57,11 @@ def _nbytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
+# The defaults of the server's --device-pool-bytes and --host-pool-bytes, stated once here.
+DEFAULT_DEVICE_POOL_BYTES = 1 << 30
+DEFAULT_HOST_POOL_BYTES = 2 << 30
+
+
 class PrefixPool:
     def __init__(
         self, device_budget_bytes: int, host_budget_bytes: int, device: torch.device | str

@@ -20,7 +20,7 @@ from prefixes.catalog import Catalog
 from prefixes.compile import PrefixCompiler
 from prefixes.formats import read_upload
 from prefixes.kvfile import encode_compiled
-from prefixes.pool import PoolStats
+from prefixes.pool import DEFAULT_DEVICE_POOL_BYTES, DEFAULT_HOST_POOL_BYTES, PoolStats
 from prefixes.records import DEFAULT_QUOTAS, PrefixInfo, Quotas, Visibility
 from prefixes.serving import PrefixHandle, Serving
 from prefixes.store import BlobStore, StageHook
@@ -44,8 +44,8 @@ class Registry(Catalog):
         *,
         compiler: PrefixCompiler,
         database_url: str | None = None,
-        device_pool_bytes: int = 256 << 20,
-        host_pool_bytes: int = 1 << 30,
+        device_pool_bytes: int = DEFAULT_DEVICE_POOL_BYTES,
+        host_pool_bytes: int = DEFAULT_HOST_POOL_BYTES,
         default_quotas: Quotas = DEFAULT_QUOTAS,
         on_stage: StageHook | None = None,
     ) -> None:

@@ -8,6 +8,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from prefixes.pool import DEFAULT_DEVICE_POOL_BYTES, DEFAULT_HOST_POOL_BYTES
+
 MiB = 1 << 20
 
 
@@ -42,8 +44,12 @@ class Settings(BaseSettings):
         1 * MiB, ge=1024, description="largest JSON request body (413 beyond, before auth)"
     )
     max_upload_bytes: int = Field(64 * MiB, ge=1024, description="largest upload (413 beyond)")
-    device_pool_bytes: int = Field(1024 * MiB, ge=1, description="compiled prefixes on device")
-    host_pool_bytes: int = Field(2048 * MiB, ge=0, description="evicted prefixes kept in RAM")
+    device_pool_bytes: int = Field(
+        DEFAULT_DEVICE_POOL_BYTES, ge=1, description="compiled prefixes on device"
+    )
+    host_pool_bytes: int = Field(
+        DEFAULT_HOST_POOL_BYTES, ge=0, description="evicted prefixes kept in RAM"
+    )
     max_pinned_share_per_tenant: float = Field(
         0.25,
         gt=0,

@@ -8,6 +8,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.concurrency import run_in_threadpool
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from prefixes.errors import Unauthorized
 from server.api.errors import ApiError
@@ -16,7 +17,13 @@ from server.api.services import Ready, ready
 _CHALLENGE = {"WWW-Authenticate": "Bearer"}
 
 
-def bearer_key(request: Request) -> str:
+# Declares the scheme in the OpenAPI document; the checks below give this API's own 401s.
+_BEARER = HTTPBearer(auto_error=False, description="an API key: Authorization: Bearer <key>")
+
+
+def bearer_key(
+    request: Request, _documented: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)]
+) -> str:
     header = request.headers.get("authorization", "")
     scheme, _, key = header.partition(" ")
     if scheme.lower() != "bearer" or not key.strip():

@@ -81,6 +81,10 @@ def validation_problem(error: dict[str, Any]) -> dict[str, str]:
     return {"field": path or "body", "message": str(error.get("msg", ""))}
 
 
+# FastAPI's own answer to a JSON body it cannot even decode (not UTF-8): the same malformed JSON
+# as any other, 422 with field "body" (docs/api.md).
+_UNPARSABLE_BODY = "There was an error parsing the body"
+
 _PREFIX_STATUS: list[tuple[type[PrefixError], int, str]] = [
     (NotFound, 404, "not_found"),
     (AlreadyExists, 409, "conflict"),
@@ -135,6 +139,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400 and exc.detail == _UNPARSABLE_BODY:
+            return error_response(422, "invalid_request", "body: malformed JSON", field="body")
         type_ = _STATUS_TYPES.get(exc.status_code, "error")
         return error_response(
             exc.status_code, type_, str(exc.detail), getattr(exc, "headers", None)

@@ -33,6 +33,28 @@ class HttpMetrics:
         )
 
 
+# (name after prefix_server_, help, EngineMetrics attribute)
+ENGINE_COUNTERS = [
+    ("prompt_tokens", "prompt tokens admitted", "prompt_tokens"),
+    ("generated_tokens", "tokens generated", "generated_tokens"),
+    ("engine_steps", "engine steps run", "steps"),
+    ("engine_failed_steps", "steps that raised (their rows were then run alone)", "failed_steps"),
+    (
+        "engine_non_finite_rows",
+        "requests failed alone because their own values overflowed to NaN or Inf",
+        "non_finite_rows",
+    ),
+]
+# (name after prefix_server_pool_, help, PoolStats attribute)
+POOL_COUNTERS = [
+    ("hits", "acquires served from the device", "hits"),
+    ("host_hits", "loads from the host tier", "host_hits"),
+    ("misses", "loads from disk", "misses"),
+    ("evictions", "device -> host evictions", "evictions"),
+    ("load_seconds", "time spent loading prefixes", "load_seconds_total"),
+]
+
+
 class EngineCollector(Collector):
     """Reads the engine's plain counters and the pool's stats at scrape time."""
 
@@ -44,15 +66,8 @@ class EngineCollector(Collector):
         if engine is None or registry is None:
             return
         m = engine.metrics
-        yield counter("prefix_server_prompt_tokens", "prompt tokens admitted", m.prompt_tokens)
-        yield counter("prefix_server_generated_tokens", "tokens generated", m.generated_tokens)
-        yield counter("prefix_server_engine_steps", "engine steps run", m.steps)
-        yield counter("prefix_server_engine_failed_steps", "steps that raised", m.failed_steps)
-        yield counter(
-            "prefix_server_engine_non_finite_rows",
-            "requests failed alone because their own values overflowed to NaN or Inf",
-            m.non_finite_rows,
-        )
+        for name, doc, attribute in ENGINE_COUNTERS:
+            yield counter(f"prefix_server_{name}", doc, getattr(m, attribute))
         finished = CounterMetricFamily(
             "prefix_server_requests_finished", "requests finished, by reason", labels=["reason"]
         )
@@ -79,15 +94,8 @@ class EngineCollector(Collector):
         yield gauge(
             "prefix_server_pool_pinned_bytes", "bytes pinned by requests", stats.pinned_bytes
         )
-        yield counter("prefix_server_pool_hits", "acquires served from the device", stats.hits)
-        yield counter("prefix_server_pool_host_hits", "loads from the host tier", stats.host_hits)
-        yield counter("prefix_server_pool_misses", "loads from disk", stats.misses)
-        yield counter("prefix_server_pool_evictions", "device -> host evictions", stats.evictions)
-        yield counter(
-            "prefix_server_pool_load_seconds",
-            "time spent loading prefixes",
-            stats.load_seconds_total,
-        )
+        for name, doc, attribute in POOL_COUNTERS:
+            yield counter(f"prefix_server_pool_{name}", doc, getattr(stats, attribute))
 
 
 def counter(name: str, doc: str, value: float) -> CounterMetricFamily:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -22,6 +22,45 @@ TokenIds = list[Annotated[int, Field(ge=0)]]
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class ErrorDetail(BaseModel):
+    model_config = ConfigDict(extra="allow")  # field, expected, found, details, limit, ...
+
+    type: str
+    message: str
+
+
+class ErrorBody(BaseModel):
+    """Every 4xx/5xx answer (docs/api.md)."""
+
+    error: ErrorDetail
+
+
+_ERROR_STATUSES = {
+    400: "a request the server cannot run",
+    401: "no key, or an unknown or revoked one",
+    403: "admin routes without an admin key configured; another tenant's keys or quotas",
+    404: "no such tenant or prefix (or another tenant's private one)",
+    409: "name taken, a prefix compiled for another model, or a key limit (last key, too many)",
+    413: "body over the size limit",
+    415: "an upload that is not multipart/form-data",
+    422: "invalid fields or values; the message names them",
+    429: "overloaded: retry after Retry-After seconds",
+    500: "a bug in the server, never bad input",
+    503: "starting, stopping, or startup failed",
+}
+# What every /v1 route may answer besides its success, for the OpenAPI document.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody, "description": text} for status, text in _ERROR_STATUSES.items()
+}
+# A generation route's 200 when `stream` is true.
+STREAM_RESPONSE: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "JSON, or with stream=true server-sent events ending with data: [DONE]",
+        "content": {"text/event-stream": {}},  # events: JSON objects, then the string [DONE]
+    }
+}
 
 
 class SamplingFields(BaseModel):

@@ -90,7 +90,9 @@ class Scheduler:
         """Pop the requests that join the batch now, in fair order, within every budget."""
         cap = self.config.max_running_per_tenant
         prefill_budget = self.config.max_prefill_tokens
-        prefixes = {id(r.prefix): r.prefix.nbytes for r in running if r.prefix is not None}
+        # Keyed by the KV tensor: every request pinning one prefix version gets its own
+        # CompiledPrefix, but all of them share the pool's one tensor.
+        prefixes = {id(r.prefix.kv): r.prefix.nbytes for r in running if r.prefix is not None}
         prefix_bytes = sum(prefixes.values())
         admitted: list[Request] = []
         passes_without_admission = 0
@@ -98,7 +100,7 @@ class Scheduler:
             tenant = self.turns[0]
             self.turns.rotate(-1)
             request = self.queues[tenant][0]
-            new_prefix = request.prefix is not None and id(request.prefix) not in prefixes
+            new_prefix = request.prefix is not None and id(request.prefix.kv) not in prefixes
             extra_bytes = request.prefix.nbytes if new_prefix and request.prefix else 0
             blocked = (
                 (cap and self.running_per_tenant[tenant] >= cap)
@@ -116,7 +118,7 @@ class Scheduler:
             self.running_per_tenant[tenant] += 1
             prefill_budget -= len(request.pending_token_ids)
             if new_prefix and request.prefix is not None:
-                prefixes[id(request.prefix)] = extra_bytes
+                prefixes[id(request.prefix.kv)] = extra_bytes
                 prefix_bytes += extra_bytes
             admitted.append(request)
             free_slots -= 1

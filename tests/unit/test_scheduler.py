@@ -72,12 +72,12 @@ def test_prefill_budget_caps_prompt_tokens_per_step_but_never_starves_a_long_pro
 
 def test_prefix_bytes_budget_counts_distinct_prefixes() -> None:
     kv = torch.zeros(1, 2, 1, 4, 8)  # 256 bytes
-    p1, p2 = (
-        CompiledPrefix(PrefixKind.PREFIX_TUNING, kv),
-        CompiledPrefix(PrefixKind.PREFIX_TUNING, kv),
-    )
+    # Two requests pinning one version hold two CompiledPrefix objects over the pool's one
+    # tensor: counted once. Another version is another tensor.
+    p1, p1_again = (CompiledPrefix(PrefixKind.PREFIX_TUNING, kv) for _ in range(2))
+    p2 = CompiledPrefix(PrefixKind.PREFIX_TUNING, kv.clone())
     scheduler = Scheduler(SchedulerConfig(max_prefix_bytes=300, max_running_per_tenant=0))
-    a, b, c = req("a", prefix=p1), req("b", prefix=p1), req("c", prefix=p2)
+    a, b, c = req("a", prefix=p1), req("b", prefix=p1_again), req("c", prefix=p2)
     for r in (a, b, c):
         scheduler.add(r)
     assert scheduler.admit(8, []) == [a, b]  # p1 is shared; p2 would exceed 300 bytes

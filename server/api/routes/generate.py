@@ -4,18 +4,25 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
 from server.api.auth import Server, Tenant
 from server.api.generation import Job, respond, sampling_params, tokenize
-from server.api.schemas import GenerateRequest, GenerateResponse, Usage
+from server.api.query import reject_unknown_query
+from server.api.schemas import (
+    ERROR_RESPONSES,
+    STREAM_RESPONSE,
+    GenerateRequest,
+    GenerateResponse,
+    Usage,
+)
 from server.engine.stream import Chunk, RequestStream, Result
 
-router = APIRouter()
+router = APIRouter(responses=ERROR_RESPONSES, dependencies=[Depends(reject_unknown_query)])
 
 
-@router.post("/v1/generate", response_model=GenerateResponse)
+@router.post("/v1/generate", response_model=GenerateResponse, responses=STREAM_RESPONSE)
 async def generate(
     body: GenerateRequest, http_request: Request, server: Server, tenant: Tenant
 ) -> GenerateResponse | StreamingResponse:

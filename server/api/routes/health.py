@@ -8,9 +8,10 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
 
 from server.api.errors import error_response
+from server.api.schemas import ERROR_RESPONSES
 from server.api.services import Services, services
 
-router = APIRouter()
+router = APIRouter(responses={503: ERROR_RESPONSES[503]})
 
 
 @router.get("/health")

@@ -9,17 +9,24 @@ import time
 import uuid
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
 
 from server.api.auth import Server, Tenant
 from server.api.errors import ApiError
 from server.api.generation import Job, chat_prompt, respond, sampling_params, tokenize
-from server.api.schemas import ChatCompletionRequest, CompletionRequest, OpenAIBase
+from server.api.query import reject_unknown_query
+from server.api.schemas import (
+    ERROR_RESPONSES,
+    STREAM_RESPONSE,
+    ChatCompletionRequest,
+    CompletionRequest,
+    OpenAIBase,
+)
 from server.api.services import Ready
 from server.engine.stream import Chunk, RequestStream, Result
 
-router = APIRouter()
+router = APIRouter(responses=ERROR_RESPONSES, dependencies=[Depends(reject_unknown_query)])
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
 
 
@@ -85,7 +92,7 @@ def response_meta(prefix: str, model: str) -> dict[str, Any]:
     return {"id": f"{prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": model}
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", responses=STREAM_RESPONSE)
 async def completions(
     body: CompletionRequest, http_request: Request, server: Server, tenant: Tenant
 ) -> Any:
@@ -119,7 +126,7 @@ class CompletionEncoder:
         return {**self.meta, "choices": [{**choice, "logprobs": None}]}
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", responses=STREAM_RESPONSE)
 async def chat_completions(
     body: ChatCompletionRequest, http_request: Request, server: Server, tenant: Tenant
 ) -> Any:

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from server.api.auth import Server, Tenant
 from server.api.errors import ApiError
-from server.api.schemas import PrefixInfo, PrefixPage
+from server.api.query import reject_unknown_query
+from server.api.schemas import ERROR_RESPONSES, PrefixInfo, PrefixPage
 
-router = APIRouter()
+router = APIRouter(responses=ERROR_RESPONSES, dependencies=[Depends(reject_unknown_query)])
 MAX_FILES = 8
 
 
@@ -49,7 +50,24 @@ def flag(fields: dict[str, str], key: str) -> bool:
     return value in ("true", "1")
 
 
-@router.post("/v1/prefixes", status_code=201, response_model=PrefixInfo)
+@router.post(
+    "/v1/prefixes",
+    status_code=201,
+    response_model=PrefixInfo,
+    openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {
+        "schema": {
+            "type": "object",
+            "required": ["name", "files"],
+            "properties": {
+                "name": {"type": "string"},
+                "files": {"type": "array", "items": {"type": "string", "format": "binary"}},
+                "visibility": {"type": "string", "enum": ["private", "public"]},
+                "description": {"type": "string"},
+                "overwrite": {"type": "boolean"},
+            },
+        },
+    }}}},
+)  # fmt: skip
 async def upload(request: Request, server: Server, tenant: Tenant) -> dict[str, Any]:
     fields, files = await read_upload_form(request)
     unknown = set(fields) - {"name", "visibility", "description", "overwrite"}

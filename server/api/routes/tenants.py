@@ -10,7 +10,9 @@ from fastapi.concurrency import run_in_threadpool
 
 from prefixes.registry import Registry
 from server.api.auth import AdminOrTenant, Server, require_admin
+from server.api.query import reject_unknown_query
 from server.api.schemas import (
+    ERROR_RESPONSES,
     KeyIssued,
     KeyList,
     KeyObject,
@@ -22,7 +24,7 @@ from server.api.schemas import (
     TenantUsage,
 )
 
-router = APIRouter()
+router = APIRouter(responses=ERROR_RESPONSES, dependencies=[Depends(reject_unknown_query)])
 
 
 @router.post("/v1/tenants", status_code=201, response_model=TenantCreated)
