@@ -41,11 +41,12 @@ MAX_NEW_TOKENS = 32  # the server's limit in this module
 VOCAB = tiny_config("llama").vocab_size
 MODEL_ID = "model"  # the served folder's name (build_world writes it as root/model)
 
-# What holds: a 5xx never; headers and bodies of declared responses as declared; every invalid
-# request refused with a 4xx; the media type as declared, except for streams (the document
-# declares only application/json, so that check runs on the pass that sends no valid stream).
+# What holds: a 5xx never; every status, media type, header and body as the document declares;
+# every invalid request refused with a 4xx.
 CHECKS = [
     checks.not_a_server_error,
+    checks.status_code_conformance,
+    checks.content_type_conformance,
     checks.response_headers_conformance,
     checks.response_schema_conformance,
     checks.negative_data_rejection,
@@ -85,11 +86,10 @@ def headers_for(case: schemathesis.Case, live: Live) -> dict[str, str]:
     return bearer(ADMIN if case.path == "/v1/tenants" else live.keys["alice"])
 
 
-def call_and_check(case: schemathesis.Case, live: Live, *, media_type: bool) -> None:
+def call_and_check(case: schemathesis.Case, live: Live) -> None:
     headers = headers_for(case, live)
     response = case.call(base_url=live.url, headers=headers, timeout=120)
-    extra = [checks.content_type_conformance] if media_type else []
-    case.validate_response(response, checks=CHECKS + extra, headers=headers)
+    case.validate_response(response, checks=CHECKS, headers=headers)
     if response.headers.get("content-type", [""])[0].startswith("text/event-stream"):
         assert not response.stream_cut_short, "schemathesis stopped reading: raise its limit"
         assert_well_formed_stream(response.text)
@@ -112,7 +112,7 @@ def test_the_live_server_serves_the_document_the_battery_explores(live: Live) ->
 @as_served.parametrize()
 @settings(deadline=None, suppress_health_check=list(HealthCheck))
 def test_the_document_as_served(case: schemathesis.Case, live: Live) -> None:
-    call_and_check(case, live, media_type=True)
+    call_and_check(case, live)
 
 
 # Steering: where a drawn value is of the right type, move it into what this server accepts.
@@ -186,7 +186,7 @@ def steer(case: schemathesis.Case) -> None:
 @settings(deadline=None, suppress_health_check=list(HealthCheck))
 def test_steered_into_what_the_server_accepts(case: schemathesis.Case, live: Live) -> None:
     steer(case)
-    call_and_check(case, live, media_type=False)
+    call_and_check(case, live)
 
 
 # What docs/api.md says each operation answers (its table of statuses), by (method, path).
