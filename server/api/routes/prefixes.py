@@ -34,13 +34,29 @@ async def read_upload_form(request: Request) -> tuple[dict[str, str], dict[str, 
         if isinstance(value, UploadFile):
             if key != "files":
                 raise ApiError(422, "invalid_request", f"{key}: files go in the field 'files'")
-            name = value.filename or ""
+            name = check_file_name(value.filename or "")
             if name in files:
                 raise ApiError(422, "invalid_request", f"files: {name} was sent twice")
             files[name] = await value.read()
+        elif key == "files":  # a file part without a filename parses as a plain field
+            raise ApiError(
+                422, "invalid_request", "files: every file needs a file name (filename=...)"
+            )
         else:
             fields[key] = value
     return fields, files
+
+
+def check_file_name(name: str) -> str:
+    """A file's name as PEFT wrote it: a plain name, never a path."""
+    if "/" in name or "\\" in name or name in ("", ".", ".."):
+        raise ApiError(
+            422,
+            "invalid_request",
+            f"files: expected plain file names such as adapter_config.json, found {name!r}",
+            field="files",
+        )
+    return name
 
 
 def flag(fields: dict[str, str], key: str) -> bool:
