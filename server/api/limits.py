@@ -5,23 +5,29 @@ without a key could make the server read and parse a body of any size. Here a bo
 declared length is over the route's limit is refused at once, and one sent without a length
 (chunked) is cut off as soon as it passes the limit.
 
-A refused body is then drained (read and discarded, up to `DRAIN_BYTES`) before the connection
-is left: a client still sending when the server answers and closes sees "connection reset"
-instead of the 413 (Python's urllib does), so every common client now reads the JSON error.
+A body refused by its declared length is drained (read and discarded, up to `DRAIN_BYTES` and
+`DRAIN_SECONDS`) before the 413 is sent: a client still sending when the server answers and
+closes sees "connection reset" instead of the 413 (Python's urllib does), so every common client
+reads the JSON error. A client that asked `Expect: 100-continue` has sent nothing yet: it gets the
+413 at once (reading would tell it to go on). A body cut off while it streams is left to the
+server (uvicorn discards what the app did not read).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
+from contextlib import suppress
 
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.api.errors import error_body
 
-# How much of a refused or unread body is read and thrown away so the client sees the answer.
+# How much of a refused body is read and thrown away so the client sees the answer.
 DRAIN_BYTES = 64 << 20
+DRAIN_SECONDS = 10.0
 
 # (limit in bytes, what the body is called in the error) for a request's method and path.
 LimitFor = Callable[[str, str], tuple[int, str]]
@@ -49,33 +55,32 @@ class BodyLimit:
         limit, what = self.limit_for(scope["method"], scope["path"])
         declared = content_length(scope)
         if declared is not None and declared > limit:
-            await drain(receive)
+            if header(scope, b"expect").lower() != b"100-continue":
+                with suppress(TimeoutError):
+                    await asyncio.wait_for(drain(receive), DRAIN_SECONDS)
             await send_413(send, BodyTooLarge(what, limit, declared))
             return
-        received, finished = 0, False
+        received = 0
 
         async def limited() -> Message:
-            nonlocal received, finished
+            nonlocal received
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                finished = not message.get("more_body", False)
                 if received > limit:
                     raise BodyTooLarge(what, limit, None)
-            elif message["type"] == "http.disconnect":
-                finished = True
             return message
 
         await self.app(scope, limited, send)
-        if not finished:  # answered before reading the whole body (a 413, a 401, ...)
-            await drain(receive)
+
+
+def header(scope: Scope, name: bytes) -> bytes:
+    return next((value for key, value in scope["headers"] if key == name), b"")
 
 
 def content_length(scope: Scope) -> int | None:
-    for name, value in scope["headers"]:
-        if name == b"content-length":
-            return int(value) if value.isdigit() else None
-    return None
+    value = header(scope, b"content-length")
+    return int(value) if value.isdigit() else None
 
 
 async def drain(receive: Receive) -> None:

@@ -159,12 +159,17 @@ class Engine:
                 outputs = self._step()
             except Exception:  # a bug in the step itself: fail what runs, keep serving
                 log.exception("engine step crashed")
-                outputs = []
                 for request in list(self.core.running):
                     self.core.abort(
                         request, "error", RequestFailed("internal error in the engine step")
                     )
-                    outputs.append(StepOutput(request, [], ""))
+                # Every stream whose request has left, in this step or before it crashed, gets
+                # its last chunk: its outputs were lost with the exception.
+                outputs = [
+                    StepOutput(stream.request, [], "")
+                    for stream in list(self._streams.values())
+                    if stream.request.finished
+                ]
             self._publish(outputs)
 
     def _step(self) -> list[StepOutput]:

@@ -10,16 +10,15 @@ its own slot iff k <= position(b, j): the prefix at 0..T-1 and the row's earlier
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import AbstractContextManager, nullcontext
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import PreTrainedModel
 
 from prefixes import CompiledPrefix, ModelSpec
 from server.engine.kv_cache import SlotKVCache
 from server.engine.request import Request
 from server.engine.sampler import sample
+from server.models import attention_kernels
 
 # On GPUs keys are read in lengths rounded up to this: attention kernels that plan per shape
 # (cuDNN's sdpa in bf16 spent ~1.4 ms of CPU on each new shape on an H100) then see a few
@@ -66,14 +65,6 @@ class ModelRunner:
         self.lm_head = model.get_output_embeddings()
         self.softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
 
-    def _attention_kernels(self) -> AbstractContextManager[None]:
-        # On CPUs the default sdpa kernel in half precision rounds differently depending on how
-        # many masked keys follow a row's own (measured: 3 of 16 bf16 rows changed tokens when
-        # batched beside longer rows); the math kernel gives a row the same result in any batch.
-        if self.device.type == "cpu" and self.dtype != torch.float32:
-            return sdpa_kernel(SDPBackend.MATH)
-        return nullcontext()
-
     def load_prefix(self, slot: int, prefix: CompiledPrefix | None) -> None:
         if prefix is not None:
             self.cache.load_prefix(slot, prefix)
@@ -83,7 +74,7 @@ class ModelRunner:
         """Feed every request its pending tokens; return each one's next token id, or None for a
         row whose logits are not finite (its own values overflowed: it must fail, alone)."""
         groups = plan_forwards(requests, self.forward_overhead_tokens)
-        with self._attention_kernels():
+        with attention_kernels(self.device, self.dtype):
             logits = torch.cat([self.forward(group) for group in groups])
         ordered = [request for group in groups for request in group]
         finite = torch.isfinite(logits).all(dim=-1)

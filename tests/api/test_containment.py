@@ -6,6 +6,7 @@ bounded metric labels, huge integers in adapters, overwrites that keep visibilit
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import urllib.error
 import urllib.request
@@ -313,3 +314,23 @@ def test_an_overwrite_without_visibility_keeps_it(
         visibility="private",
     )  # fmt: skip
     assert private.json()["visibility"] == "private"
+
+
+def test_a_client_that_expects_100_continue_gets_the_413_before_sending(
+    live_server: str,
+) -> None:
+    """Asked `Expect: 100-continue` with a length over the limit, the server answers 413 at once
+    instead of inviting the client to send megabytes it would throw away."""
+    host, port = live_server.removeprefix("http://").split(":")
+    head = (
+        "POST /v1/prefixes HTTP/1.1\r\n"
+        f"Host: {host}\r\n"
+        "Content-Type: multipart/form-data; boundary=b\r\n"
+        "Content-Length: 10000000\r\n"
+        "Expect: 100-continue\r\n\r\n"
+    )
+    with socket.create_connection((host, int(port)), timeout=30) as connection:
+        connection.sendall(head.encode())
+        answer = connection.recv(65536).decode("latin-1")
+    assert answer.startswith("HTTP/1.1 413"), answer[:200]
+    assert '"payload_too_large"' in answer

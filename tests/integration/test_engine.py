@@ -334,3 +334,42 @@ def test_invalid_requests_are_refused_at_submit(loaded: LoadedModel) -> None:
             engine.submit([1] * 64, GREEDY)
 
     asyncio.run(main())
+
+
+def test_a_crashed_step_still_ends_the_streams_it_had_already_retired(
+    loaded: LoadedModel, prefixes: list[CompiledPrefix]
+) -> None:
+    """A bug after admission (here, in postprocessing) loses the step's outputs; a request it
+    had already retired (a prefix that failed to load) must still get its last chunk."""
+    broken = CompiledPrefix(PrefixKind.PREFIX_TUNING, torch.zeros(1, 2, 1, 3, 1))  # wrong shape
+    engine = Engine(loaded, SchedulerConfig(num_slots=4), max_len=128)
+    postprocess = engine.core._postprocess
+    crashes = iter([True])
+
+    def crash_once(*args):
+        if next(crashes, False):
+            raise RuntimeError("injected bug")
+        return postprocess(*args)
+
+    engine.core._postprocess = crash_once  # type: ignore[method-assign]
+
+    async def main() -> list[str]:
+        streams = [
+            engine.submit([5, 6, 7], GREEDY, prefix=prefixes[0]),
+            engine.submit([5, 6, 7], GREEDY, prefix=broken),
+        ]
+        engine.start()
+        errors = []
+        for stream in streams:
+            with pytest.raises(RequestFailed) as failed:
+                await asyncio.wait_for(stream.result(), timeout=30)
+            errors.append(str(failed.value))
+        return errors
+
+    try:
+        errors = asyncio.run(main())
+        assert not engine._streams
+    finally:
+        engine.stop()
+    assert errors[0] == "internal error in the engine step"
+    assert errors[1].startswith("prefix could not be loaded")
