@@ -8,9 +8,10 @@ returns the batch's rows of the cache.
 Nothing trusts a freed slot to be clean. Rows are read up to the batch's longest, so a shorter
 row's read reaches past its own end into whatever an earlier request left in that slot. The
 attention mask hides those positions, but hiding is addition: a stale key of 3e38 makes a
-score of inf, and inf + -inf is NaN, which turns the whole row into NaN. So every position
-past a row's own end is zeroed in what `update` returns: masked by selection, it then
-contributes exactly nothing whatever the slot held.
+score of inf, and inf + -inf is NaN, which turns the whole row into NaN. So every position past
+a row's own end is read from the zero slot instead, a slot no request ever owns and nothing ever
+writes: masked by selection, such a position contributes exactly nothing whatever its own slot
+holds, and the read stays one gather per layer.
 """
 
 from __future__ import annotations
@@ -34,16 +35,18 @@ class SlotKVCache(Cache):
         super().__init__(layers=[])
         self.num_slots = num_slots
         self.max_len = max_len
-        # One extra slot absorbs the writes of padding tokens, so they never touch a real row.
+        # One extra slot absorbs the writes of padding tokens, so they never touch a real row;
+        # another stays zeros for ever: what positions past a row's end read.
         self.scratch_slot = num_slots
+        self.zero_slot = num_slots + 1
         # Layout [layer, slot, position, head, dim]: (slot, position) flatten to one index, so a
-        # step's writes are one index_copy_ per layer.
-        shape = (spec.num_layers, num_slots + 1, max_len, spec.num_kv_heads, spec.head_dim)
+        # step's writes are one index_copy_ per layer and its reads one index_select.
+        shape = (spec.num_layers, num_slots + 2, max_len, spec.num_kv_heads, spec.head_dim)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
         self._write_index = torch.zeros(0, dtype=torch.long, device=device)
-        self._read_slots = torch.zeros(0, dtype=torch.long, device=device)
-        self._stale = torch.zeros(0, dtype=torch.bool, device=device)
+        self._read_index = torch.zeros(0, dtype=torch.long, device=device)
+        self._read_rows = 0
         self._kv_len = 0
 
     def load_prefix(self, slot: int, prefix: CompiledPrefix) -> None:
@@ -70,9 +73,11 @@ class SlotKVCache(Cache):
         """Set where the next forward writes (per token) and what it reads (per row): positions
         0..kv_len-1 of each row's slot, of which those from the row's end on read as zeros."""
         self._write_index = (write_slots * self.max_len + write_pos).reshape(-1)
-        self._read_slots = read_slots
-        positions = torch.arange(kv_len, device=read_ends.device)
-        self._stale = (positions[None, :] >= read_ends[:, None])[:, :, None, None]
+        positions = torch.arange(kv_len, device=read_ends.device)[None, :]
+        own = read_slots[:, None] * self.max_len + positions
+        zero = self.zero_slot * self.max_len
+        self._read_index = torch.where(positions < read_ends[:, None], own, zero).reshape(-1)
+        self._read_rows = len(read_slots)
         self._kv_len = kv_len
 
     def update(
@@ -85,9 +90,9 @@ class SlotKVCache(Cache):
         new_v = value_states.transpose(1, 2).reshape(flat_shape)
         keys.view(flat_shape).index_copy_(0, self._write_index, new_k)
         values.view(flat_shape).index_copy_(0, self._write_index, new_v)
-        # The gathers are copies: zeroing them leaves the slots as they are.
-        read_k = keys[self._read_slots, : self._kv_len].masked_fill_(self._stale, 0)
-        read_v = values[self._read_slots, : self._kv_len].masked_fill_(self._stale, 0)
+        read_shape = (self._read_rows, self._kv_len, *keys.shape[2:])
+        read_k = keys.view(flat_shape).index_select(0, self._read_index).view(read_shape)
+        read_v = values.view(flat_shape).index_select(0, self._read_index).view(read_shape)
         return read_k.transpose(1, 2), read_v.transpose(1, 2)  # [B, H, kv_len, D]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:

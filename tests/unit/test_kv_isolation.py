@@ -20,8 +20,10 @@ POISONS = [3e38, float("inf"), float("nan")]
 
 def test_positions_past_a_rows_end_read_as_exact_zeros(loaded: LoadedModel) -> None:
     cache = SlotKVCache(loaded.spec, num_slots=2, max_len=16, dtype=torch.float32)
-    cache.keys.fill_(float("nan"))  # a dirty cache: nothing may trust it to be clean
-    cache.values.fill_(3e38)
+    # A dirty cache: every request slot and the scratch slot (all but the zero slot, which no
+    # request owns and nothing writes) as hostile earlier requests could leave them.
+    cache.keys[:, : cache.zero_slot].fill_(float("nan"))
+    cache.values[:, : cache.zero_slot].fill_(3e38)
     heads, dim = loaded.spec.num_kv_heads, loaded.spec.head_dim
     # Row 0 (slot 1) ends at 3, row 1 (slot 0) at 7; both read 7 positions.
     cache.bind(
@@ -76,12 +78,15 @@ def test_rows_in_dirty_slots_beside_longer_rows_get_their_solo_tokens(
     prompts = [[5, 6, 7], [9], [11, 12]]
     expected = [alone(model, p, x) for p, x in zip(prompts, own, strict=True)]
     llm = LLM(model, num_slots=4, max_len=64)
-    llm.runner.cache.keys.fill_(poison)  # every slot as a hostile earlier request left it
-    llm.runner.cache.values.fill_(poison)
+    cache = llm.runner.cache  # every slot as a hostile earlier request could leave it
+    cache.keys[:, : cache.zero_slot].fill_(poison)
+    cache.values[:, : cache.zero_slot].fill_(poison)
     longer = Request(list(range(1, 40)), GREEDY, own[0])  # reads 42 positions of every row
     rows = [Request(p, GREEDY, x) for p, x in zip(prompts, own, strict=True)]
     llm.generate([longer, *rows])
     assert [r.output_token_ids for r in rows] == expected
+    assert not cache.keys[:, cache.zero_slot].any()  # nothing ever writes the zero slot
+    assert not cache.values[:, cache.zero_slot].any()
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
