@@ -22,7 +22,7 @@ from prefixes.formats import read_upload
 from prefixes.kvfile import encode_compiled
 from prefixes.pool import DEFAULT_DEVICE_POOL_BYTES, DEFAULT_HOST_POOL_BYTES, PoolStats
 from prefixes.records import DEFAULT_QUOTAS, PrefixInfo, Quotas, Visibility
-from prefixes.serving import PrefixHandle, Serving
+from prefixes.serving import BeforePin, PrefixHandle, Serving
 from prefixes.store import BlobStore, StageHook
 
 log = logging.getLogger(__name__)
@@ -120,9 +120,11 @@ class Registry(Catalog):
         self.serving.collect(retired.sha256)
         return retired
 
-    def acquire(self, ref: str, *, tenant: str) -> PrefixHandle:
+    def acquire(
+        self, ref: str, *, tenant: str, before_pin: BeforePin | None = None
+    ) -> PrefixHandle:
         """Pin the current version's KV on the device (see `Serving.acquire`)."""
-        return self.serving.acquire(ref, tenant=tenant)
+        return self.serving.acquire(ref, tenant=tenant, before_pin=before_pin)
 
     def drain(self) -> None:
         self.serving.drain()

@@ -34,6 +34,10 @@ from prefixes.store import BlobStore
 log = logging.getLogger(__name__)
 
 
+# Called with the version about to be pinned; raising refuses it before anything is loaded.
+BeforePin = Callable[[PrefixInfo], None]
+
+
 class PrefixHandle:
     """One pinned version of a prefix. Until `release`, its KV stays on the device and its file
     on disk, whatever happens to the name (delete, overwrite)."""
@@ -107,13 +111,19 @@ class Serving:
     def close(self) -> None:
         self._background.shutdown(wait=True, cancel_futures=True)
 
-    def acquire(self, ref: str, *, tenant: str) -> PrefixHandle:
+    def acquire(
+        self, ref: str, *, tenant: str, before_pin: BeforePin | None = None
+    ) -> PrefixHandle:
         """Pin the current version's KV on the device and return a handle to it.
 
         May read from disk on a miss: call it from a worker thread, not the engine's loop.
         Raises NotFound, Incompatible, or PoolExhausted when pinned prefixes fill the pool.
+        `before_pin` sees the resolved version before anything is loaded or evicted for it, and
+        may refuse it by raising (the server's per-tenant budget does).
         """
         info = self._catalog.resolve(ref, tenant=tenant)
+        if before_pin is not None:
+            before_pin(info)
         try:
             kv = self._pool.pin(info.sha256, partial(self._load, info.sha256))
         except CorruptBlob:
@@ -121,6 +131,8 @@ class Serving:
                 raise
             # Deleted or replaced between resolving and loading: the file went with it.
             info = self._catalog.resolve(ref, tenant=tenant)
+            if before_pin is not None:
+                before_pin(info)
             kv = self._pool.pin(info.sha256, partial(self._load, info.sha256))
         return PrefixHandle(
             info, CompiledPrefix(info.kind, kv), partial(self._release, info.sha256)

@@ -15,6 +15,7 @@ from fastapi import Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
+from prefixes.records import PrefixInfo
 from server.api.errors import ApiError, error_body, to_api_error
 from server.api.schemas import SamplingFields
 from server.api.services import Ready
@@ -133,12 +134,37 @@ async def start(
     """Pin the prefix version (if any) and queue the request; the engine releases the pin.
 
     Text is decoded every step only for streams; otherwise once, at the end."""
-    prefix, release = None, None
-    if prefix_ref is not None:  # "" is a reference too (an invalid one), not the base model
-        handle = await run_in_threadpool(server.registry.acquire, prefix_ref, tenant=tenant)
-        prefix, release = handle.prefix, server.pins.admit(tenant, handle)
+    if prefix_ref is None:
+        return server.engine.submit(prompt, job.sampling, tenant=tenant, stream_text=job.stream)
+    # "" is a reference too (an invalid one), not the base model.
+    held: list[PrefixInfo] = []  # the tenant's budget counts a version before it is pinned
+
+    def before_pin(info: PrefixInfo) -> None:
+        server.pins.hold(tenant, info)
+        held.append(info)
+
+    try:
+        handle = await run_in_threadpool(
+            server.registry.acquire, prefix_ref, tenant=tenant, before_pin=before_pin
+        )
+    except BaseException:
+        for info in held:
+            server.pins.forget(tenant, info)
+        raise
+    for replaced in held[:-1]:  # resolved again after a concurrent delete: only the last holds
+        server.pins.forget(tenant, replaced)
+
+    def release() -> None:
+        handle.release()
+        server.pins.forget(tenant, held[-1])
+
     return server.engine.submit(
-        prompt, job.sampling, prefix=prefix, release=release, tenant=tenant, stream_text=job.stream
+        prompt,
+        job.sampling,
+        prefix=handle.prefix,
+        release=release,
+        tenant=tenant,
+        stream_text=job.stream,
     )
 
 

@@ -260,7 +260,11 @@ def test_a_tenant_cannot_pin_more_than_its_share_of_the_pool(
                 in_background(client, "/v1/generate", a, mallory.headers) as again,
             ):  # the same version twice: it counts once, so the second one queues
                 wait_for(lambda: stalled.waiting == 1, "mallory's two requests")
+                registry = client.app.state.services.registry  # type: ignore[attr-defined]
+                loads_before = registry.stats().loads
                 refused = client.post("/v1/generate", json=b, headers=mallory.headers)
+                # refused before its prefix was loaded: nothing of anyone's was evicted for it
+                assert registry.stats().loads == loads_before
                 with in_background(client, "/v1/generate", own, alice.headers) as victim:
                     wait_for(lambda: stalled.waiting == 2, "alice's request")
                     stalled.go()
