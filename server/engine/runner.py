@@ -78,7 +78,7 @@ class ModelRunner:
             logits = torch.cat([self.forward(group) for group in groups])
         ordered = [request for group in groups for request in group]
         finite = torch.isfinite(logits).all(dim=-1)
-        # One host sync for both: a non-finite row's id becomes -1.
+        # One device-to-host read for both: a non-finite row's id becomes -1.
         next_ids = torch.where(finite, sample(logits, ordered), -1).tolist()
         # Only now, when nothing can raise any more: a step that raised advanced no row, so the
         # engine can run its rows again, alone, to find the one that fails.

@@ -21,7 +21,9 @@ async def read_upload_form(request: Request) -> tuple[dict[str, str], dict[str, 
     """The form's fields and files. The body's size limit is the BodyLimit middleware's."""
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise ApiError(415, "unsupported_media_type", "upload: expected multipart/form-data")
-    await request.body()  # buffered whole first: form() then parses it from memory
+    # Read whole first, so that BodyLimit's 413 surfaces here and not as a "malformed
+    # multipart" 400 from the broad except around form() below.
+    await request.body()
     try:
         form = await request.form(max_files=MAX_FILES, max_fields=16)
     except Exception as exc:  # malformed multipart, too many parts
