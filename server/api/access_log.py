@@ -2,9 +2,11 @@
 
 A pure ASGI middleware (not Starlette's BaseHTTPMiddleware, which runs the app in a task of its
 own and re-wraps `receive`): the body limit's errors and a client's disconnect reach the app as
-they are. Everything a client controls that ends up in a label or a log line is bounded: the
-method (an unknown one is counted as "other", so a client cannot mint Prometheus series) and the
-request id (a client's own is kept only if short and printable).
+they are. It is the outermost layer, so every answer carries the id and is counted: the body
+limit's early 413s, and the 500 of a bug, which it sends itself. Everything a client controls
+that ends up in a label or a log line is bounded: the method (an unknown one is counted as
+"other", so a client cannot mint Prometheus series) and the request id (a client's own is kept
+only if short and printable).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from server.api.errors import error_body
 from server.api.metrics import HttpMetrics
 
 log = logging.getLogger("prefix_server")
@@ -50,9 +53,22 @@ class AccessLog:
         try:
             await self.app(scope, receive, send_with_id)
         except Exception:
-            if not started_response:  # the server's error handler answers 500
-                self.record(scope, request_id, 500, time.perf_counter() - started)
-            raise
+            # A bug: answered here, so the 500 carries the request id the log line names too.
+            log.exception("unhandled error (request %s)", request_id)
+            if started_response:  # a stream already under way: all that is left is to close it
+                return
+            body = json.dumps(error_body("internal_error", "internal server error")).encode()
+            await send_with_id(
+                {
+                    "type": "http.response.start",
+                    "status": 500,
+                    "headers": [
+                        (b"content-type", b"application/json"),
+                        (b"content-length", str(len(body)).encode()),
+                    ],
+                }
+            )
+            await send_with_id({"type": "http.response.body", "body": body})
 
     def record(self, scope: Scope, request_id: str, status: int, elapsed: float) -> None:
         """At the response's start: for a stream, the time until its first byte."""

@@ -67,9 +67,11 @@ def create_app(
     async def metrics() -> Response:
         return Response(generate_latest(metrics_registry), media_type=CONTENT_TYPE_LATEST)
 
-    app.add_middleware(AccessLog, metrics=http_metrics)
-    # Outermost, so it reads the client's bytes itself (and can drain them after answering).
+    # On the client's own `receive`, so it can drain a refused body before answering.
     app.add_middleware(BodyLimit, limit_for=partial(body_limit, settings))
+    # Outside the body limit, so its early 413s are logged and counted too. AccessLog passes
+    # `receive` through untouched, so the body limit still reads the client's own bytes.
+    app.add_middleware(AccessLog, metrics=http_metrics)
     return app
 
 

@@ -338,3 +338,23 @@ def test_a_client_that_expects_100_continue_gets_the_413_before_sending(
         answer = connection.recv(65536).decode("latin-1")
     assert answer.startswith("HTTP/1.1 413"), answer[:200]
     assert '"payload_too_large"' in answer
+
+
+def test_every_answer_carries_the_request_id_and_is_counted(make_client: MakeClient) -> None:
+    """The body limit's early 413 and a bug's 500 too: both pass through the access log."""
+    with make_client(max_request_bytes=4096) as client:
+
+        @client.app.get("/boom")  # type: ignore[attr-defined]
+        async def boom() -> None:
+            raise RuntimeError("a bug")
+
+        too_big = client.post(
+            "/v1/generate", content=b"x" * 5000, headers={"x-request-id": "big-1"}
+        )
+        assert_error(too_big, 413, "4096")
+        assert too_big.headers["x-request-id"] == "big-1"
+        crashed = client.get("/boom", headers={"x-request-id": "boom-1"})
+        assert_error(crashed, 500, "internal")
+        assert crashed.headers["x-request-id"] == "boom-1"
+        metrics = client.get("/metrics").text
+    assert 'status="413"' in metrics and 'status="500"' in metrics
