@@ -54,7 +54,3 @@ class TenantPins:
             if not held:
                 del self._held[tenant]
                 del self._bytes[tenant]
-
-    def pinned_bytes(self, tenant: str) -> int:
-        with self._lock:
-            return self._bytes[tenant]
