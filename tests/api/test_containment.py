@@ -202,16 +202,19 @@ def test_a_flooding_tenant_gets_429_and_another_tenant_still_gets_in(
         alice, mallory = create_tenant(client, "alice"), create_tenant(client, "mallory")
         flood = {"prompt": [4, 5], "max_new_tokens": 2, "temperature": 0}
         try:
-            with (
-                in_background(client, "/v1/generate", flood, mallory.headers),
-                in_background(client, "/v1/generate", flood, mallory.headers),
-                in_background(client, "/v1/generate", flood, mallory.headers),
-            ):
-                wait_for(lambda: stalled.stepping.is_set() and stalled.waiting == 2, "the flood")
-                refused = client.post("/v1/generate", json=flood, headers=mallory.headers)
-                with in_background(client, "/v1/generate", VICTIM, alice.headers) as victim:
-                    wait_for(lambda: stalled.waiting == 3, "alice's request to queue")
-                    stalled.go()
+            with in_background(client, "/v1/generate", flood, mallory.headers):
+                # The first is running (held) before the next two queue: they fill her share
+                # whatever the timing, and the fourth is refused.
+                wait_for(stalled.stepping.is_set, "mallory's first request to run")
+                with (
+                    in_background(client, "/v1/generate", flood, mallory.headers),
+                    in_background(client, "/v1/generate", flood, mallory.headers),
+                ):
+                    wait_for(lambda: stalled.waiting == 2, "the flood")
+                    refused = client.post("/v1/generate", json=flood, headers=mallory.headers)
+                    with in_background(client, "/v1/generate", VICTIM, alice.headers) as victim:
+                        wait_for(lambda: stalled.waiting == 3, "alice's request to queue")
+                        stalled.go()
         finally:
             stalled.go()
     assert_error(refused, 429, "mallory")
@@ -255,19 +258,19 @@ def test_a_tenant_cannot_pin_more_than_its_share_of_the_pool(
             assert upload(client, who, peft_files(adapters[kind]), name=name).status_code == 201
         own, a, b = ({**VICTIM, "prefix": name} for name in ("own", "a", "b"))
         try:
-            with (
-                in_background(client, "/v1/generate", a, mallory.headers),
-                in_background(client, "/v1/generate", a, mallory.headers) as again,
-            ):  # the same version twice: it counts once, so the second one queues
-                wait_for(lambda: stalled.waiting == 1, "mallory's two requests")
-                registry = client.app.state.services.registry  # type: ignore[attr-defined]
-                loads_before = registry.stats().loads
-                refused = client.post("/v1/generate", json=b, headers=mallory.headers)
-                # refused before its prefix was loaded: nothing of anyone's was evicted for it
-                assert registry.stats().loads == loads_before
-                with in_background(client, "/v1/generate", own, alice.headers) as victim:
-                    wait_for(lambda: stalled.waiting == 2, "alice's request")
-                    stalled.go()
+            with in_background(client, "/v1/generate", a, mallory.headers):
+                wait_for(stalled.stepping.is_set, "mallory's first request to run")
+                # the same version again: it counts once, so the second one queues
+                with in_background(client, "/v1/generate", a, mallory.headers) as again:
+                    wait_for(lambda: stalled.waiting == 1, "mallory's second request")
+                    registry = client.app.state.services.registry  # type: ignore[attr-defined]
+                    loads_before = registry.stats().loads
+                    refused = client.post("/v1/generate", json=b, headers=mallory.headers)
+                    # refused before its prefix was loaded: nothing of anyone's was evicted for it
+                    assert registry.stats().loads == loads_before
+                    with in_background(client, "/v1/generate", own, alice.headers) as victim:
+                        wait_for(lambda: stalled.waiting == 2, "alice's request")
+                        stalled.go()
         finally:
             stalled.go()
     assert_error(refused, 429, "mallory", "pin")
