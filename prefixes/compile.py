@@ -8,6 +8,7 @@ is serving the soft prompt.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -62,7 +63,15 @@ def compile_prefix(
     else:
         kv = prefix.tensor.to(device=device, dtype=dtype)
     check_finite(kv)
-    return CompiledPrefix(prefix.kind, kv.contiguous())
+    kv = kv.contiguous()
+    return CompiledPrefix(prefix.kind, kv, kv_digest(kv))
+
+
+def kv_digest(kv: torch.Tensor) -> str:
+    """sha256 of the compiled KV's bytes (and shape): what the engine shares device copies by."""
+    digest = hashlib.sha256(str((tuple(kv.shape), kv.dtype)).encode())
+    digest.update(kv.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def check_finite(kv: torch.Tensor) -> None:

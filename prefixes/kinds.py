@@ -46,6 +46,9 @@ class CompiledPrefix:
 
     kind: PrefixKind
     kv: torch.Tensor
+    # Names the content: two handles on equal KV share one copy on the device (the registry
+    # passes the stored file's sha256; compiling computes a digest of the KV).
+    digest: str
 
     @property
     def num_virtual_tokens(self) -> int:

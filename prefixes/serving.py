@@ -135,7 +135,7 @@ class Serving:
                 before_pin(info)
             kv = self._pool.pin(info.sha256, partial(self._load, info.sha256))
         return PrefixHandle(
-            info, CompiledPrefix(info.kind, kv), partial(self._release, info.sha256)
+            info, CompiledPrefix(info.kind, kv, info.sha256), partial(self._release, info.sha256)
         )
 
     def check_fits(self, nbytes: int) -> None:

@@ -9,8 +9,14 @@ from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from prefixes.pool import DEFAULT_DEVICE_POOL_BYTES, DEFAULT_HOST_POOL_BYTES
+from server.engine.config import EngineConfig
 
 MiB = 1 << 20
+
+# Tokens per step when not set. A step's time is every running row's gap between tokens; on a
+# CPU it grows with every token fed (docs/scheduling.md has the measurements), on a GPU a
+# step of a few thousand tokens costs about what one of a few does.
+STEP_TOKENS = {"cpu": 128, "cuda": 2048}
 
 
 class Settings(BaseSettings):
@@ -29,13 +35,24 @@ class Settings(BaseSettings):
     database_url: str | None = Field(
         None, description="SQLAlchemy URL; default sqlite in the data directory"
     )
-    num_slots: int = Field(16, ge=1, description="rows decoded together (KV cache slots)")
-    max_len: int = Field(2048, ge=16, description="positions per slot: prefix + prompt + output")
+    num_slots: int = Field(16, ge=1, description="rows decoded together")
+    max_len: int = Field(2048, ge=16, description="positions per request: prefix + prompt + output")
+    kv_cache_bytes: int | None = Field(
+        None,
+        ge=1,
+        description="KV block pool; default: every row at max_len on cpu, half the free memory "
+        "on cuda",
+    )
     max_waiting: int = Field(256, ge=1, description="queued requests before 429")
     max_waiting_per_tenant: int = Field(
         64, ge=1, description="queued requests of one tenant before that tenant gets 429"
     )
-    max_prefill_tokens: int = Field(512, ge=1, description="prompt tokens admitted per step")
+    max_step_tokens: int | None = Field(
+        None,
+        ge=2,
+        description="tokens fed per step, long prompts in chunks; default: 128 on cpu, 2048 on "
+        "cuda",
+    )
     max_running_per_tenant: int = Field(8, ge=0, description="rows one tenant may hold; 0: no cap")
     max_virtual_tokens: int = Field(256, ge=1, description="largest prefix length accepted")
     max_new_tokens_limit: int = Field(4096, ge=1, description="largest max_new_tokens accepted")
@@ -67,6 +84,19 @@ class Settings(BaseSettings):
             if not torch.cuda.is_available():
                 raise ValueError("device: expected a machine with CUDA, found none")
         return self
+
+    def engine_config(self) -> EngineConfig:
+        """The engine's configuration: the one place settings become engine knobs."""
+        step_tokens = self.max_step_tokens or STEP_TOKENS[self.device]
+        return EngineConfig(
+            num_slots=self.num_slots,
+            max_len=self.max_len,
+            max_step_tokens=max(step_tokens, self.num_slots + 1),
+            kv_cache_bytes=self.kv_cache_bytes,
+            max_waiting=self.max_waiting,
+            max_waiting_per_tenant=self.max_waiting_per_tenant,
+            max_running_per_tenant=self.max_running_per_tenant,
+        )
 
     @property
     def model_cache(self) -> Path:

@@ -25,7 +25,6 @@ from server.api.routes import generate, health, openai, prefixes, tenants
 from server.api.services import Services
 from server.config import Settings
 from server.engine.engine import Engine
-from server.engine.scheduler import SchedulerConfig
 from server.models import LoadedModel, load_model
 
 log = logging.getLogger("prefix_server")
@@ -101,17 +100,9 @@ def start_services(state: Services, loaded: LoadedModel | None) -> None:
             device_pool_bytes=settings.device_pool_bytes,
             host_pool_bytes=settings.host_pool_bytes,
         )
-        scheduler = SchedulerConfig(
-            num_slots=settings.num_slots,
-            max_waiting=settings.max_waiting,
-            max_waiting_per_tenant=settings.max_waiting_per_tenant,
-            max_prefill_tokens=settings.max_prefill_tokens,
-            max_running_per_tenant=settings.max_running_per_tenant,
-            max_prefix_bytes=settings.device_pool_bytes,
-        )
         share = settings.max_pinned_share_per_tenant
         state.pins = TenantPins(int(share * settings.device_pool_bytes))
-        state.engine = Engine(loaded, scheduler, max_len=settings.max_len).start()
+        state.engine = Engine(loaded, settings.engine_config()).start()
         state.ready = True
         log.info("ready: model %s, data in %s", loaded.model_id, settings.data_dir)
     except Exception as exc:

@@ -26,8 +26,8 @@ from prefixes.errors import (
     Unauthorized,
 )
 from server.engine.engine import EngineStopped
+from server.engine.gate import Overloaded
 from server.engine.request import InvalidRequest, NonFiniteOutput, RequestFailed
-from server.engine.scheduler import Overloaded
 
 log = logging.getLogger(__name__)
 

@@ -44,6 +44,7 @@ ENGINE_COUNTERS = [
         "requests failed alone because their own values overflowed to NaN or Inf",
         "non_finite_rows",
     ),
+    ("engine_preemptions", "rows preempted when KV blocks ran out (recomputed)", "preemptions"),
 ]
 # (name after prefix_server_pool_, help, PoolStats attribute)
 POOL_COUNTERS = [
@@ -75,6 +76,9 @@ class EngineCollector(Collector):
             finished.add_metric([reason], count)
         yield finished
         yield gauge("prefix_server_running_rows", "rows in the batch", engine.num_running)
+        blocks = engine.kv_blocks()
+        yield gauge("prefix_server_kv_blocks_total", "KV blocks in the pool", blocks.total)
+        yield gauge("prefix_server_kv_blocks_free", "KV blocks free", blocks.free)
         # Totals only: /metrics is read without a key, and tenant names are not public.
         waiting = engine.waiting_per_tenant()
         yield gauge("prefix_server_queue_depth", "waiting requests", sum(waiting.values()))

@@ -1,4 +1,4 @@
-"""The engine's step, with no threads: admit, copy prefixes in, run one forward, retire.
+"""The engine's step, with no threads: schedule -> run -> postprocess.
 
 `LLM` drives it in a plain loop; `Engine` drives it from its own thread and streams the output.
 """
@@ -7,13 +7,20 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import deque
 from dataclasses import dataclass
 
+from server.engine.config import EngineConfig
+from server.engine.gate import AdmissionGate
 from server.engine.metrics import EngineMetrics
-from server.engine.request import InvalidRequest, NonFiniteOutput, Request, RequestFailed
+from server.engine.request import (
+    InvalidRequest,
+    NonFiniteOutput,
+    Request,
+    RequestFailed,
+    RequestStatus,
+)
 from server.engine.runner import ModelRunner
-from server.engine.scheduler import Scheduler, SchedulerConfig
+from server.engine.scheduler import Schedule, ScheduledRow, Scheduler
 from server.engine.stopping import append_token, update_text
 from server.models import LoadedModel
 
@@ -38,19 +45,27 @@ class StepOutput:
 
 
 class EngineCore:
-    def __init__(self, loaded: LoadedModel, config: SchedulerConfig, *, max_len: int) -> None:
+    def __init__(
+        self, loaded: LoadedModel, config: EngineConfig, gate: AdmissionGate | None = None
+    ) -> None:
         self.loaded = loaded
-        self.max_len = min(max_len, loaded.spec.max_positions)
-        self.runner = ModelRunner(loaded.model, loaded.spec, config.num_slots, self.max_len)
-        self.scheduler = Scheduler(config)
-        self.free_slots: deque[int] = deque(range(config.num_slots))
-        self.running: list[Request] = []
+        self.config = config
+        spec = loaded.spec
+        self.max_len = min(config.max_len, spec.max_positions)
+        num_blocks = config.num_blocks(spec, loaded.dtype, loaded.device)
+        self.runner = ModelRunner(loaded.model, spec, num_blocks, config.block_size)
+        self.scheduler = Scheduler(config, num_blocks)
+        self.gate = gate
         self.eos_token_ids = loaded.eos_token_ids
         self.metrics = EngineMetrics()
 
     @property
+    def running(self) -> list[Request]:
+        return self.scheduler.running
+
+    @property
     def has_work(self) -> bool:
-        return bool(self.running or self.scheduler.num_waiting)
+        return self.scheduler.has_work
 
     def check(self, request: Request) -> None:
         """Raise InvalidRequest if the request can never run on this model."""
@@ -63,6 +78,14 @@ class EngineCore:
         bad = [t for t in request.prompt_token_ids if not 0 <= t < vocab]
         if bad:
             raise InvalidRequest(f"prompt: expected token ids in [0, {vocab}), found {bad[0]}")
+        if request.prefix is not None:
+            spec = self.loaded.spec
+            expected = (spec.num_layers, 2, spec.num_kv_heads, request.prefix_len, spec.head_dim)
+            if tuple(request.prefix.kv.shape) != expected:
+                raise InvalidRequest(
+                    f"prefix: expected KV of shape {expected}, "
+                    f"found {tuple(request.prefix.kv.shape)}"
+                )
 
     def add(self, request: Request) -> None:
         self.check(request)
@@ -72,73 +95,98 @@ class EngineCore:
         self, request: Request, reason: str = "cancelled", error: RequestFailed | None = None
     ) -> bool:
         """Finish a waiting or running request now; False if it had already left."""
-        if request in self.running:
-            self.running.remove(request)
-            self._retire(request, reason, error)
-            return True
-        if self.scheduler.remove_waiting(request):
-            self._release(request, reason, error)
-            return True
-        return False
+        if not self.scheduler.remove(request):
+            return False
+        self._release(request, reason, error)
+        return True
 
-    def step(self, admitted: list[Request] | None = None) -> list[StepOutput]:
-        """Admit (unless the caller already chose `admitted`), run one forward, retire."""
-        if admitted is None:
-            admitted = self.scheduler.admit(len(self.free_slots), self.running)
-        outputs = [out for out in map(self._admit, admitted) if out is not None]
-        if not self.running:
+    def step(self) -> list[StepOutput]:
+        """Schedule, run one forward, retire what finished."""
+        plan = self.scheduler.schedule()
+        self.metrics.preemptions += len(plan.preempted)
+        for request in plan.admitted:
+            if request.num_preemptions == 0:
+                self.metrics.prompt_tokens += len(request.prompt_token_ids)
+            if self.gate is not None:
+                self.gate.dequeued(request.request_id, request.tenant)
+        outputs = self._prepare(plan)
+        rows = [row for row in plan.rows if not row.request.finished]
+        if not rows:
             return outputs
-        batch = self.running
         started = time.monotonic()
+        sampling = [row.request for row in rows if row.samples]
         try:
-            next_ids: list[int | RequestFailed | None] = list(self.runner.step(batch))
+            tokens = self.runner.step(rows)
+            outcomes: dict[int, int | RequestFailed | None] = {
+                id(request): token for request, token in zip(sampling, tokens, strict=True)
+            }
         except Exception:  # never the engine, and never the whole batch for one bad row
-            log.exception("engine step failed; running its %d rows alone", len(batch))
+            log.exception("engine step failed; running its %d rows alone", len(rows))
             self.metrics.failed_steps += 1
-            next_ids = self._step_rows_alone(batch)
+            outcomes = self._step_rows_alone(rows)
         now = time.monotonic()
         self.metrics.steps += 1
         self.metrics.step_seconds.observe(now - started)
-        for request, token in zip(batch, next_ids, strict=True):
-            if isinstance(token, int):
-                outputs.append(self._postprocess(request, token, now))
+        for row in rows:
+            request = row.request
+            if id(request) not in outcomes:
+                continue  # fed a prompt chunk; samples once its whole prompt is in
+            outcome = outcomes[id(request)]
+            if isinstance(outcome, int):
+                outputs.append(self._postprocess(request, outcome, now))
                 continue
-            if token is None:  # this row's own values overflowed; the others are unaffected
+            if outcome is None:  # this row's own values overflowed; the others are unaffected
                 self.metrics.non_finite_rows += 1
-                token = NonFiniteOutput(NON_FINITE_ERROR.format(position=request.num_tokens))
-            request.finish_reason, request.error = "error", token  # retired below
+                outcome = NonFiniteOutput(NON_FINITE_ERROR.format(position=request.num_tokens))
+            request.finish("error", outcome)
             outputs.append(StepOutput(request, [], ""))
-        finished = [r for r in batch if r.finished]
-        if finished:
-            self.running = [r for r in batch if not r.finished]
-            for request in finished:
-                self._retire(request, request.finish_reason or "stop", request.error)
-        self.scheduler.note_finish_rate(len(finished) / max(now - started, 1e-6))
+        finished = [row.request for row in rows if row.request.finished]
+        for request in finished:
+            self.scheduler.retire(request)
+            self._release(request, request.finish_reason or "stop", request.error)
+        if self.gate is not None:
+            self.gate.note_finish_rate(len(finished) / max(now - started, 1e-6))
         return outputs
 
-    def _step_rows_alone(self, batch: list[Request]) -> list[int | RequestFailed | None]:
+    def _prepare(self, plan: Schedule) -> list[StepOutput]:
+        """Zero fresh blocks, write new prefixes, copy partial blocks. A prefix that fails to
+        load fails the rows that attached it, and only them."""
+        cache = self.runner.cache
+        cache.zero(plan.zero_blocks)
+        failed: dict[str, Exception] = {}
+        for resident, prefix in plan.prefix_loads:
+            try:
+                cache.load_prefix(resident.blocks, prefix)
+            except Exception as exc:
+                log.exception("loading prefix %s failed", resident.key[:12])
+                failed[resident.key] = exc
+        for source, target in plan.block_copies:
+            cache.copy_block(source, target)
+        outputs = []
+        for request in plan.admitted:
+            if request.prefix is not None and request.prefix.digest in failed:
+                cause = failed[request.prefix.digest]
+                self.abort(request, "error", RequestFailed(f"prefix could not be loaded: {cause}"))
+                outputs.append(StepOutput(request, [], ""))
+        for key in failed:  # never serve a half-written prefix to a later row
+            self.scheduler.prefixes.forget(key)
+        return outputs
+
+    def _step_rows_alone(self, rows: list[ScheduledRow]) -> dict[int, int | RequestFailed | None]:
         """After a failed step: each row once more on its own, so only the row that makes the
         step fail fails. A failed forward advanced nobody, so a retry rewrites the same places."""
-        results: list[int | RequestFailed | None] = []
-        for request in batch:
+        outcomes: dict[int, int | RequestFailed | None] = {}
+        for row in rows:
+            request = row.request
             try:
-                results.append(self.runner.step([request])[0])
+                tokens = self.runner.step([row])
             except Exception as exc:
                 log.exception("request %s fails its step alone", request.request_id)
-                results.append(RequestFailed(f"generation failed: {exc}"))
-        return results
-
-    def _admit(self, request: Request) -> StepOutput | None:
-        request.slot = self.free_slots.popleft()
-        try:
-            self.runner.load_prefix(request.slot, request.prefix)
-        except Exception as exc:  # this request's prefix only; the batch goes on
-            log.exception("loading the prefix of %s failed", request.request_id)
-            self._retire(request, "error", RequestFailed(f"prefix could not be loaded: {exc}"))
-            return StepOutput(request, [], "")
-        self.running.append(request)
-        self.metrics.prompt_tokens += len(request.prompt_token_ids)
-        return None
+                outcomes[id(request)] = RequestFailed(f"generation failed: {exc}")
+                continue
+            if tokens:
+                outcomes[id(request)] = tokens[0]
+        return outcomes
 
     def _postprocess(self, request: Request, token: int, now: float) -> StepOutput:
         if request.first_token_time is None:
@@ -152,18 +200,13 @@ class EngineCore:
         text = update_text(request, self.loaded.tokenizer)
         return StepOutput(request, [token], text)
 
-    def _retire(self, request: Request, reason: str, error: RequestFailed | None = None) -> None:
-        """Free the slot of a request that was admitted, then release it."""
-        if request.slot >= 0:
-            self.free_slots.append(request.slot)
-            request.slot = -1
-            self.scheduler.finished(request)
-        self._release(request, reason, error)
-
     def _release(self, request: Request, reason: str, error: RequestFailed | None) -> None:
-        request.finish_reason = reason
-        request.error = error
-        self.metrics.requests_finished[reason] += 1
+        """The request has left the scheduler: record its outcome and unpin its prefix."""
+        request.finish(reason, error)
+        request.status = RequestStatus.FINISHED
+        self.metrics.requests_finished[request.finish_reason or reason] += 1
+        if self.gate is not None:
+            self.gate.done(request.request_id, request.tenant)
         if request.release is not None:
             release, request.release = request.release, None
             release()

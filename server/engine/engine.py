@@ -1,8 +1,10 @@
 """The serving engine: `EngineCore` on its own thread, async streams for the callers.
 
-The event loop never runs model code. `submit` validates and queues at once (raising
-Overloaded when the queue is full); the thread admits, steps and pushes each request's new
-tokens to its stream; an idle engine waits on a condition variable instead of spinning.
+The engine thread alone touches the scheduler, the KV blocks and every running request. Callers
+post messages (a new request, a cancellation, stop) to an inbox that the thread reads at the top
+of each step; the only state they share with it is that inbox and the admission gate's counters
+(so that `submit` answers 429 at once). The event loop never runs model code, and an idle engine
+waits on a condition variable instead of spinning.
 """
 
 from __future__ import annotations
@@ -12,33 +14,53 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from prefixes import CompiledPrefix
+from server.engine.blocks import RESERVED_BLOCKS
+from server.engine.config import EngineConfig
 from server.engine.core import EngineCore, StepOutput
+from server.engine.gate import AdmissionGate
 from server.engine.metrics import EngineMetrics
 from server.engine.request import Request, RequestFailed, SamplingParams
-from server.engine.scheduler import SchedulerConfig
 from server.engine.stream import Chunk, RequestStream
 from server.models import LoadedModel
 
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True, slots=True)
+class KVBlocks:
+    total: int
+    free: int  # read from another thread: a snapshot, possibly one step old
+
+
 class EngineStopped(Exception):
     """The engine is shutting down and takes no new requests."""
 
 
+@dataclass(frozen=True, slots=True)
+class _Submit:
+    request: Request
+    stream: RequestStream
+
+
+@dataclass(frozen=True, slots=True)
+class _Cancel:
+    request: Request
+
+
 class Engine:
-    def __init__(
-        self, loaded: LoadedModel, config: SchedulerConfig | None = None, *, max_len: int = 2048
-    ) -> None:
-        self.core = EngineCore(loaded, config or SchedulerConfig(), max_len=max_len)
-        self._lock = threading.Lock()  # guards the scheduler's queues and the cancel list
-        self._wake = threading.Condition(self._lock)
-        self._cancelled: list[Request] = []
-        self._streams: dict[str, RequestStream] = {}
+    def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None) -> None:
+        config = config or EngineConfig()
+        self.gate = AdmissionGate(config.max_waiting, config.max_waiting_per_tenant)
+        self.core = EngineCore(loaded, config, self.gate)
+        self._inbox: list[_Submit | _Cancel] = []
+        self._wake = threading.Condition()  # guards the inbox and the flags below
         self._accepting = True
         self._stop = False
+        # Engine thread only: the stream of every request it holds.
+        self._streams: dict[str, RequestStream] = {}
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
 
     @property
@@ -49,9 +71,17 @@ class Engine:
     def num_running(self) -> int:
         return len(self.core.running)
 
+    @property
+    def in_flight(self) -> int:
+        """Requests submitted and not yet finished (waiting or running)."""
+        return self.gate.in_flight
+
+    def kv_blocks(self) -> KVBlocks:
+        pool = self.core.scheduler.pool
+        return KVBlocks(total=pool.num_blocks - RESERVED_BLOCKS, free=pool.num_free)
+
     def waiting_per_tenant(self) -> dict[str, int]:
-        with self._lock:
-            return self.core.scheduler.waiting_per_tenant()
+        return self.gate.waiting_per_tenant()
 
     def start(self) -> Engine:
         self._thread.start()
@@ -76,6 +106,7 @@ class Engine:
         `release` is called once when the request leaves the engine (it unpins the prefix
         version the request started with), also when `submit` itself raises.
         """
+        entered = False
         try:
             request = Request(
                 prompt_token_ids,
@@ -86,101 +117,102 @@ class Engine:
                 stream_text=stream_text,
             )
             self.core.check(request)
-            stream = RequestStream(request, asyncio.get_running_loop(), self._request_cancel)
+            stream = RequestStream(request, asyncio.get_running_loop(), self._post_cancel)
             with self._wake:
                 if not self._accepting:
                     raise EngineStopped("the server is shutting down")
-                self.core.scheduler.add(request)
-                self._streams[request.request_id] = stream
+                self.gate.enter(request.request_id, tenant)
+                entered = True
+                self._inbox.append(_Submit(request, stream))
                 self._wake.notify()
         except BaseException:
+            if entered:
+                self.gate.done(request.request_id, tenant)
             if release is not None:
                 release()
             raise
         return stream
 
     def stop_accepting(self) -> None:
-        with self._lock:
+        with self._wake:
             self._accepting = False
 
     def drain(self, timeout: float) -> bool:
         """Stop taking requests and wait up to `timeout` s for the admitted ones; True if idle."""
         self.stop_accepting()
         deadline = time.monotonic() + timeout
-        while self.core.has_work and time.monotonic() < deadline:
+        while self.in_flight and time.monotonic() < deadline:
             time.sleep(0.02)
-        return not self.core.has_work
+        return not self.in_flight
 
     def stop(self, timeout: float = 10.0) -> None:
         """Cancel whatever is left and join the thread."""
-        running = self._thread.is_alive()
-        outputs: list[StepOutput] = []
         with self._wake:
             self._accepting = False
             self._stop = True
             self._wake.notify()
-            if not running:  # never started: nobody else will release what waits
-                outputs = self._abort_cancelled(everything=True)
-        self._publish(outputs)
-        if running:
+        if self._thread.is_alive():
             self._thread.join(timeout)
+        elif self._thread.ident is None:  # never started: nobody else will release what waits
+            self._shut_down()
 
-    def _abort_cancelled(self, *, everything: bool) -> list[StepOutput]:
-        """With the lock held: finish the requests marked cancelled (or all of them)."""
-        cancelled, self._cancelled = self._cancelled, []
-        if everything:
-            cancelled += self.core.running + self._all_waiting()
-        return [
-            StepOutput(request, [], "")
-            for request in cancelled
-            if self.core.abort(request, "cancelled")
-        ]
-
-    def _request_cancel(self, request: Request) -> None:
+    def _post_cancel(self, request: Request) -> None:
         with self._wake:
-            if not request.cancel_requested:
-                request.cancel_requested = True
-                self._cancelled.append(request)
-                self._wake.notify()
+            self._inbox.append(_Cancel(request))
+            self._wake.notify()
 
     def _run(self) -> None:
         while True:
             with self._wake:
-                while not (self._stop or self._cancelled or self.core.has_work):
+                while not (self._stop or self._inbox or self.core.has_work):
                     self._wake.wait()
+                inbox, self._inbox = self._inbox, []
                 stopping = self._stop
-                outputs = self._abort_cancelled(everything=stopping)
-            # Published outside the lock: a stream whose loop has closed cancels itself, and
-            # that takes the lock.
-            self._publish(outputs)
+            self._publish(self._read(inbox))
             if stopping:
+                self._shut_down()
                 return
             try:
-                outputs = self._step()
+                outputs = self.core.step()
             except Exception:  # a bug in the step itself: fail what runs, keep serving
                 log.exception("engine step crashed")
-                for request in list(self.core.running):
-                    self.core.abort(
+                outputs = [
+                    StepOutput(request, [], "")
+                    for request in list(self.core.running)
+                    if self.core.abort(
                         request, "error", RequestFailed("internal error in the engine step")
                     )
-                # Every stream whose request has left, in this step or before it crashed, gets
-                # its last chunk: its outputs were lost with the exception.
-                outputs = [
+                ]
+                # Requests that left in this step before it crashed lost their outputs too.
+                outputs += [
                     StepOutput(stream.request, [], "")
-                    for stream in list(self._streams.values())
+                    for stream in self._streams.values()
                     if stream.request.finished
                 ]
             self._publish(outputs)
 
-    def _step(self) -> list[StepOutput]:
-        # Admission touches the queues that `submit` fills from other threads: take the lock
-        # for it, but never for the forward pass.
-        with self._lock:
-            admitted = self.core.scheduler.admit(len(self.core.free_slots), self.core.running)
-        return self.core.step(admitted)
+    def _read(self, inbox: list[_Submit | _Cancel]) -> list[StepOutput]:
+        """Apply the callers' messages, in the order they were posted."""
+        outputs = []
+        for message in inbox:
+            request = message.request
+            if isinstance(message, _Submit):
+                self._streams[request.request_id] = message.stream
+                self.core.scheduler.add(request)
+            elif self.core.abort(request, "cancelled"):
+                outputs.append(StepOutput(request, [], ""))
+        return outputs
 
-    def _all_waiting(self) -> list[Request]:
-        return [r for queue in self.core.scheduler.queues.values() for r in queue]
+    def _shut_down(self) -> None:
+        """Cancel every request still held, and those posted but never read."""
+        with self._wake:
+            inbox, self._inbox = self._inbox, []
+        outputs = self._read(inbox)
+        waiting = [r for queue in self.core.scheduler.queues.values() for r in queue]
+        for request in list(self.core.running) + waiting:
+            if self.core.abort(request, "cancelled"):
+                outputs.append(StepOutput(request, [], ""))
+        self._publish(outputs)
 
     def _publish(self, outputs: list[StepOutput]) -> None:
         for out in outputs:

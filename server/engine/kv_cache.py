@@ -1,17 +1,16 @@
-"""The slot KV cache: one slot per running request, storage index == position id.
+"""The paged KV cache: a pool of fixed-size blocks, each row reading through its block table.
 
-A slot holds the request's prefix K/V at 0..T-1 and its own tokens from T on. The runner binds
-each forward's write and read indices before calling the model; the model only ever calls
-`update(key, value, layer_idx)` (transformers 5.23), which writes the new K/V in place and
-returns the batch's rows of the cache.
+Position p of a row lives at offset p % block_size of block `table[p // block_size]`; a prefix
+sits at positions 0..T-1, the row's own tokens from T on. The runner binds each forward's write
+slots (one per fed token) and read tables (one per row) before calling the model; the model only
+ever calls `update(key, value, layer_idx)` (transformers 5.23), which writes the new K/V in place
+and returns the batch's rows of the cache, gathered block by block.
 
-Nothing trusts a freed slot to be clean. Rows are read up to the batch's longest, so a shorter
-row's read reaches past its own end into whatever an earlier request left in that slot. The
-attention mask hides those positions, but hiding is addition: a stale key of 3e38 makes a
-score of inf, and inf + -inf is NaN, which turns the whole row into NaN. So every position past
-a row's own end is read from the zero slot instead, a slot no request ever owns and nothing ever
-writes: masked by selection, such a position contributes exactly nothing whatever its own slot
-holds, and the read stays one gather per layer.
+Nothing trusts a reused block to be clean: every block is zeroed before its first write, a row's
+table is padded with the zero block (never written), and padding tokens write to the scratch
+block, which no table holds. So a position past a row's end reads as zeros, masked by selection:
+whatever an earlier request left (3e38, inf, NaN) never reaches another row's scores, where the
+additive mask could not hide it (inf + -inf is NaN).
 """
 
 from __future__ import annotations
@@ -20,86 +19,97 @@ import torch
 from transformers.cache_utils import Cache
 
 from prefixes import CompiledPrefix, ModelSpec
+from server.engine.blocks import ZERO_BLOCK
 
 
-class SlotKVCache(Cache):
+class PagedKVCache(Cache):
     def __init__(
         self,
         spec: ModelSpec,
-        num_slots: int,
-        max_len: int,
+        num_blocks: int,
+        block_size: int,
         *,
         dtype: torch.dtype,
         device: torch.device | str = "cpu",
     ) -> None:
         super().__init__(layers=[])
-        self.num_slots = num_slots
-        self.max_len = max_len
-        # One extra slot absorbs the writes of padding tokens, so they never touch a real row;
-        # another stays zeros for ever: what positions past a row's end read.
-        self.scratch_slot = num_slots
-        self.zero_slot = num_slots + 1
-        # Layout [layer, slot, position, head, dim]: (slot, position) flatten to one index, so a
-        # step's writes are one index_copy_ per layer and its reads one index_select.
-        shape = (spec.num_layers, num_slots + 2, max_len, spec.num_kv_heads, spec.head_dim)
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)
-        self.values = torch.zeros(shape, dtype=dtype, device=device)
-        self._write_index = torch.zeros(0, dtype=torch.long, device=device)
-        self._read_index = torch.zeros(0, dtype=torch.long, device=device)
+        self.block_size = block_size
+        # [layer, block, offset, head, dim]: a block is one contiguous run of block_size tokens,
+        # so a read gathers whole blocks and a write is one index_copy_ per layer. Left empty:
+        # a block's pages are touched only when it is first handed out (and zeroed).
+        shape = (spec.num_layers, num_blocks, block_size, spec.num_kv_heads, spec.head_dim)
+        self.keys = torch.empty(shape, dtype=dtype, device=device)
+        self.values = torch.empty(shape, dtype=dtype, device=device)
+        self.zero([ZERO_BLOCK])
+        self._write_slots = torch.zeros(0, dtype=torch.long, device=device)
+        self._read_blocks = torch.zeros(0, dtype=torch.long, device=device)
         self._read_rows = 0
-        self._kv_len = 0
 
-    def load_prefix(self, slot: int, prefix: CompiledPrefix) -> None:
-        """Copy a compiled prefix `[L, 2, H, T, D]` into positions 0..T-1 of a slot."""
+    def zero(self, blocks: list[int]) -> None:
+        if blocks:
+            index = torch.tensor(blocks, device=self.keys.device)
+            self.keys.index_fill_(1, index, 0)
+            self.values.index_fill_(1, index, 0)
+
+    def load_prefix(self, blocks: list[int], prefix: CompiledPrefix) -> None:
+        """Write a compiled prefix `[L, 2, H, T, D]` into positions 0..T-1 of these blocks."""
         tokens = prefix.num_virtual_tokens
         layers, _, _, heads, head_dim = self.keys.shape
         expected = (layers, 2, heads, tokens, head_dim)
-        if tuple(prefix.kv.shape) != expected or tokens >= self.max_len:
+        if tuple(prefix.kv.shape) != expected or len(blocks) * self.block_size < tokens:
             # Copying a wrong shape could broadcast silently into garbage: refuse it.
             raise ValueError(
                 f"prefix KV: expected shape {expected}, found {tuple(prefix.kv.shape)}"
             )
-        self.keys[:, slot, :tokens] = prefix.kv[:, 0].transpose(1, 2)
-        self.values[:, slot, :tokens] = prefix.kv[:, 1].transpose(1, 2)
+        slots = self.slots(blocks, torch.arange(tokens, device=self.keys.device))
+        flat = (layers, -1, heads, head_dim)
+        # [L, H, T, D] -> [L, T, H, D], written at the prefix's flat slots in every layer.
+        self.keys.view(flat)[:, slots] = prefix.kv[:, 0].transpose(1, 2).to(self.keys.dtype)
+        self.values.view(flat)[:, slots] = prefix.kv[:, 1].transpose(1, 2).to(self.keys.dtype)
 
-    def bind(
-        self,
-        read_slots: torch.Tensor,
-        read_ends: torch.Tensor,
-        write_slots: torch.Tensor,
-        write_pos: torch.Tensor,
-        kv_len: int,
-    ) -> None:
-        """Set where the next forward writes (per token) and what it reads (per row): positions
-        0..kv_len-1 of each row's slot, of which those from the row's end on read as zeros."""
-        self._write_index = (write_slots * self.max_len + write_pos).reshape(-1)
-        positions = torch.arange(kv_len, device=read_ends.device)[None, :]
-        own = read_slots[:, None] * self.max_len + positions
-        zero = self.zero_slot * self.max_len
-        self._read_index = torch.where(positions < read_ends[:, None], own, zero).reshape(-1)
-        self._read_rows = len(read_slots)
-        self._kv_len = kv_len
+    def copy_block(self, source: int, target: int) -> None:
+        self.keys[:, target] = self.keys[:, source]
+        self.values[:, target] = self.values[:, source]
+
+    def slots(self, blocks: list[int], positions: torch.Tensor) -> torch.Tensor:
+        """Flat slot (block * block_size + offset) of each position of one row."""
+        table = torch.tensor(blocks, device=positions.device)
+        return table[positions // self.block_size] * self.block_size + positions % self.block_size
+
+    def bind(self, write_slots: torch.Tensor, read_blocks: torch.Tensor) -> None:
+        """Where the next forward writes (a flat slot per fed token, padding to the scratch
+        block) and what each row reads: its table `[B, blocks]`, padded with the zero block."""
+        self._write_slots = write_slots.reshape(-1)
+        self._read_blocks = read_blocks.reshape(-1)
+        self._read_rows = read_blocks.shape[0]
+
+    @property
+    def kv_len(self) -> int:
+        return self._read_blocks.numel() // max(self._read_rows, 1) * self.block_size
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor]:
         keys, values = self.keys[layer_idx], self.values[layer_idx]
-        flat_shape = (-1, *keys.shape[2:])
+        heads, head_dim = keys.shape[2:]
+        token_shape = (-1, heads, head_dim)
         # key_states: [B, H, q, D] -> [B*q, H, D], one row per written position.
-        new_k = key_states.transpose(1, 2).reshape(flat_shape)
-        new_v = value_states.transpose(1, 2).reshape(flat_shape)
-        keys.view(flat_shape).index_copy_(0, self._write_index, new_k)
-        values.view(flat_shape).index_copy_(0, self._write_index, new_v)
-        read_shape = (self._read_rows, self._kv_len, *keys.shape[2:])
-        read_k = keys.view(flat_shape).index_select(0, self._read_index).view(read_shape)
-        read_v = values.view(flat_shape).index_select(0, self._read_index).view(read_shape)
+        keys.view(token_shape).index_copy_(
+            0, self._write_slots, key_states.transpose(1, 2).reshape(token_shape)
+        )
+        values.view(token_shape).index_copy_(
+            0, self._write_slots, value_states.transpose(1, 2).reshape(token_shape)
+        )
+        read_shape = (self._read_rows, self.kv_len, heads, head_dim)
+        read_k = keys.index_select(0, self._read_blocks).view(read_shape)
+        read_v = values.index_select(0, self._read_blocks).view(read_shape)
         return read_k.transpose(1, 2), read_v.transpose(1, 2)  # [B, H, kv_len, D]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self._kv_len
+        return self.kv_len
 
     def get_max_cache_shape(self, layer_idx: int = 0) -> int:
-        return self.max_len
+        return self.keys.shape[1] * self.block_size
 
     @property
     def nbytes(self) -> int:

@@ -6,11 +6,12 @@ The same step as the serving engine (`EngineCore`), driven by a plain loop inste
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import replace
 
 from prefixes import CompiledPrefix, RawPrefix
+from server.engine.config import EngineConfig
 from server.engine.core import EngineCore
 from server.engine.request import Request
-from server.engine.scheduler import SchedulerConfig
 from server.models import LoadedModel
 
 
@@ -18,22 +19,23 @@ class LLM:
     def __init__(
         self,
         loaded: LoadedModel,
+        config: EngineConfig | None = None,
         *,
-        num_slots: int = 16,
-        max_len: int = 2048,
+        num_slots: int | None = None,
+        max_len: int | None = None,
         max_virtual_tokens: int = 256,
     ) -> None:
         self.loaded = loaded
         self.max_virtual_tokens = max_virtual_tokens
-        # One caller, no tenants to protect from each other: no queue bound, no per-tenant cap.
-        config = SchedulerConfig(num_slots=num_slots, max_waiting=1 << 30, max_running_per_tenant=0)
-        self.core = EngineCore(loaded, config, max_len=max_len)
+        # One caller, no tenants to protect from each other: no per-tenant cap by default.
+        config = config or EngineConfig(max_running_per_tenant=0)
+        if num_slots is not None:
+            config = replace(config, num_slots=num_slots)
+        if max_len is not None:
+            config = replace(config, max_len=max_len)
+        self.core = EngineCore(loaded, config)
         self.runner = self.core.runner
         self.max_len = self.core.max_len
-
-    @property
-    def free_slots(self) -> list[int]:
-        return list(self.core.free_slots)
 
     @property
     def running(self) -> list[Request]:

@@ -33,6 +33,7 @@ class Histogram:
 class EngineMetrics:
     steps: int = 0
     failed_steps: int = 0
+    preemptions: int = 0  # rows whose blocks were taken back, to be recomputed
     non_finite_rows: int = 0  # rows failed alone because their own values overflowed
     prompt_tokens: int = 0
     generated_tokens: int = 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import itertools
 import math
 import time
@@ -58,10 +59,17 @@ class SamplingParams:
         return self.temperature == 0
 
 
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"  # queued, or preempted and queued again to recompute
+    RUNNING = "running"  # holds KV blocks and is fed every step
+    FINISHED = "finished"  # retired: holds nothing in the engine any more
+
+
 @dataclass(eq=False)
 class Request:
-    """One generation. Storage index == position: the prefix sits at 0..T-1 of the slot, and the
-    request's own tokens (prompt, then output) at T, T+1, ...
+    """One generation. Storage index == position: the prefix sits at positions 0..T-1 and the
+    request's own tokens (prompt, then output) at T, T+1, ...; `block_table` says where each
+    position lives in the KV pool.
     """
 
     prompt_token_ids: list[int]
@@ -73,13 +81,14 @@ class Request:
     # Decode text every step (streaming) rather than once at the end.
     stream_text: bool = False
     request_id: str = field(default_factory=lambda: f"req-{next(_ids)}")
-    slot: int = -1
-    num_cached: int = 0  # own tokens whose K/V are in the slot
+    status: RequestStatus = RequestStatus.WAITING
+    block_table: list[int] = field(default_factory=list)
+    num_cached: int = 0  # own tokens whose K/V are in the cache
+    num_preemptions: int = 0
     output_token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
     error: RequestFailed | None = None  # why it failed, when finish_reason is "error"
     text: str = ""  # text released so far (without a stop string)
-    cancel_requested: bool = False
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
     last_token_time: float | None = None
@@ -104,22 +113,34 @@ class Request:
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
+    def token_ids(self, start: int, count: int) -> list[int]:
+        """The request's own tokens start..start+count-1: prompt, then output."""
+        prompt_len = len(self.prompt_token_ids)
+        if start + count <= prompt_len:
+            return self.prompt_token_ids[start : start + count]
+        tokens = self.prompt_token_ids[start:] + self.output_token_ids[max(0, start - prompt_len) :]
+        return tokens[:count]
+
+    @property
+    def num_pending(self) -> int:
+        """Tokens to feed before the next sample: the (rest of the) prompt, or the last output
+        token in decode; after a preemption, everything again."""
+        return self.num_tokens - self.num_cached
+
     @property
     def pending_token_ids(self) -> list[int]:
-        """Tokens to feed next: the (rest of the) prompt in prefill, the last token in decode."""
-        prompt_len = len(self.prompt_token_ids)
-        if self.num_cached < prompt_len:
-            return self.prompt_token_ids[self.num_cached :]
-        return self.output_token_ids[self.num_cached - prompt_len :]
+        return self.token_ids(self.num_cached, self.num_pending)
 
     @property
     def next_position(self) -> int:
         return self.prefix_len + self.num_cached
 
     @property
-    def in_prefill(self) -> bool:
-        return not self.output_token_ids
-
-    @property
     def finished(self) -> bool:
+        """Its outcome is decided (it may still hold blocks until the step retires it)."""
         return self.finish_reason is not None
+
+    def finish(self, reason: str, error: RequestFailed | None = None) -> None:
+        """The one place a request's outcome is written; the first decision stands."""
+        if self.finish_reason is None:
+            self.finish_reason, self.error = reason, error

@@ -1,142 +1,233 @@
-"""Admission: which waiting requests join the batch this step. Pure Python, no tensors.
+"""What runs in the next step, and where its KV goes. Pure Python, no tensors; engine thread only.
 
-Policy, in order:
-- Tenants take turns (round-robin over tenants with waiting requests, one request per turn),
-  so a tenant flooding the queue delays another tenant by at most one request per busy tenant.
-- A tenant holds at most `max_running_per_tenant` rows, so it cannot occupy every slot.
-- Prompt tokens admitted in one step are capped by `max_prefill_tokens`: the prefill of
-  newcomers runs in the same forward as the decode of running rows, and a cap keeps that
-  forward, and so every running row's next token, from stalling behind a burst of long prompts.
-  The first newcomer of a step is always admitted, so a long prompt is never starved.
-- The distinct prefixes of running rows stay within `max_prefix_bytes`.
-- The waiting queue is bounded: beyond `max_waiting`, `add` raises Overloaded at once; so is
-  each tenant's share of it (`max_waiting_per_tenant`), so one tenant's flood gets that tenant
-  429 and leaves room in the queue for everyone else.
+The scheduler owns the waiting queues, the running rows and the KV blocks. Each step it hands the
+runner a `Schedule`: which rows are fed how many tokens, which prefixes to write into the pool
+first, which partial blocks to copy. Policy, in order:
+
+- Running rows first, in the order they were admitted: a decoding row is fed its one token, a row
+  still prefilling a chunk of its prompt. Tokens per step are capped by `max_step_tokens`, so a
+  long prompt is prefilled over several steps (chunked prefill) and the running rows keep
+  decoding meanwhile; decode tokens are reserved before any prefill chunk is cut.
+- When the pool runs out of blocks mid-generation, resident prefixes no row uses are evicted
+  first; then the most recently admitted row is preempted: its blocks are freed and it goes
+  back to the front of its tenant's queue, to be prefilled again from its prompt and the tokens
+  it already produced (recompute; its stream just pauses).
+- Newcomers join while slots, tokens and blocks allow. Tenants take turns (round-robin, one
+  request per turn), so a flooding tenant delays another by at most one request per busy
+  tenant, and a tenant holds at most `max_running_per_tenant` rows.
+- A newcomer never preempts a running row: it waits until blocks free up.
 """
 
 from __future__ import annotations
 
-import math
 from collections import Counter, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from server.engine.request import Request
-
-
-@dataclass(frozen=True, slots=True)
-class SchedulerConfig:
-    num_slots: int = 16
-    max_waiting: int = 256
-    max_waiting_per_tenant: int = 1 << 30
-    max_prefill_tokens: int = 512
-    max_running_per_tenant: int = 8  # 0: no cap
-    max_prefix_bytes: int = 1 << 30
-
-    def __post_init__(self) -> None:
-        names = ("num_slots", "max_waiting", "max_waiting_per_tenant", "max_prefill_tokens",
-                 "max_prefix_bytes")  # fmt: skip
-        for name in names:
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: expected >= 1, found {getattr(self, name)}")
-        if self.max_running_per_tenant < 0:
-            raise ValueError(
-                f"max_running_per_tenant: expected >= 0, found {self.max_running_per_tenant}"
-            )
+from prefixes import CompiledPrefix
+from server.engine.blocks import RESERVED_BLOCKS, BlockPool, PrefixBlocks, ResidentPrefix
+from server.engine.config import EngineConfig
+from server.engine.request import Request, RequestStatus
 
 
-class Overloaded(Exception):
-    """The waiting queue is full; try again after `retry_after` seconds."""
+@dataclass(slots=True)
+class ScheduledRow:
+    request: Request
+    num_tokens: int  # fed this step, from request.num_cached on
 
-    def __init__(self, retry_after: float, waiting: int, tenant: str | None = None) -> None:
-        whose = f"tenant {tenant!r} has" if tenant else "the server has"
-        super().__init__(
-            f"overloaded: {whose} {waiting} requests waiting; retry in {retry_after:.0f} s"
-        )
-        self.retry_after = retry_after
+    @property
+    def samples(self) -> bool:
+        """This step feeds the row's last pending token, so its next token is sampled."""
+        return self.num_tokens == self.request.num_pending
+
+
+@dataclass
+class Schedule:
+    rows: list[ScheduledRow] = field(default_factory=list)
+    # Done before the forward, in this order: zero fresh blocks, write new prefixes, copy each
+    # new row's partial prefix block into its own block.
+    zero_blocks: list[int] = field(default_factory=list)
+    prefix_loads: list[tuple[ResidentPrefix, CompiledPrefix]] = field(default_factory=list)
+    block_copies: list[tuple[int, int]] = field(default_factory=list)
+    admitted: list[Request] = field(default_factory=list)  # first admission or resumption
+    preempted: list[Request] = field(default_factory=list)
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig) -> None:
+    def __init__(self, config: EngineConfig, num_blocks: int) -> None:
         self.config = config
+        self.block_size = config.block_size
+        self.pool = BlockPool(num_blocks)
+        self.prefixes = PrefixBlocks(self.pool, config.block_size)
         self.queues: dict[str, deque[Request]] = {}
         self.turns: deque[str] = deque()  # tenants with waiting requests, next turn first
+        self.running: list[Request] = []  # admission order: the last is preempted first
         self.running_per_tenant: Counter[str] = Counter()
-        self.num_waiting = 0
-        self.finish_rate = 1.0  # requests finished per second, smoothed; for retry hints
+        self._resident: dict[str, ResidentPrefix] = {}  # request id -> the prefix it attached
 
-    def add(self, request: Request) -> None:
-        if self.num_waiting >= self.config.max_waiting:
-            raise Overloaded(self._retry_after(self.num_waiting), self.num_waiting)
-        queued = len(self.queues.get(request.tenant, ()))
-        if queued >= self.config.max_waiting_per_tenant:
-            raise Overloaded(self._retry_after(queued), queued, request.tenant)
+    @property
+    def num_waiting(self) -> int:
+        return sum(len(queue) for queue in self.queues.values())
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.running or self.turns)
+
+    @property
+    def blocks_in_use(self) -> int:
+        """Blocks held by rows or resident prefixes; 0 + the prefixes' once every row is gone."""
+        return self.pool.num_blocks - RESERVED_BLOCKS - self.pool.num_free
+
+    def add(self, request: Request, *, front: bool = False) -> None:
+        request.status = RequestStatus.WAITING
         queue = self.queues.setdefault(request.tenant, deque())
         if not queue:
             self.turns.append(request.tenant)
-        queue.append(request)
-        self.num_waiting += 1
+        if front:
+            queue.appendleft(request)
+        else:
+            queue.append(request)
 
-    def remove_waiting(self, request: Request) -> bool:
+    def remove(self, request: Request) -> bool:
+        """Take a waiting or running request out and free what it holds; False if not here."""
+        if request in self.running:
+            self.running.remove(request)
+            self._free(request)
+            return True
         queue = self.queues.get(request.tenant)
-        if not queue or request not in queue:
-            return False
-        queue.remove(request)
-        self.num_waiting -= 1
-        if not queue:
-            self._drop_tenant(request.tenant)
-        return True
+        if queue and request in queue:
+            queue.remove(request)
+            if not queue:
+                self._drop_tenant(request.tenant)
+            return True
+        return False
 
-    def admit(self, free_slots: int, running: list[Request]) -> list[Request]:
-        """Pop the requests that join the batch now, in fair order, within every budget."""
+    def retire(self, request: Request) -> None:
+        """A running row finished: free its blocks and its place."""
+        self.running.remove(request)
+        self._free(request)
+
+    def schedule(self) -> Schedule:
+        plan = Schedule()
+        budget = self.config.max_step_tokens
+        decoding = [r for r in self.running if r.num_pending == 1]
+        prefilling = [r for r in self.running if r.num_pending > 1]
+        scheduled: set[int] = set()
+        for request in decoding:
+            if request.status is not RequestStatus.RUNNING:
+                continue  # preempted by a row before it in this loop
+            if not self._grow_or_preempt(request, 1, scheduled, plan):
+                continue
+            plan.rows.append(ScheduledRow(request, 1))
+            scheduled.add(id(request))
+            budget -= 1
+        for request in prefilling:
+            if budget <= 0 or request.status is not RequestStatus.RUNNING:
+                continue
+            chunk = min(request.num_pending, budget)
+            if not self._grow_or_preempt(request, chunk, scheduled, plan):
+                continue
+            plan.rows.append(ScheduledRow(request, chunk))
+            scheduled.add(id(request))
+            budget -= chunk
+        if not plan.preempted:  # blocks are short: let the running rows finish first
+            self._admit(plan, budget)
+        plan.zero_blocks, self.pool.to_zero = self.pool.to_zero, []
+        return plan
+
+    def _admit(self, plan: Schedule, budget: int) -> None:
         cap = self.config.max_running_per_tenant
-        prefill_budget = self.config.max_prefill_tokens
-        # Keyed by the KV tensor: every request pinning one prefix version gets its own
-        # CompiledPrefix, but all of them share the pool's one tensor.
-        prefixes = {id(r.prefix.kv): r.prefix.nbytes for r in running if r.prefix is not None}
-        prefix_bytes = sum(prefixes.values())
-        admitted: list[Request] = []
         passes_without_admission = 0
-        while free_slots and self.turns and passes_without_admission < len(self.turns):
+        while (
+            budget > 0
+            and len(self.running) < self.config.num_slots
+            and self.turns
+            and passes_without_admission < len(self.turns)
+        ):
             tenant = self.turns[0]
             self.turns.rotate(-1)
             request = self.queues[tenant][0]
-            new_prefix = request.prefix is not None and id(request.prefix.kv) not in prefixes
-            extra_bytes = request.prefix.nbytes if new_prefix and request.prefix else 0
-            blocked = (
-                (cap and self.running_per_tenant[tenant] >= cap)
-                or (admitted and len(request.pending_token_ids) > prefill_budget)
-                or (prefixes and prefix_bytes + extra_bytes > self.config.max_prefix_bytes)
-            )
-            if blocked:
+            chunk = min(request.num_pending, budget)
+            if (cap and self.running_per_tenant[tenant] >= cap) or not self._start(
+                request, chunk, plan
+            ):
                 passes_without_admission += 1
                 continue
             passes_without_admission = 0
             self.queues[tenant].popleft()
-            self.num_waiting -= 1
             if not self.queues[tenant]:
                 self._drop_tenant(tenant)
-            self.running_per_tenant[tenant] += 1
-            prefill_budget -= len(request.pending_token_ids)
-            if new_prefix and request.prefix is not None:
-                prefixes[id(request.prefix.kv)] = extra_bytes
-                prefix_bytes += extra_bytes
-            admitted.append(request)
-            free_slots -= 1
-        return admitted
+            plan.rows.append(ScheduledRow(request, chunk))
+            plan.admitted.append(request)
+            budget -= chunk
 
-    def finished(self, request: Request) -> None:
+    def _start(self, request: Request, chunk: int, plan: Schedule) -> bool:
+        """Give a newcomer its prefix's blocks and room for its first chunk; False (and nothing
+        changed) if the pool cannot, even after evicting unused prefixes."""
+        prefix = request.prefix
+        end_blocks = -(-(request.next_position + chunk) // self.block_size)
+        needed = end_blocks
+        if prefix is not None:
+            tokens = prefix.num_virtual_tokens
+            # Its blocks (or none, if resident) and a partial block's copy, then the rest.
+            needed += self.prefixes.blocks_to_attach(prefix.digest, tokens)
+            needed -= -(-tokens // self.block_size)
+        keep = prefix.digest if prefix is not None else None
+        if not self._ensure_free(needed, keep=keep):
+            return False
+        table: list[int] = []
+        if prefix is not None:
+            resident, table = self.prefixes.attach(prefix.digest, prefix.num_virtual_tokens)
+            self._resident[request.request_id] = resident
+            if not resident.loaded:
+                resident.loaded = True
+                plan.prefix_loads.append((resident, prefix))
+            partial = self.prefixes.partial_block(resident)
+            if partial is not None:
+                plan.block_copies.append((partial, table[-1]))
+        request.block_table = table + self.pool.allocate(end_blocks - len(table))
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
+        self.running_per_tenant[request.tenant] += 1
+        return True
+
+    def _grow_or_preempt(
+        self, request: Request, tokens: int, scheduled: set[int], plan: Schedule
+    ) -> bool:
+        """Blocks for `tokens` more positions of a running row, preempting the most recently
+        admitted unscheduled rows (or this one, last) when the pool is dry. False if this row
+        itself was preempted."""
+        end = request.next_position + tokens
+        needed = -(-end // self.block_size) - len(request.block_table)
+        while not self._ensure_free(needed):
+            victims = [r for r in self.running if id(r) not in scheduled and r is not request]
+            victim = victims[-1] if victims else request
+            self._preempt(victim, plan)
+            if victim is request:
+                return False
+        if needed > 0:
+            request.block_table += self.pool.allocate(needed)
+        return True
+
+    def _ensure_free(self, needed: int, keep: str | None = None) -> bool:
+        return self.pool.num_free >= needed or self.prefixes.evict_unused(needed, keep)
+
+    def _preempt(self, request: Request, plan: Schedule) -> None:
+        self.running.remove(request)
+        self._free(request)
+        request.num_cached = 0  # recomputed from its prompt and output when it runs again
+        request.num_preemptions += 1
+        self.add(request, front=True)
+        plan.preempted.append(request)
+
+    def _free(self, request: Request) -> None:
+        self.pool.release(request.block_table)
+        request.block_table = []
+        resident = self._resident.pop(request.request_id, None)
+        if resident is not None:
+            self.prefixes.detach(resident)
         self.running_per_tenant[request.tenant] -= 1
         if self.running_per_tenant[request.tenant] <= 0:
             del self.running_per_tenant[request.tenant]
-
-    def _retry_after(self, waiting: int) -> float:
-        return min(60.0, max(1.0, math.ceil(waiting / self.finish_rate)))
-
-    def note_finish_rate(self, per_second: float) -> None:
-        self.finish_rate = 0.9 * self.finish_rate + 0.1 * max(per_second, 0.01)
-
-    def waiting_per_tenant(self) -> dict[str, int]:
-        return {tenant: len(queue) for tenant, queue in self.queues.items() if queue}
 
     def _drop_tenant(self, tenant: str) -> None:
         del self.queues[tenant]

@@ -16,12 +16,12 @@ def append_token(
     request.output_token_ids.append(token)
     sampling = request.sampling
     if token in sampling.stop_token_ids or (token in eos_token_ids and not sampling.ignore_eos):
-        request.finish_reason = "stop"
+        request.finish("stop")
     elif (
         len(request.output_token_ids) >= sampling.max_new_tokens
         or request.prefix_len + request.num_tokens > max_len  # no position left to feed it back
     ):
-        request.finish_reason = "length"
+        request.finish("length")
 
 
 def update_text(request: Request, tokenizer: Any) -> str:
@@ -39,7 +39,7 @@ def update_text(request: Request, tokenizer: Any) -> str:
     hits = [i for i in (text.find(s) for s in stop) if i >= 0]
     if hits:
         text = text[: min(hits)]
-        request.finish_reason = "stop"
+        request.finish("stop")
     ready = len(text)
     if not request.finished:
         ready -= _possible_stop_start(text, stop)

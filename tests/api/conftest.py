@@ -29,6 +29,7 @@ from server.config import Settings
 from server.engine.engine import Engine
 from server.engine.llm import LLM
 from server.engine.request import Request, SamplingParams
+from server.engine.scheduler import Schedule
 from server.models import LoadedModel
 from tests.tiny import ADAPTER_KINDS, make_adapter, tiny_loaded
 
@@ -229,26 +230,28 @@ def wait_for(condition: Callable[[], bool], what: str, timeout: float = 10.0) ->
 
 
 class StalledEngine:
-    """Holds the engine thread before each step that admits requests, until `go()`: what is
-    admitted stays in flight, what comes after waits in the queue. Deterministic."""
+    """Holds the engine thread in each step that admits requests, once they are admitted and
+    before the forward, until `go()`: what is admitted stays in flight, what comes after waits
+    in the queue. Deterministic."""
 
     def __init__(self, engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
         self.engine = engine
         self.stepping = threading.Event()
         self._go = threading.Event()
-        step = engine.core.step
+        prepare = engine.core._prepare
 
-        def held_step(admitted: Any = None) -> Any:
-            if admitted:
+        def held_prepare(plan: Schedule) -> Any:
+            if plan.admitted:
                 self.stepping.set()
                 assert self._go.wait(10), "the test never let the engine go"
-            return step(admitted)
+            return prepare(plan)
 
-        monkeypatch.setattr(engine.core, "step", held_step)
+        monkeypatch.setattr(engine.core, "_prepare", held_prepare)
 
     @property
     def waiting(self) -> int:
-        return self.engine.core.scheduler.num_waiting
+        """Submitted and not yet admitted."""
+        return sum(self.engine.waiting_per_tenant().values())
 
     def go(self) -> None:
         self._go.set()

@@ -13,10 +13,11 @@ import pytest
 import torch
 
 from prefixes import CompiledPrefix, PrefixKind, RawPrefix
+from server.engine.config import EngineConfig
 from server.engine.engine import Engine, EngineStopped
+from server.engine.gate import Overloaded
 from server.engine.llm import LLM
-from server.engine.request import Request, SamplingParams
-from server.engine.scheduler import Overloaded, SchedulerConfig
+from server.engine.request import InvalidRequest, Request, SamplingParams
 from server.engine.stream import RequestFailed
 from server.models import LoadedModel
 from tests.tiny import tiny_loaded
@@ -46,6 +47,12 @@ def prefixes(loaded: LoadedModel) -> list[CompiledPrefix]:
     return made
 
 
+def all_blocks_back(engine: Engine) -> bool:
+    """No row holds a block: only resident prefixes do."""
+    scheduler = engine.core.scheduler
+    return scheduler.blocks_in_use == scheduler.prefixes.num_blocks
+
+
 def alone(loaded: LoadedModel, prompt: list[int], prefix: CompiledPrefix | None) -> list[int]:
     (request,) = LLM(loaded, num_slots=1, max_len=128).generate([Request(prompt, GREEDY, prefix)])
     return request.output_token_ids
@@ -71,7 +78,7 @@ def test_concurrent_staggered_and_cancelled_requests_get_their_solo_tokens(
     ]
     expected = [alone(loaded, prompt, prefix) for prompt, prefix in jobs]
     releases = Releases()
-    engine = Engine(loaded, SchedulerConfig(num_slots=5), max_len=128).start()
+    engine = Engine(loaded, EngineConfig(num_slots=5, max_len=128)).start()
 
     async def one(i: int) -> tuple[list[int], str]:
         await asyncio.sleep(rng.random() * 0.05)  # staggered arrivals
@@ -99,12 +106,12 @@ def test_concurrent_staggered_and_cancelled_requests_get_their_solo_tokens(
         else:
             assert (tokens, reason) == (expected[i], "length"), i
     assert releases.counts == Counter(range(len(jobs)))  # every pin released exactly once
-    assert len(engine.core.free_slots) == 5
+    assert all_blocks_back(engine)
 
 
 def test_flooding_tenant_cannot_hold_back_another(loaded: LoadedModel) -> None:
-    config = SchedulerConfig(num_slots=4, max_waiting=500, max_running_per_tenant=3)
-    engine = Engine(loaded, config, max_len=128)
+    config = EngineConfig(num_slots=4, max_waiting=500, max_running_per_tenant=3, max_len=128)
+    engine = Engine(loaded, config)
     long = SamplingParams(max_new_tokens=20, temperature=0)
 
     async def main() -> tuple[int, int]:
@@ -131,9 +138,7 @@ def test_flooding_tenant_cannot_hold_back_another(loaded: LoadedModel) -> None:
 
 
 def test_full_queue_refuses_at_once_with_a_retry_hint(loaded: LoadedModel) -> None:
-    engine = Engine(
-        loaded, SchedulerConfig(max_waiting=3), max_len=128
-    )  # not started: nothing drains
+    engine = Engine(loaded, EngineConfig(max_waiting=3, max_len=128))  # not started: nothing drains
     releases = Releases()
 
     async def main() -> None:
@@ -150,7 +155,7 @@ def test_full_queue_refuses_at_once_with_a_retry_hint(loaded: LoadedModel) -> No
 
 
 def test_cancel_frees_the_slot_by_the_next_step_and_ends_the_stream(loaded: LoadedModel) -> None:
-    engine = Engine(loaded, SchedulerConfig(num_slots=2), max_len=128).start()
+    engine = Engine(loaded, EngineConfig(num_slots=2, max_len=128)).start()
     endless = SamplingParams(max_new_tokens=100, temperature=0, ignore_eos=True)
 
     async def main() -> list[str | None]:
@@ -171,21 +176,42 @@ def test_cancel_frees_the_slot_by_the_next_step_and_ends_the_stream(loaded: Load
     try:
         reasons = asyncio.run(main())
         assert reasons[-1] == "cancelled" and len(reasons) < 100
-        assert len(engine.core.free_slots) == 2 and not engine.core.running
+        assert all_blocks_back(engine) and not engine.core.running
         assert engine.metrics.requests_finished["cancelled"] == 2
     finally:
         engine.stop()
 
 
+def test_a_prefix_of_the_wrong_geometry_is_refused_at_submit(loaded: LoadedModel) -> None:
+    broken = CompiledPrefix(PrefixKind.PREFIX_TUNING, torch.zeros(1, 2, 1, 3, 1), "broken")
+    engine = Engine(loaded, EngineConfig(num_slots=4, max_len=128))
+    released = threading.Event()
+
+    async def main() -> None:
+        with pytest.raises(InvalidRequest, match=r"prefix: expected KV of shape"):
+            engine.submit([5, 6, 7], GREEDY, prefix=broken, release=released.set)
+
+    asyncio.run(main())
+    assert released.is_set() and engine.in_flight == 0
+
+
 def test_a_prefix_that_fails_to_load_fails_only_its_request(
     loaded: LoadedModel, prefixes: list[CompiledPrefix]
 ) -> None:
-    broken = CompiledPrefix(PrefixKind.PREFIX_TUNING, torch.zeros(1, 2, 1, 3, 1))  # wrong geometry
-    engine = Engine(loaded, SchedulerConfig(num_slots=4), max_len=128).start()
+    engine = Engine(loaded, EngineConfig(num_slots=4, max_len=128))
+    load = engine.core.runner.cache.load_prefix
+
+    def faulty(blocks, prefix):
+        if prefix is prefixes[2]:
+            raise RuntimeError("device lost")
+        return load(blocks, prefix)
+
+    engine.core.runner.cache.load_prefix = faulty  # type: ignore[method-assign]
+    engine.start()
 
     async def main() -> tuple[list[int], BaseException | None]:
         good = engine.submit([5, 6, 7], GREEDY, prefix=prefixes[0])
-        bad = engine.submit([5, 6, 7], GREEDY, prefix=broken)
+        bad = engine.submit([5, 6, 7], GREEDY, prefix=prefixes[2], tenant="other")
         failure = None
         try:
             await bad.result()
@@ -198,7 +224,9 @@ def test_a_prefix_that_fails_to_load_fails_only_its_request(
     finally:
         engine.stop()
     assert tokens == alone(loaded, [5, 6, 7], prefixes[0])
-    assert failure is not None and "prefix could not be loaded" in str(failure)
+    assert failure is not None and "prefix could not be loaded: device lost" in str(failure)
+    assert prefixes[2].digest not in engine.core.scheduler.prefixes.resident  # never half-served
+    assert all_blocks_back(engine)
 
 
 def test_a_row_that_makes_the_step_fail_fails_alone_and_the_engine_keeps_serving(
@@ -206,14 +234,17 @@ def test_a_row_that_makes_the_step_fail_fails_alone_and_the_engine_keeps_serving
 ) -> None:
     """A fault tied to one row (here: any forward that holds its third token) fails the batch's
     step; the engine runs the rows again one by one, and only that row fails."""
-    engine = Engine(loaded, SchedulerConfig(num_slots=4), max_len=128)
+    engine = Engine(loaded, EngineConfig(num_slots=4, max_len=128))
     forward = engine.core.runner.forward
     poison = [66, 66, 66]
 
-    def faulty(requests):
-        if any(r.prompt_token_ids == poison and len(r.output_token_ids) == 2 for r in requests):
+    def faulty(rows):
+        if any(
+            row.request.prompt_token_ids == poison and len(row.request.output_token_ids) == 2
+            for row in rows
+        ):
             raise RuntimeError("injected fault")
-        return forward(requests)
+        return forward(rows)
 
     engine.core.runner.forward = faulty  # type: ignore[method-assign]
     engine.start()
@@ -243,7 +274,7 @@ def test_a_row_that_makes_the_step_fail_fails_alone_and_the_engine_keeps_serving
 
 def test_a_thousand_requests_leak_no_slot_thread_or_stream(loaded: LoadedModel) -> None:
     threads_before = threading.active_count()
-    engine = Engine(loaded, SchedulerConfig(num_slots=16, max_waiting=2000), max_len=64).start()
+    engine = Engine(loaded, EngineConfig(num_slots=16, max_waiting=2000, max_len=64)).start()
     short = SamplingParams(max_new_tokens=2, temperature=0)
 
     async def main() -> int:
@@ -257,11 +288,11 @@ def test_a_thousand_requests_leak_no_slot_thread_or_stream(loaded: LoadedModel) 
         finished = asyncio.run(main())
         assert finished >= 900
         assert sum(engine.metrics.requests_finished.values()) == 1000
-        assert len(engine.core.free_slots) == 16 and not engine.core.running
+        assert all_blocks_back(engine) and not engine.core.running
         assert (
             engine.core.scheduler.num_waiting == 0 and not engine.core.scheduler.running_per_tenant
         )
-        assert not engine._streams
+        assert not engine._streams and engine.in_flight == 0 and not engine.waiting_per_tenant()
     finally:
         engine.stop()
     assert not engine.alive
@@ -272,8 +303,8 @@ def test_a_finished_request_has_left_the_engine_when_its_result_arrives(
     loaded: LoadedModel, prefixes: list[CompiledPrefix]
 ) -> None:
     """The awaiting side inspects the engine the moment its result arrives, hundreds of times:
-    the stream map, the slot, the running set and the tenant's count must already be retired."""
-    engine = Engine(loaded, SchedulerConfig(num_slots=4, max_waiting=500), max_len=64).start()
+    the stream map, its blocks, the running set and the tenant's count must already be retired."""
+    engine = Engine(loaded, EngineConfig(num_slots=4, max_waiting=500, max_len=64)).start()
     short = SamplingParams(max_new_tokens=1, temperature=0)
     stale: list[str] = []
 
@@ -283,8 +314,8 @@ def test_a_finished_request_has_left_the_engine_when_its_result_arrives(
         request = stream.request
         if stream.request_id in engine._streams:
             stale.append(f"{stream.request_id}: still in the stream map")
-        if request.slot != -1 or request in engine.core.running:
-            stale.append(f"{stream.request_id}: still holds slot {request.slot}")
+        if request.block_table or request in engine.core.running:
+            stale.append(f"{stream.request_id}: still holds blocks {request.block_table}")
 
     async def main() -> None:
         for _ in range(10):  # waves, so results arrive while other rows are mid-step
@@ -299,7 +330,7 @@ def test_a_finished_request_has_left_the_engine_when_its_result_arrives(
 
 
 def test_an_idle_engine_sleeps(loaded: LoadedModel) -> None:
-    engine = Engine(loaded, SchedulerConfig(), max_len=64).start()
+    engine = Engine(loaded, EngineConfig(max_len=64)).start()
 
     async def main() -> None:
         await engine.submit([1], GREEDY).result()
@@ -314,7 +345,7 @@ def test_an_idle_engine_sleeps(loaded: LoadedModel) -> None:
 
 
 def test_submit_after_shutdown_is_refused(loaded: LoadedModel) -> None:
-    engine = Engine(loaded, SchedulerConfig(), max_len=64).start()
+    engine = Engine(loaded, EngineConfig(max_len=64)).start()
     engine.stop()
 
     async def main() -> None:
@@ -325,7 +356,7 @@ def test_submit_after_shutdown_is_refused(loaded: LoadedModel) -> None:
 
 
 def test_invalid_requests_are_refused_at_submit(loaded: LoadedModel) -> None:
-    engine = Engine(loaded, SchedulerConfig(), max_len=64)
+    engine = Engine(loaded, EngineConfig(max_len=64))
 
     async def main() -> None:
         with pytest.raises(ValueError, match="token ids"):
@@ -341,8 +372,15 @@ def test_a_crashed_step_still_ends_the_streams_it_had_already_retired(
 ) -> None:
     """A bug after admission (here, in postprocessing) loses the step's outputs; a request it
     had already retired (a prefix that failed to load) must still get its last chunk."""
-    broken = CompiledPrefix(PrefixKind.PREFIX_TUNING, torch.zeros(1, 2, 1, 3, 1))  # wrong shape
-    engine = Engine(loaded, SchedulerConfig(num_slots=4), max_len=128)
+    engine = Engine(loaded, EngineConfig(num_slots=4, max_len=128))
+    load = engine.core.runner.cache.load_prefix
+
+    def faulty(blocks, prefix):
+        if prefix is prefixes[2]:
+            raise RuntimeError("device lost")
+        return load(blocks, prefix)
+
+    engine.core.runner.cache.load_prefix = faulty  # type: ignore[method-assign]
     postprocess = engine.core._postprocess
     crashes = iter([True])
 
@@ -356,7 +394,7 @@ def test_a_crashed_step_still_ends_the_streams_it_had_already_retired(
     async def main() -> list[str]:
         streams = [
             engine.submit([5, 6, 7], GREEDY, prefix=prefixes[0]),
-            engine.submit([5, 6, 7], GREEDY, prefix=broken),
+            engine.submit([5, 6, 7], GREEDY, prefix=prefixes[2], tenant="other"),
         ]
         engine.start()
         errors = []
@@ -368,7 +406,7 @@ def test_a_crashed_step_still_ends_the_streams_it_had_already_retired(
 
     try:
         errors = asyncio.run(main())
-        assert not engine._streams
+        assert not engine._streams and engine.in_flight == 0 and not engine.waiting_per_tenant()
     finally:
         engine.stop()
     assert errors[0] == "internal error in the engine step"

@@ -11,6 +11,7 @@ import torch
 from prefixes import CompiledPrefix, read_upload
 from server.engine.llm import LLM
 from server.engine.request import Request, SamplingParams
+from server.engine.scheduler import ScheduledRow
 from tests.tiny import ADAPTER_KINDS, base_greedy, make_adapter, peft_greedy, tiny_loaded
 
 NEW_TOKENS = 8
@@ -91,8 +92,8 @@ def test_requests_joining_mid_decode_into_reused_slots_match_peft(
     phases_per_step: list[set[bool]] = []
     run_step = llm.runner.step
 
-    def recording_step(batch: list[Request]) -> list[int]:
-        phases_per_step.append({r.in_prefill for r in batch})
+    def recording_step(batch: list[ScheduledRow]) -> list[int | None]:
+        phases_per_step.append({row.num_tokens > 1 for row in batch})
         return run_step(batch)
 
     llm.runner.step = recording_step  # type: ignore[method-assign]
@@ -105,7 +106,8 @@ def test_requests_joining_mid_decode_into_reused_slots_match_peft(
         llm.step()
 
     assert {True, False} in phases_per_step  # some forwards held prefill and decode rows
-    assert len(llm.free_slots) == 3  # every slot came back
+    scheduler = llm.core.scheduler  # every block came back, but the resident prefixes'
+    assert not llm.running and scheduler.blocks_in_use == scheduler.prefixes.num_blocks
     for case, request in zip(cases, requests, strict=True):
         assert request.output_token_ids == case.expected, case.kind
 

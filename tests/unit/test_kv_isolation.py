@@ -1,6 +1,6 @@
 """No row reads another's values: positions past a row's end contribute exactly nothing, whatever
-an earlier request left in the slot (huge, Inf, NaN); a row whose own values overflow fails alone;
-compiled prefixes that overflow the serving dtype are refused."""
+an earlier request left in a reused block (huge, Inf, NaN); a row whose own values overflow fails
+alone; compiled prefixes that overflow the serving dtype are refused."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from prefixes import CompiledPrefix, InvalidPrefix, PrefixKind, RawPrefix, compile_prefix
-from server.engine.kv_cache import SlotKVCache
+from server.engine.blocks import ZERO_BLOCK
+from server.engine.kv_cache import PagedKVCache
 from server.engine.llm import LLM
 from server.engine.request import NonFiniteOutput, Request, SamplingParams
 from server.models import LoadedModel
@@ -19,29 +20,27 @@ POISONS = [3e38, float("inf"), float("nan")]
 
 
 def test_positions_past_a_rows_end_read_as_exact_zeros(loaded: LoadedModel) -> None:
-    cache = SlotKVCache(loaded.spec, num_slots=2, max_len=16, dtype=torch.float32)
-    # A dirty cache: every request slot and the scratch slot (all but the zero slot, which no
-    # request owns and nothing writes) as hostile earlier requests could leave them.
-    cache.keys[:, : cache.zero_slot].fill_(float("nan"))
-    cache.values[:, : cache.zero_slot].fill_(3e38)
+    cache = PagedKVCache(loaded.spec, num_blocks=6, block_size=4, dtype=torch.float32)
+    # A dirty pool: every block but the zero block (which no request owns and nothing writes)
+    # as hostile earlier requests could leave it.
+    cache.keys[:, ZERO_BLOCK + 1 :].fill_(float("nan"))
+    cache.values[:, ZERO_BLOCK + 1 :].fill_(3e38)
+    cache.zero([2, 3])  # what the engine does to every block it hands out
     heads, dim = loaded.spec.num_kv_heads, loaded.spec.head_dim
-    # Row 0 (slot 1) ends at 3, row 1 (slot 0) at 7; both read 7 positions.
+    # Row 0 holds block 2 and ends at position 3; row 1 holds blocks 3 and 4 and ends at 7.
     cache.bind(
-        read_slots=torch.tensor([1, 0]),
-        read_ends=torch.tensor([3, 7]),
-        write_slots=torch.tensor([[1], [0]]),
-        write_pos=torch.tensor([[2], [6]]),
-        kv_len=7,
+        write_slots=torch.tensor([2 * 4 + 2, 4 * 4 + 2]),
+        read_blocks=torch.tensor([[2, ZERO_BLOCK], [3, 4]]),
     )
     new = torch.ones(2, heads, 1, dim)
     keys, values = cache.update(new, new * 2, layer_idx=0)  # [B, H, kv_len, D]
-    assert keys.shape == (2, heads, 7, dim)
-    assert torch.equal(keys[0, :, 3:], torch.zeros(heads, 4, dim))  # past row 0's end: zeros
-    assert torch.equal(values[0, :, 3:], torch.zeros(heads, 4, dim))
+    assert keys.shape == (2, heads, 8, dim)
+    assert torch.equal(keys[0, :, 3:], torch.zeros(heads, 5, dim))  # past row 0's end: zeros
+    assert torch.equal(values[0, :, 3:], torch.zeros(heads, 5, dim))
     assert torch.equal(keys[0, :, 2], torch.ones(heads, dim))  # its own new token is kept
     assert torch.equal(values[1, :, 6], torch.full((heads, dim), 2.0))
-    assert keys[0, :, :2].isnan().all()  # its own earlier positions are whatever they hold
-    assert cache.keys[0, 1, 3:].isnan().all()  # the slot itself is left as it was
+    assert keys[1, :, 4:6].isnan().all()  # its own earlier positions are whatever they hold
+    assert not cache.keys[:, ZERO_BLOCK].any() and not cache.values[:, ZERO_BLOCK].any()
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +69,7 @@ def alone(loaded: LoadedModel, prompt: list[int], prefix: CompiledPrefix) -> lis
 
 @pytest.mark.parametrize("poison", POISONS, ids=["3e38", "inf", "nan"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_rows_in_dirty_slots_beside_longer_rows_get_their_solo_tokens(
+def test_rows_in_dirty_blocks_beside_longer_rows_get_their_solo_tokens(
     loaded: LoadedModel, half_loaded: LoadedModel, dtype: str, poison: float
 ) -> None:
     model = loaded if dtype == "float32" else half_loaded
@@ -78,15 +77,15 @@ def test_rows_in_dirty_slots_beside_longer_rows_get_their_solo_tokens(
     prompts = [[5, 6, 7], [9], [11, 12]]
     expected = [alone(model, p, x) for p, x in zip(prompts, own, strict=True)]
     llm = LLM(model, num_slots=4, max_len=64)
-    cache = llm.runner.cache  # every slot as a hostile earlier request could leave it
-    cache.keys[:, : cache.zero_slot].fill_(poison)
-    cache.values[:, : cache.zero_slot].fill_(poison)
+    cache = llm.runner.cache  # every block as a hostile earlier request could leave it
+    cache.keys[:, ZERO_BLOCK + 1 :].fill_(poison)
+    cache.values[:, ZERO_BLOCK + 1 :].fill_(poison)
     longer = Request(list(range(1, 40)), GREEDY, own[0])  # reads 42 positions of every row
     rows = [Request(p, GREEDY, x) for p, x in zip(prompts, own, strict=True)]
     llm.generate([longer, *rows])
     assert [r.output_token_ids for r in rows] == expected
-    assert not cache.keys[:, cache.zero_slot].any()  # nothing ever writes the zero slot
-    assert not cache.values[:, cache.zero_slot].any()
+    assert not cache.keys[:, ZERO_BLOCK].any()  # nothing ever writes the zero block
+    assert not cache.values[:, ZERO_BLOCK].any()
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -108,7 +107,7 @@ def test_a_row_whose_own_values_overflow_fails_alone(
         alone(model, [8, 9], own),
     ]
     assert llm.core.metrics.non_finite_rows == 1
-    # Its slot is reused at once, dirty, by a shorter row beside a longer one.
+    # Its blocks are reused at once, dirty, by a shorter row beside a longer one.
     again = [Request([8, 9], GREEDY, own), Request(list(range(1, 20)), GREEDY, own)]
     llm.generate(again)
     assert again[0].output_token_ids == alone(model, [8, 9], own)

@@ -4,19 +4,17 @@ from __future__ import annotations
 
 from server.engine.request import Request
 from server.engine.runner import plan_forwards
+from server.engine.scheduler import ScheduledRow
 
 
-def req(tenant: str, prompt_len: int) -> Request:
-    return Request([1] * prompt_len, tenant=tenant)
+def row(tenant: str, num_tokens: int) -> ScheduledRow:
+    return ScheduledRow(Request([1] * num_tokens, tenant=tenant), num_tokens)
 
 
 def test_plan_forwards_splits_decode_from_long_prefill() -> None:
-    decode = [req("a", 1) for _ in range(15)]
-    for r in decode:
-        r.output_token_ids.append(1)
-        r.num_cached = 1  # one pending token each
-    newcomer = req("b", 48)
+    decode = [row("a", 1) for _ in range(15)]
+    newcomer = row("b", 48)
     groups = plan_forwards([*decode, newcomer], overhead_tokens=64)
     assert groups == [decode, [newcomer]]  # 16 * 48 padded tokens > 15 + 48 + 64
-    short = req("c", 2)
+    short = row("c", 2)
     assert plan_forwards([*decode, short], overhead_tokens=64) == [[*decode, short]]

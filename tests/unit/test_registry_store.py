@@ -32,7 +32,7 @@ def shuffled_metadata(data: bytes) -> bytes:
 
 def test_stored_bytes_do_not_depend_on_metadata_order():
     kv = torch.randn(2, 2, 3, 4, 5, generator=torch.Generator().manual_seed(0))
-    data = encode_compiled(CompiledPrefix(PrefixKind.PROMPT_TUNING, kv), "fingerprint")
+    data = encode_compiled(CompiledPrefix(PrefixKind.PROMPT_TUNING, kv, "digest"), "fingerprint")
     assert shuffled_metadata(data) != data
     assert canonical_safetensors(shuffled_metadata(data)) == data
     assert (8 + struct.unpack("<Q", data[:8])[0]) % 8 == 0  # tensor data stays aligned
@@ -41,7 +41,7 @@ def test_stored_bytes_do_not_depend_on_metadata_order():
 
 def test_bfloat16_kv_is_stored_in_bfloat16_and_read_back_exactly():
     kv = torch.randn(2, 2, 3, 4, 5).to(torch.bfloat16)
-    data = encode_compiled(CompiledPrefix(PrefixKind.PREFIX_TUNING, kv), "fingerprint")
+    data = encode_compiled(CompiledPrefix(PrefixKind.PREFIX_TUNING, kv, "digest"), "fingerprint")
     assert len(data) < kv.numel() * 4  # not widened to float32 on disk
     assert torch.equal(decode_compiled(data).to(torch.bfloat16), kv)
 

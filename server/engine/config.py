@@ -1,0 +1,70 @@
+"""EngineConfig: every knob of the engine, frozen, built from the settings in one place
+(`Settings.engine_config()`); `LLM` and the tests build it directly."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+from prefixes import ModelSpec
+
+# Tokens per KV block. 16 is what paged engines settle on: small enough that a row wastes at most
+# 15 positions, large enough that a block is one contiguous copy (16 x heads x dim) on a read.
+DEFAULT_BLOCK_SIZE = 16
+
+# On GPUs, without a budget, the KV pool takes this share of the memory free after the model
+# loaded, leaving room for activations and the prefix pool's own tensors.
+GPU_KV_MEMORY_SHARE = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    num_slots: int = 16  # rows decoded together
+    max_len: int = 2048  # positions per request: prefix + prompt + output
+    max_step_tokens: int = 512  # tokens fed per step, decode and prefill chunks together
+    block_size: int = DEFAULT_BLOCK_SIZE
+    # Bytes of KV blocks (keys and values, every layer). None: on CPUs room for every row at
+    # max_len plus one prefix per row (untouched pages cost nothing), on GPUs a share of what
+    # is free. Smaller budgets work: rows are preempted when it runs dry.
+    kv_cache_bytes: int | None = None
+    max_waiting: int = 256
+    max_waiting_per_tenant: int = 1 << 30
+    max_running_per_tenant: int = 8  # 0: no cap
+
+    def __post_init__(self) -> None:
+        for item in fields(self):
+            value = getattr(self, item.name)
+            floor = 0 if item.name == "max_running_per_tenant" else 1
+            if value is not None and value < floor:
+                raise ValueError(f"{item.name}: expected >= {floor}, found {value}")
+        if self.max_step_tokens <= self.num_slots:
+            # Every running row may need one decode token; prefill must still get some.
+            raise ValueError(
+                f"max_step_tokens: expected > num_slots ({self.num_slots}), "
+                f"found {self.max_step_tokens}"
+            )
+
+    def num_blocks(self, spec: ModelSpec, dtype: torch.dtype, device: torch.device) -> int:
+        """Blocks in the KV pool, the two reserved ones (zero and scratch) included."""
+        per_block = kv_bytes_per_token(spec, dtype) * self.block_size
+        if self.kv_cache_bytes is not None:
+            budget = self.kv_cache_bytes
+        elif device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            budget = int(free * GPU_KV_MEMORY_SHARE)
+        else:
+            per_row = -(-self.max_len // self.block_size) + 1  # + a prefix's own blocks
+            return self.num_slots * per_row + 2
+        blocks = budget // per_block
+        needed = -(-self.max_len // self.block_size) + 3
+        if blocks < needed:
+            raise ValueError(
+                f"kv_cache_bytes: expected room for one request of max_len {self.max_len} "
+                f"({needed * per_block} bytes), found {budget}"
+            )
+        return blocks
+
+
+def kv_bytes_per_token(spec: ModelSpec, dtype: torch.dtype) -> int:
+    return spec.num_layers * 2 * spec.num_kv_heads * spec.head_dim * dtype.itemsize
