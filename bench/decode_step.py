@@ -3,7 +3,7 @@
     python bench/decode_step.py [--models tiny,smollm2] [--steps 30] [--write docs/benchmarks.md]
 
 Every row carries a prefix-tuning prefix (T virtual tokens) and a prompt of P tokens, prefilled
-before timing. A timed step is `ModelRunner.step` on the rows (forward, sampling, bookkeeping),
+before timing. A timed step is `EngineCore.step` (schedule, forward, sampling, bookkeeping),
 exactly what the engine runs per iteration. "Sequential" is the same 16 rows stepped one at a
 time, what a server that cannot mix prefixes in a batch would do.
 """
@@ -24,8 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.report import command, machine, write_section
 from prefixes import CompiledPrefix, PrefixKind, RawPrefix
+from server.engine.config import EngineConfig
+from server.engine.llm import LLM
 from server.engine.request import Request, SamplingParams
-from server.engine.runner import ModelRunner
 from server.models import LoadedModel, freeze, load_model, wrap_model
 
 ROWS = 16
@@ -72,23 +73,24 @@ def random_prefix(loaded: LoadedModel, tokens: int, seed: int) -> CompiledPrefix
     return loaded.compile(RawPrefix(PrefixKind.PREFIX_TUNING, kv), max_virtual_tokens=tokens)
 
 
-def prefilled_rows(
-    runner: ModelRunner, prefixes: list[CompiledPrefix], prompt_len: int
-) -> list[Request]:
+def prefilled_llm(
+    loaded: LoadedModel, prefixes: list[CompiledPrefix], prompt_len: int, max_len: int
+) -> LLM:
+    """An engine whose rows (one per prefix) have all prefilled and sampled their first token:
+    its next step is a pure decode step."""
     greedy = SamplingParams(max_new_tokens=10_000, temperature=0, ignore_eos=True)
-    rows = []
-    for slot, prefix in enumerate(prefixes):
-        request = Request([(slot * 7 + i) % 1000 + 1 for i in range(prompt_len)], greedy, prefix)
-        request.slot = slot
-        runner.load_prefix(slot, prefix)
-        rows.append(request)
-    for request, token in zip(rows, runner.step(rows), strict=True):
-        request.output_token_ids.append(token)
-    return rows
+    llm = LLM(loaded, EngineConfig(num_slots=len(prefixes), max_len=max_len,
+                                   max_step_tokens=len(prefixes) * (prompt_len + 1),
+                                   max_running_per_tenant=0))  # fmt: skip
+    for row, prefix in enumerate(prefixes):
+        llm.add(Request([(row * 7 + i) % 1000 + 1 for i in range(prompt_len)], greedy, prefix))
+    while any(not r.output_token_ids for r in llm.running) or len(llm.running) < len(prefixes):
+        llm.step()
+    return llm
 
 
 def time_interleaved(steps: dict[str, Callable[[], None]], rounds: int) -> dict[str, float]:
-    """Median ms per step of each variant, the variants alternating so drift hits all alike."""
+    """Median ms per step of each variant, the variants taking turns so drift hits all alike."""
     for step in steps.values():
         for _ in range(3):
             step()
@@ -101,35 +103,21 @@ def time_interleaved(steps: dict[str, Callable[[], None]], rounds: int) -> dict[
     return {name: statistics.median(t) * 1000 for name, t in times.items()}
 
 
-def batched_step(runner: ModelRunner, rows: list[Request]) -> Callable[[], None]:
-    def step() -> None:
-        for request, token in zip(rows, runner.step(rows), strict=True):
-            request.output_token_ids.append(token)
-
-    return step
-
-
-def sequential_steps(runner: ModelRunner, rows: list[Request]) -> Callable[[], None]:
-    def step() -> None:
-        for request in rows:
-            request.output_token_ids.append(runner.step([request])[0])
-
-    return step
-
-
 def measure(loaded: LoadedModel, *, prefix_len: int, prompt_len: int, steps: int) -> dict:
     distinct = [random_prefix(loaded, prefix_len, seed) for seed in range(ROWS)]
     shared = [distinct[0]] * ROWS
     max_len = prefix_len + prompt_len + 2 * steps + 16
-    variants = {}
-    for name, prefixes, make_step in (
-        ("different", distinct, batched_step),
-        ("same", shared, batched_step),
-        ("sequential", distinct, sequential_steps),
-    ):
-        runner = ModelRunner(loaded.model, loaded.spec, ROWS, max_len)
-        variants[name] = make_step(runner, prefilled_rows(runner, prefixes, prompt_len))
-    return time_interleaved(variants, steps)
+    different = prefilled_llm(loaded, distinct, prompt_len, max_len)
+    same = prefilled_llm(loaded, shared, prompt_len, max_len)
+    # What a server that cannot mix prefixes does: the same 16 rows, one engine step each.
+    alone = [prefilled_llm(loaded, [prefix], prompt_len, max_len) for prefix in distinct]
+
+    def sequential() -> None:
+        for llm in alone:
+            llm.step()
+
+    variants = {"different": different.step, "same": same.step, "sequential": sequential}
+    return time_interleaved(variants, steps)  # type: ignore[arg-type]
 
 
 def main() -> None:

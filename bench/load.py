@@ -34,9 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.decode_step import load_named
 from bench.report import command, machine, write_section
 from prefixes import CompiledPrefix, read_upload
+from server.config import STEP_TOKENS
+from server.engine.config import EngineConfig
 from server.engine.engine import Engine
 from server.engine.request import SamplingParams
-from server.engine.scheduler import SchedulerConfig
 from server.models import LoadedModel
 
 
@@ -88,10 +89,18 @@ def fresh(jobs: list[Job]) -> list[Job]:
 
 
 def run_engine(
-    name: str, loaded: LoadedModel, jobs: list[Job], prefixes: list[CompiledPrefix], new_tokens: int
+    name: str,
+    loaded: LoadedModel,
+    jobs: list[Job],
+    prefixes: list[CompiledPrefix],
+    new_tokens: int,
+    step_tokens: int,
 ) -> Outcome:
-    config = SchedulerConfig(num_slots=16, max_waiting=4096, max_running_per_tenant=0)
-    engine = Engine(loaded, config, max_len=256).start()
+    config = EngineConfig(
+        num_slots=16, max_len=256, max_step_tokens=step_tokens, max_waiting=4096,
+        max_running_per_tenant=0,
+    )  # fmt: skip
+    engine = Engine(loaded, config).start()
     sampling = SamplingParams(max_new_tokens=new_tokens, temperature=0, ignore_eos=True)
 
     async def one(job: Job, start: float) -> None:
@@ -181,6 +190,11 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=4.0, help="arrivals per second")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--virtual-tokens", type=int, default=16)
+    parser.add_argument(
+        "--step-tokens",
+        type=int,
+        help="tokens per engine step; default: the server's for the device",
+    )
     parser.add_argument("--skip-baselines", action="store_true", help="only (a) and (b)")
     parser.add_argument("--write", type=Path)
     args = parser.parse_args()
@@ -207,11 +221,17 @@ def main() -> None:
     peft.eval()
 
     new = args.new_tokens
+    step_tokens = args.step_tokens or STEP_TOKENS[args.device]
     shared = [prefixes[0]] * args.tenants
     outcomes = [
-        run_engine("(a) prefix-server, own prefix per tenant", loaded, fresh(jobs), prefixes, new),
-        run_engine("(b) prefix-server, one shared prefix", loaded, fresh(jobs), shared, new),
-    ]
+        run_engine(
+            "(a) prefix-server, own prefix per tenant", loaded, fresh(jobs), prefixes, new,
+            step_tokens,
+        ),
+        run_engine(
+            "(b) prefix-server, one shared prefix", loaded, fresh(jobs), shared, new, step_tokens
+        ),
+    ]  # fmt: skip
     if not args.skip_baselines:
         outcomes += [
             run_peft("(c) PEFT generate, one at a time", peft, fresh(jobs), new, per_tenant=False),
@@ -242,7 +262,8 @@ def main() -> None:
             f"Command: `{command()}`.",
             f"{args.requests} requests at {args.rate}/s, prompts of 16-48 tokens, "
             f"{args.new_tokens} new tokens each (greedy, EOS ignored), prefix tuning with "
-            f"{args.virtual_tokens} virtual tokens per tenant; engine with 16 slots; "
+            f"{args.virtual_tokens} virtual tokens per tenant; engine with 16 slots and "
+            f"{step_tokens} tokens per step; "
             f"{args.dtype} on {args.device}. "
             "TTFT counts from arrival, time spent queued included; per-token latency is the "
             "mean gap between a request's tokens after its first.",

@@ -16,6 +16,7 @@ import torch
 from transformers import PreTrainedModel
 
 from prefixes import ModelSpec
+from server.engine.attention import use_engine_attention
 from server.engine.blocks import SCRATCH_BLOCK, ZERO_BLOCK
 from server.engine.kv_cache import PagedKVCache
 from server.engine.sampler import sample
@@ -60,9 +61,10 @@ class ModelRunner:
         self.cache = PagedKVCache(
             spec, num_blocks, block_size, dtype=self.dtype, device=self.device
         )
-        # eager attention adds the mask to the scores: it needs 0 / -inf-like floats, and a bool
-        # mask would be added as 1/0 without any error. sdpa takes a bool mask (True = attend).
-        self.additive_mask = model.config._attn_implementation != "sdpa"
+        # The mask is additive (0 / finfo.min) for every kernel: eager adds it to the scores (a
+        # bool mask would be added as 1/0 without any error), and the engine's sdpa is faster
+        # with it (attention.py).
+        use_engine_attention(model)
         self.decoder = model.base_model
         self.lm_head = model.get_output_embeddings()
         self.softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
@@ -126,6 +128,7 @@ class ModelRunner:
             attention_mask=self._mask(positions, num_read_blocks * block_size),
             past_key_values=self.cache,
             use_cache=True,
+            engine_step=True,
         ).last_hidden_state
         picked = [i for i, row in enumerate(rows) if row.samples]
         if not picked:
@@ -140,8 +143,6 @@ class ModelRunner:
     def _mask(self, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
         keys = torch.arange(kv_len, device=self.device)
         visible = (keys[None, None, :] <= positions[:, :, None])[:, None]  # [B, 1, q, kv]
-        if not self.additive_mask:
-            return visible
         blocked = torch.finfo(self.dtype).min
         return torch.zeros(visible.shape, dtype=self.dtype, device=self.device).masked_fill(
             ~visible, blocked
