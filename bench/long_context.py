@@ -78,8 +78,8 @@ def main() -> None:
             "",
             f"Machine: {machine()}.",
             f"Command: `{command()}`.",
-            f"Each of {args.rows} rows holds {args.context} tokens of KV ({PREFIX_TOKENS} of them a "
-            "different prefix-tuning prefix per row in the engine; no prefix in transformers, "
+            f"Each of {args.rows} rows holds {args.context} tokens of KV ({PREFIX_TOKENS} of them "
+            "a different prefix-tuning prefix per row in the engine; none in transformers, "
             "whose rows are all the same length, so no padding); median of "
             f"{args.steps} steps after 3 warm-up steps, the two taking turns; float32.",
             "",
