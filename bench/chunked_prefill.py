@@ -1,0 +1,114 @@
+"""What a long prompt arriving costs the rows already streaming: their gaps between tokens.
+
+    python bench/chunked_prefill.py [--model smollm2] [--budgets 32,64,128,2048] [--write FILE]
+
+Six rows stream (16-token prefix each, 32-token prompts, greedy, EOS ignored). After they have
+streamed for a while, a 1,900-token prompt arrives. Every step gives each streaming row one
+token, so a row's gap between tokens is the step's duration. For each per-step token budget
+(`max_step_tokens`; 2048 admits the whole prompt in one step, as an engine without chunked
+prefill does): the streaming rows' median and worst gap, their ratio, and the long prompt's
+time to first token. The engine is driven step by step (`LLM`), as its thread does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.decode_step import load_named, random_prefix
+from bench.report import command, machine, write_section
+from server.engine.config import EngineConfig
+from server.engine.llm import LLM
+from server.engine.request import Request, SamplingParams
+from server.models import LoadedModel
+
+STREAMING = 6
+LONG_PROMPT = 1900
+WARM_STEPS = 20  # steps the rows stream before the long prompt arrives
+AFTER_STEPS = 20  # steps after its first token
+
+
+def measure(loaded: LoadedModel, budget: int) -> dict[str, float]:
+    prefixes = [random_prefix(loaded, 16, seed) for seed in range(STREAMING + 1)]
+    endless = SamplingParams(max_new_tokens=10_000, temperature=0, ignore_eos=True)
+    config = EngineConfig(num_slots=STREAMING + 1, max_len=2048, max_step_tokens=budget,
+                          max_running_per_tenant=0)  # fmt: skip
+    llm = LLM(loaded, config)
+    for row in range(STREAMING):
+        llm.add(Request([(row * 7 + i) % 1000 + 1 for i in range(32)], endless, prefixes[row]))
+    gaps: list[float] = []
+    for _ in range(WARM_STEPS):
+        gaps.append(timed_step(llm))
+    gaps = gaps[3:]  # the rows' prefill and the first steps are not streaming yet
+    long = Request([(i * 13) % 1000 + 1 for i in range(LONG_PROMPT)], endless, prefixes[-1])
+    arrival = time.perf_counter()
+    llm.add(long)
+    during: list[float] = []
+    while not long.output_token_ids:
+        during.append(timed_step(llm))
+    ttft = time.perf_counter() - arrival
+    for _ in range(AFTER_STEPS):
+        gaps.append(timed_step(llm))
+    everything = gaps + during
+    median = statistics.median(everything)
+    return {
+        "median": median * 1000,
+        "worst": max(during) * 1000,
+        "ratio": max(during) / median,
+        "ttft": ttft,
+        "steps": len(during),
+    }
+
+
+def timed_step(llm: LLM) -> float:
+    start = time.perf_counter()
+    llm.step()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--budgets", default="32,64,128,2048")
+    parser.add_argument("--write", type=Path)
+    args = parser.parse_args()
+    loaded = load_named(args.model)
+    lines = [
+        "| tokens per step | streaming rows' median gap | worst gap while it prefills | "
+        "worst / median | its prefill steps | its time to first token |",
+        "|---|---|---|---|---|---|",
+    ]
+    for budget in (int(b) for b in args.budgets.split(",")):
+        r = measure(loaded, budget)
+        lines.append(
+            f"| {budget} | {r['median']:.0f} ms | {r['worst']:.0f} ms | {r['ratio']:.1f}x | "
+            f"{r['steps']} | {r['ttft']:.1f} s |"
+        )
+        print(lines[-1], flush=True)
+    body = "\n".join(
+        [
+            f"## Chunked prefill: a {LONG_PROMPT}-token prompt arriving beside {STREAMING} "
+            f"streaming rows ({loaded.model_id})",
+            "",
+            f"Machine: {machine()}.",
+            f"Command: `{command()}`.",
+            f"{STREAMING} rows stream (16-token prefixes, 32-token prompts, greedy); after "
+            f"{WARM_STEPS} steps a {LONG_PROMPT}-token prompt arrives. The median counts every "
+            f"step from the 4th on, {AFTER_STEPS} steps after the prompt's first token included; "
+            "float32.",
+            "",
+            *lines,
+        ]
+    )
+    print(body)
+    if args.write:
+        write_section(args.write, "chunked_prefill", body)
+
+
+if __name__ == "__main__":
+    main()
