@@ -7,10 +7,14 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from prefixes import CompiledPrefix
+
+if TYPE_CHECKING:
+    from server.engine.detokenizer import IncrementalDetokenizer
 
 _ids = itertools.count()
 
@@ -79,6 +83,8 @@ class Request:
     finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
     error: RequestFailed | None = None  # why it failed, when finish_reason is "error"
     text: str = ""  # text released so far (without a stop string)
+    # Decoding state of a request whose text is read while it runs (streamed, or stop strings).
+    detok: IncrementalDetokenizer | None = field(default=None, repr=False)
     cancel_requested: bool = False
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
