@@ -6,8 +6,12 @@ CPU that copy cost 28 ms per layer for 8 rows where sdpa's `enable_gqa` takes 1.
 with torch 2.13; the outputs are bit-identical). The engine's mask is additive (0 / finfo.min):
 with a boolean one, `enable_gqa` is twice as slow for prefill chunks.
 
-Registered as an attention implementation of its own; forwards that do not pass
-`engine_step=True` (training, compiling a soft prompt) get transformers' sdpa unchanged.
+It is registered in place of transformers' "sdpa" (AttentionInterface's way of overriding a
+kernel), not under a name of its own: transformers builds masks by the kernel's name, and
+PEFT's prefix tuning gave other tokens on a model switched to an unknown name (SmolLM2, "Write a
+haiku about the sea."), while the server trains and compiles on the very model it serves.
+Forwards that do not pass `engine_step=True` (training, compiling a soft prompt, PEFT) run
+transformers' sdpa unchanged.
 """
 
 from __future__ import annotations
@@ -16,10 +20,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers import AttentionInterface, PreTrainedModel
+from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-ENGINE_ATTENTION = "prefix_server_sdpa"
+_transformers_sdpa = sdpa_attention_forward
 
 
 def engine_sdpa(
@@ -33,7 +37,7 @@ def engine_sdpa(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     if not kwargs.get("engine_step") or attention_mask is None:
-        return sdpa_attention_forward(
+        return _transformers_sdpa(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
     output = F.scaled_dot_product_attention(
@@ -47,12 +51,4 @@ def engine_sdpa(
     return output.transpose(1, 2).contiguous(), None
 
 
-AttentionInterface.register(ENGINE_ATTENTION, engine_sdpa)
-
-
-def use_engine_attention(model: PreTrainedModel) -> bool:
-    """Switch a model that runs sdpa to the engine's; False (unchanged) for any other kernel."""
-    if model.config._attn_implementation != "sdpa":
-        return False
-    model.set_attn_implementation(ENGINE_ATTENTION)
-    return True
+AttentionInterface.register("sdpa", engine_sdpa)

@@ -8,10 +8,14 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from prefixes import CompiledPrefix
+
+if TYPE_CHECKING:
+    from server.engine.detokenizer import IncrementalDetokenizer
 
 _ids = itertools.count()
 
@@ -89,6 +93,8 @@ class Request:
     finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
     error: RequestFailed | None = None  # why it failed, when finish_reason is "error"
     text: str = ""  # text released so far (without a stop string)
+    # Decoding state of a request whose text is read while it runs (streamed, or stop strings).
+    detok: IncrementalDetokenizer | None = field(default=None, repr=False)
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
     last_token_time: float | None = None
@@ -141,6 +147,7 @@ class Request:
         return self.finish_reason is not None
 
     def finish(self, reason: str, error: RequestFailed | None = None) -> None:
-        """The one place a request's outcome is written; the first decision stands."""
-        if self.finish_reason is None:
+        """The one place a request's outcome is written; the first decision stands, except that
+        a stop string found in the text of the token that reached the length limit is a stop."""
+        if self.finish_reason is None or (reason == "stop" and self.finish_reason == "length"):
             self.finish_reason, self.error = reason, error

@@ -16,7 +16,7 @@ import torch
 from transformers import PreTrainedModel
 
 from prefixes import ModelSpec
-from server.engine.attention import use_engine_attention
+from server.engine import attention  # noqa: F401  (registers the engine's sdpa)
 from server.engine.blocks import SCRATCH_BLOCK, ZERO_BLOCK
 from server.engine.kv_cache import PagedKVCache
 from server.engine.sampler import sample
@@ -63,8 +63,7 @@ class ModelRunner:
         )
         # The mask is additive (0 / finfo.min) for every kernel: eager adds it to the scores (a
         # bool mask would be added as 1/0 without any error), and the engine's sdpa is faster
-        # with it (attention.py).
-        use_engine_attention(model)
+        # with it (attention.py, imported for its registration).
         self.decoder = model.base_model
         self.lm_head = model.get_output_embeddings()
         self.softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
