@@ -40,7 +40,8 @@ format: install
 
 bench: install
 	$(PY) bench/decode_step.py --write docs/benchmarks.md
-	$(PY) bench/prefill_budget.py --write docs/benchmarks.md
+	$(PY) bench/long_context.py --write docs/benchmarks.md
+	$(PY) bench/chunked_prefill.py --write docs/benchmarks.md
 	$(PY) bench/load.py --write docs/benchmarks.md
 	$(PY) bench/registry.py --write docs/benchmarks.md
 
