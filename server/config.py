@@ -16,7 +16,7 @@ MiB = 1 << 20
 # Tokens per step when not set. A step's time is every running row's gap between tokens; on a
 # CPU it grows with every token fed (docs/scheduling.md has the measurements), on a GPU a
 # step of a few thousand tokens costs about what one of a few does.
-STEP_TOKENS = {"cpu": 128, "cuda": 2048}
+STEP_TOKENS = {"cpu": 64, "cuda": 2048}
 
 
 class Settings(BaseSettings):
@@ -50,8 +50,7 @@ class Settings(BaseSettings):
     max_step_tokens: int | None = Field(
         None,
         ge=2,
-        description="tokens fed per step, long prompts in chunks; default: 128 on cpu, 2048 on "
-        "cuda",
+        description="tokens fed per step, long prompts in chunks; default: 64 on cpu, 2048 on cuda",
     )
     max_running_per_tenant: int = Field(8, ge=0, description="rows one tenant may hold; 0: no cap")
     max_virtual_tokens: int = Field(256, ge=1, description="largest prefix length accepted")
