@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 
 from prefixes import CompiledPrefix
+from server.device_share import UNSHARED, DeviceShare
 from server.engine.core import EngineCore, StepOutput
 from server.engine.metrics import EngineMetrics
 from server.engine.request import Request, RequestFailed, SamplingParams
@@ -29,6 +30,8 @@ class EngineStopped(Exception):
 
 
 class Engine:
+    device_share: DeviceShare = UNSHARED  # set before start() to let training take turns
+
     def __init__(
         self, loaded: LoadedModel, config: SchedulerConfig | None = None, *, max_len: int = 2048
     ) -> None:
@@ -156,7 +159,8 @@ class Engine:
             if stopping:
                 return
             try:
-                outputs = self._step()
+                with self.device_share.engine_step():
+                    outputs = self._step()
             except Exception:  # a bug in the step itself: fail what runs, keep serving
                 log.exception("engine step crashed")
                 for request in list(self.core.running):
