@@ -11,7 +11,9 @@ While the engine has work, training gets at most `train_share` of the device's t
 training turn of t seconds, the engine runs for t * (1 - share) / share seconds of steps before
 the next training turn starts. A request's next token therefore waits for at most one training
 turn, and decoding slows by at most 1 / (1 - share) on average. While the engine is idle
-(no step asked for within `idle_after` seconds), training turns follow one another freely.
+(no step asked for within `idle_after` seconds), training turns follow one another freely, and
+what the engine was still owed is forgiven. The counters (`engine_seconds`, `train_seconds`,
+`train_seconds_serving`) are what /metrics exports.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ class DeviceShare:
         self._debt = 0.0  # engine seconds still owed before training's next turn
         self.engine_seconds = 0.0
         self.train_seconds = 0.0
+        self.train_seconds_serving = 0.0  # the part of it taken while the engine had work
 
     def serving(self) -> bool:
         """Whether the engine has work: stepping, waiting for a turn, or stepped just now."""
@@ -105,6 +108,7 @@ class DeviceShare:
                 self._holder = None
                 self.train_seconds += end - start
                 if self.serving():
+                    self.train_seconds_serving += end - start
                     self._debt += (end - start) * self._ratio
                 self._cond.notify_all()
 

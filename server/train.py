@@ -123,10 +123,13 @@ class PrefixTrainer:
         parameters = [p for p in self.model.parameters() if p.requires_grad]
         self.optimiser = torch.optim.AdamW(parameters, lr=config.learning_rate)
 
-    def step(self, batch: list[Example], turn: Turn = nullcontext) -> float:
-        """One optimiser step on `batch`, one micro-batch per `turn()`; the batch's mean loss
-        per target token, as PEFT computes it for the whole batch at once."""
-        chunks = self._chunks(batch)
+    def step(
+        self, batch: list[Example], turn: Turn = nullcontext, *, whole_batch: bool = False
+    ) -> float:
+        """One optimiser step on `batch`, one micro-batch per `turn()` (with `whole_batch`, the
+        batch in one turn); the batch's mean loss per target token, as PEFT computes it for
+        the whole batch at once."""
+        chunks = [batch] if whole_batch else self._chunks(batch)
         total = sum(self._targets(chunk) for chunk in chunks)
         loss_sum = 0.0
         for chunk in chunks:

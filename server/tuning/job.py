@@ -105,7 +105,9 @@ class JobRun:
         for step, (epoch, batch) in enumerate(
             plan.batches(data.training, hyper, self.job.spec.seed), start=1
         ):
-            loss = trainer.step(batch, self._turn)
+            # While the engine is idle, one turn for the whole batch: the same gradient, with
+            # fewer, larger forwards; while it serves, one example a turn keeps turns short.
+            loss = trainer.step(batch, self._turn, whole_batch=not self.share.serving())
             trained_tokens += sum(len(example.input_ids) for example in batch)
             metrics: dict[str, float | int] = {
                 "step": step, "total_steps": steps, "epoch": epoch, "train_loss": loss,

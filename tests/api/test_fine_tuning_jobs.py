@@ -88,6 +88,13 @@ def test_a_job_teaches_the_answer_and_its_prefix_is_served_at_once(
     assert [m["step"] for m in metrics] == list(range(1, 21))
     assert {m["total_steps"] for m in metrics} == {20}
     assert metrics[-1]["train_loss"] < metrics[0]["train_loss"] / 4
+    exported = client.get("/metrics").text
+    assert "prefix_server_fine_tuning_jobs_running 0.0" in exported
+    training = next(
+        line for line in exported.splitlines()
+        if line.startswith('prefix_server_device_seconds_total{user="training"}')
+    )  # fmt: skip
+    assert float(training.split()[-1]) > 0
 
 
 def test_prompt_tuning_and_chat_examples(client: TestClient, alice: TenantAuth) -> None:

@@ -125,8 +125,10 @@ class HeldTraining:
         self._release = threading.Event()
         real = PrefixTrainer.step
 
-        def held(trainer: PrefixTrainer, batch: list[Example], turn: Turn = nullcontext) -> float:
-            loss = real(trainer, batch, turn)
+        def held(
+            trainer: PrefixTrainer, batch: list[Example], turn: Turn = nullcontext, **options: Any
+        ) -> float:
+            loss = real(trainer, batch, turn, **options)
             self.trainers.append(trainer)
             self.holding.set()
             while not self._release.is_set():

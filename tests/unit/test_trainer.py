@@ -53,8 +53,10 @@ def test_each_micro_batch_takes_its_own_turn() -> None:
     try:
         trainer.step(EXAMPLES, Turn)
         assert turns == ["in", "out"] * 2  # 3 examples, 2 per micro-batch
+        trainer.step(EXAMPLES, Turn, whole_batch=True)
+        assert len(turns) == 6
         trainer.evaluate(EXAMPLES, Turn)
-        assert len(turns) == 8
+        assert len(turns) == 10
     finally:
         trainer.close()
 
