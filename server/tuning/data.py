@@ -77,6 +77,7 @@ def parse_record(value: Any, line: int, field: str = "file") -> Record:
                 raise _line(
                     field, line, f"{key}: expected a non-empty string, found {value[key]!r:.40}"
                 )
+            _check_text(value[key], field, line, key)
         return CompletionRecord(line, value["prompt"], value["completion"])
     raise _line(field, line, f"expected {FORMS}, found the fields {sorted(keys)}")
 
@@ -100,12 +101,21 @@ def _messages(value: Any, field: str, line: int) -> tuple[tuple[str, str], ...]:
             )
         if not isinstance(content, str):
             raise _line(field, line, f"{where}.content: expected a string, found {content!r:.40}")
+        _check_text(content, field, line, f"{where}.content")
         messages.append((role, content))
     if messages[-1][0] != "assistant" or not messages[-1][1]:
         raise _line(
             field, line, "messages: expected the last message to be a non-empty assistant reply"
         )
     return tuple(messages)
+
+
+def _check_text(text: str, field: str, line: int, where: str) -> None:
+    """JSON can carry lone surrogates (\\ud800), which no tokenizer takes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _line(field, line, f"{where}: not valid Unicode text (a lone surrogate)") from None
 
 
 def _only(keys: set[str], allowed: set[str], field: str, line: int, where: str = "") -> None:
@@ -131,8 +141,11 @@ def to_examples(
         if isinstance(record, ChatRecord):
             prompt, target = _chat_ids(record, tokenizer, field)
         else:
-            prompt = list(tokenizer.encode(record.prompt))
-            target = list(tokenizer.encode(record.completion, add_special_tokens=False))
+            try:
+                prompt = list(tokenizer.encode(record.prompt))
+                target = list(tokenizer.encode(record.completion, add_special_tokens=False))
+            except Exception as exc:  # text this tokenizer cannot take
+                raise _line(field, record.line, f"cannot be tokenized ({exc})") from None
             if tokenizer.eos_token_id is not None:
                 target.append(tokenizer.eos_token_id)
         if len(prompt) + len(target) > max_tokens:

@@ -9,6 +9,7 @@ the database, and the next start marks it failed (`Tuning.recover`).
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,8 +29,17 @@ from server.tuning.errors import TuningError
 log = logging.getLogger(__name__)
 
 
+INTERNAL_ERROR = JobError(
+    "internal_error", "training stopped on an internal error (the server log has the details)"
+)
+
+
 class Interrupted(Exception):
     """The job was cancelled, or the server is stopping."""
+
+
+class Diverged(Exception):
+    """The loss is no longer a number: the job fails rather than register a broken prefix."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,12 +82,14 @@ class JobRun:
             log.info("fine-tuning job %s stopped", self.job.id)
         except TuningError as exc:
             self.tuning.fail(self.job, JobError("invalid_training_file", exc.message, exc.field))
+        except Diverged as exc:
+            param = "hyperparameters.learning_rate_multiplier"
+            self.tuning.fail(self.job, JobError("training_diverged", str(exc), param))
         except PrefixError as exc:  # its name was taken meanwhile, a quota, a deleted source
             self.tuning.fail(self.job, JobError(type(exc).__name__, exc.message, exc.field))
         except Exception:
             log.exception("fine-tuning job %s crashed", self.job.id)
-            message = "training stopped on an internal error (the server log has the details)"
-            self.tuning.fail(self.job, JobError("internal_error", message))
+            self.tuning.fail(self.job, INTERNAL_ERROR)
 
     def _run(self) -> None:
         job, spec = self.job, self.job.spec
@@ -116,6 +128,12 @@ class JobRun:
             if data.validation and step % per_epoch == 0:
                 metrics["valid_loss"] = trainer.evaluate(data.validation, self._turn)
                 message += f", validation loss={metrics['valid_loss']:.4f}"
+            broken = [name for name, value in metrics.items() if not math.isfinite(value)]
+            if broken:
+                raise Diverged(
+                    f"training diverged at step {step}: {broken[0]} became "
+                    f"{metrics[broken[0]]}; lower learning_rate_multiplier"
+                )
             self.tuning.event(self.job, message, type_="metrics", data=metrics)
         return trained_tokens
 

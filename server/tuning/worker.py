@@ -19,7 +19,7 @@ from prefixes.tuning_records import JobError, JobInfo, JobStatus
 from server.device_share import DeviceShare
 from server.models import LoadedModel
 from server.tuning.errors import TuningError
-from server.tuning.job import JobRun, prepare
+from server.tuning.job import INTERNAL_ERROR, JobRun, prepare
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +116,10 @@ class TuningWorker:
                 continue
             except PrefixError as exc:
                 self.tuning.fail(job, JobError(type(exc).__name__, exc.message, exc.field))
+                continue
+            except Exception:  # a bug: fail this job alone, never block the ones behind it
+                log.exception("validating fine-tuning job %s failed", job.id)
+                self.tuning.fail(job, INTERNAL_ERROR)
                 continue
             message = f"Files validated: {len(data.training)} training examples"
             if job.spec.validation_file is not None:

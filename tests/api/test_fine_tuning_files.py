@@ -102,6 +102,11 @@ BAD_FILES: list[tuple[bytes, str, int | None]] = [
         1,
     ),
     (b"[" * 100_000, "line 1: not JSON", 1),
+    (
+        b'{"prompt": "a", "completion": "b"}\n{"prompt": "\\ud800", "completion": "b"}',
+        "line 2: prompt: not valid Unicode",
+        2,
+    ),
 ]
 
 

@@ -13,6 +13,7 @@ from fastapi.testclient import TestClient
 
 from server.api.app import create_app
 from server.models import LoadedModel, weights_digest
+from server.train import PrefixTrainer
 from tests.api.conftest import (
     MakeClient,
     TenantAuth,
@@ -460,6 +461,20 @@ def test_files_the_model_cannot_train_on_fail_the_job_naming_the_line(
             assert error["code"] == "invalid_training_file"
             assert error["param"] == "training_file"
             assert f"line {line}" in error["message"] and words in error["message"]
+
+
+def test_a_diverging_job_fails_and_registers_nothing(
+    client: TestClient, alice: TenantAuth, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(PrefixTrainer, "step", lambda *args, **kwargs: float("nan"))
+    job = wait_status(client, alice, start_job(client, alice, suffix="broken")["id"])
+    assert job["status"] == "failed" and job["error"]["code"] == "training_diverged"
+    assert (
+        "step 1" in job["error"]["message"]
+        and "learning_rate_multiplier" in job["error"]["message"]
+    )
+    assert events(client, alice, job["id"])[-1]["level"] == "error"
+    assert_error(client.get("/v1/prefixes/alice/broken", headers=alice.headers), 404)
 
 
 def test_a_model_without_a_tokenizer_refuses_jobs(make_client: MakeClient) -> None:
