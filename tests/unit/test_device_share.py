@@ -112,7 +112,7 @@ def test_under_a_busy_engine_training_keeps_to_its_share() -> None:
     finally:
         stop.set()
         thread.join(10)
-    assert engine_then >= 3 * trained
+    assert engine_then >= 3 * trained * (1 - 1e-9)  # (1 - 0.25) / 0.25, up to float rounding
 
 
 def test_the_engine_takes_its_steps_in_turns_with_training() -> None:
