@@ -44,6 +44,7 @@ bench: install
 	$(PY) bench/chunked_prefill.py --write docs/benchmarks.md
 	$(PY) bench/load.py --write docs/benchmarks.md
 	$(PY) bench/registry.py --write docs/benchmarks.md
+	$(PY) bench/finetune.py --write docs/benchmarks.md
 
 # Not in CI: 10 minutes of tenants uploading, overwriting, deleting and generating against a
 # real server; reports errors and the server's memory over time (SOAK_ARGS="--minutes 3").

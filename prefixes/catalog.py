@@ -45,6 +45,10 @@ from prefixes.store import StagedBlob, StageHook, UploadStage
 
 MAX_DESCRIPTION = 1024
 MAX_PAGE = 1000
+# Runs inside an upload's write transaction, after the new version's row is written: what must
+# commit together with the prefix or not at all (a fine-tuning job's success). Raising rolls
+# the upload back.
+OnCommit = Callable[[Connection, PrefixInfo], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,10 +260,12 @@ class Catalog:
         *,
         model_fingerprint: str,
         publish: Callable[[], None],
+        on_commit: OnCommit | None = None,
     ) -> tuple[PrefixInfo, PrefixInfo | None]:
         """In one write transaction: check the name and every quota again, `publish` the
-        staged file, retire the previous version, insert the new one, commit. Returns the new
-        version and the one it replaced, if any (whose file the caller collects)."""
+        staged file, retire the previous version, insert the new one, run `on_commit`, commit.
+        Returns the new version and the one it replaced, if any (whose file the caller
+        collects)."""
         tenant, name = request.owner.name, request.name
         try:
             with write_transaction(self.database) as connection:
@@ -288,6 +294,8 @@ class Catalog:
                         "description": request.description,
                     },
                 )
+                if on_commit is not None:
+                    on_commit(connection, self._info_from(row))
                 self._on_stage(UploadStage.ROW_WRITTEN)
         except IntegrityError:  # another replica took the name between our check and insert
             raise AlreadyExists(f"prefix {tenant}/{name} was created concurrently") from None

@@ -88,3 +88,13 @@ class PoolExhausted(RegistryError):
 
 class CorruptBlob(RegistryError):
     """A stored tensor file is missing or its bytes no longer match their sha256."""
+
+
+class InvalidArgument(InvalidPrefix):
+    """A request value outside what the registry accepts that is not about a prefix's contents
+    (a listing cursor, a fine-tuning setting): the same field, expected, found."""
+
+
+class InvalidState(RegistryError):
+    """What was asked cannot happen in the current state: cancelling a finished job, deleting a
+    training file that a job still needs."""

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
 
-from prefixes.catalog import Catalog
+from prefixes.catalog import Catalog, OnCommit
 from prefixes.compile import PrefixCompiler
 from prefixes.formats import read_upload
 from prefixes.kvfile import encode_compiled
@@ -82,12 +82,14 @@ class Registry(Catalog):
         visibility: Visibility | str | None = None,
         description: str = "",
         overwrite: bool = False,
+        on_commit: OnCommit | None = None,
     ) -> PrefixInfo:
         """Read, validate, compile, store and commit: servable when this returns.
 
         With `overwrite`, an existing name gets a new version; requests holding the old one keep
         it. A crash at any point leaves either the whole new version or nothing visible.
         Without `visibility`, a new prefix is private and a new version keeps the previous one's.
+        `on_commit` runs in the commit's transaction (see `Catalog.commit_version`).
         """
         request = self.check_upload(
             tenant, name, visibility=visibility, description=description, overwrite=overwrite
@@ -104,6 +106,7 @@ class Registry(Catalog):
                 staged,
                 model_fingerprint=self.fingerprint,
                 publish=partial(self._store.publish, staged),
+                on_commit=on_commit,
             )
         except BaseException:
             self._store.discard(staged)

@@ -23,6 +23,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
@@ -38,8 +39,8 @@ from prefixes.database import write_transaction
 
 
 def _v1_tables() -> MetaData:
-    """The schema of version 1. While it is also the current schema, the tables below are these;
-    when a migration changes a table, the current definition gets its own code and this stays."""
+    """The schema of version 1. Later versions build on it (`_v2_tables`); when a migration
+    changes one of these tables, the current definition gets its own code and this stays."""
     metadata = MetaData()
     Table(
         "tenants",
@@ -105,13 +106,87 @@ def _v1_create(connection: Connection) -> None:
     _v1_tables().create_all(connection)
 
 
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1_create]
+_V2_NEW = ("training_files", "tuning_jobs", "tuning_events")
+
+
+def _v2_tables() -> MetaData:
+    """Version 2: version 1 and fine-tuning (training files, jobs, their events)."""
+    metadata = _v1_tables()
+    Table(
+        "training_files",
+        metadata,
+        # The order of creation, for listings and cursors: ids are random.
+        Column("seq", Integer, primary_key=True, autoincrement=True),
+        Column("id", String(40), nullable=False, unique=True),
+        Column("owner", String(64), ForeignKey("tenants.name"), nullable=False),
+        Column("filename", String(255), nullable=False),
+        Column("purpose", String(32), nullable=False),
+        Column("bytes", BigInteger, nullable=False),
+        Column("num_examples", Integer, nullable=False),
+        # In the database, not the blob store: a file and its row commit or vanish together,
+        # and every replica on the database sees it. Bounded by --max-training-file-bytes.
+        Column("content", LargeBinary, nullable=False),
+        Column("created_at", Float, nullable=False),
+        Index("ix_training_files_owner", "owner", "seq"),
+    )
+    Table(
+        "tuning_jobs",
+        metadata,
+        Column("seq", Integer, primary_key=True, autoincrement=True),
+        Column("id", String(40), nullable=False, unique=True),
+        Column("owner", String(64), ForeignKey("tenants.name"), nullable=False),
+        Column("model", String(256), nullable=False),  # the base model's id or a prefix ref
+        Column("training_file", String(40), nullable=False),
+        Column("validation_file", String(40)),
+        Column("method", String(32), nullable=False),
+        Column("num_virtual_tokens", Integer, nullable=False),
+        Column("n_epochs", Integer, nullable=False),
+        Column("batch_size", Integer, nullable=False),
+        Column("learning_rate_multiplier", Float, nullable=False),
+        Column("suffix", String(64), nullable=False),  # the name of the prefix it registers
+        Column("seed", BigInteger, nullable=False),
+        Column("status", String(24), nullable=False),
+        Column("error_code", String(64)),
+        Column("error_message", Text),
+        Column("error_param", String(64)),
+        Column("fine_tuned_model", String(160)),
+        Column("trained_tokens", BigInteger),
+        Column("created_at", Float, nullable=False),
+        Column("started_at", Float),
+        Column("finished_at", Float),
+        Index("ix_tuning_jobs_owner", "owner", "seq"),
+        Index("ix_tuning_jobs_status", "status", "seq"),
+    )
+    Table(
+        "tuning_events",
+        metadata,
+        Column("seq", Integer, primary_key=True, autoincrement=True),
+        Column("job_id", String(40), ForeignKey("tuning_jobs.id"), nullable=False),
+        Column("created_at", Float, nullable=False),
+        Column("level", String(8), nullable=False),
+        Column("type", String(16), nullable=False),
+        Column("message", Text, nullable=False),
+        Column("data", Text),  # JSON
+        Index("ix_tuning_events_job", "job_id", "seq"),
+    )
+    return metadata
+
+
+def _v2_create(connection: Connection) -> None:
+    metadata = _v2_tables()
+    metadata.create_all(connection, tables=[metadata.tables[name] for name in _V2_NEW])
+
+
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1_create, _v2_create]
 SCHEMA_VERSION = len(MIGRATIONS)
 
-metadata = _v1_tables()
+metadata = _v2_tables()
 tenants = metadata.tables["tenants"]
 api_keys = metadata.tables["api_keys"]
 prefixes = metadata.tables["prefixes"]
+training_files = metadata.tables["training_files"]
+tuning_jobs = metadata.tables["tuning_jobs"]
+tuning_events = metadata.tables["tuning_events"]
 
 _version_metadata = MetaData()
 schema_version = Table(

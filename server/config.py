@@ -72,6 +72,28 @@ class Settings(BaseSettings):
         le=1,
         description="share of the device pool one tenant's in-flight requests may pin (429 beyond)",
     )
+    train_share: float = Field(
+        0.25,
+        gt=0,
+        lt=1,
+        description="share of the device's time fine-tuning may take while requests run",
+    )
+    max_running_jobs: int = Field(
+        2, ge=0, description="fine-tuning jobs training at once (one per tenant); 0: none"
+    )
+    max_jobs_per_tenant: int = Field(
+        16, ge=1, description="a tenant's fine-tuning jobs not yet finished (422 beyond)"
+    )
+    max_training_steps: int = Field(
+        10_000, ge=1, description="optimiser steps one fine-tuning job may take"
+    )
+    max_training_file_bytes: int = Field(
+        16 * MiB, ge=1024, description="largest training file upload (413 beyond)"
+    )
+    max_files_per_tenant: int = Field(100, ge=0, description="training files one tenant may keep")
+    max_file_bytes_per_tenant: int = Field(
+        256 * MiB, ge=0, description="bytes of training files one tenant may keep"
+    )
     shutdown_grace: float = Field(10.0, ge=0, description="seconds to finish requests on SIGTERM")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="logging")
 

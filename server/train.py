@@ -1,15 +1,24 @@
-"""Train a prefix with PEFT on the same frozen model the server runs (`prefix-server train`).
+"""Train a prefix with PEFT on the same frozen model the server runs (`prefix-server train`,
+and the server's fine-tuning jobs).
 
 Data: JSON lines, each `{"prompt": ..., "completion": ...}` (the loss covers the completion
 only) or `{"text": ...}` (the loss covers all of it). Output: PEFT's own `save_pretrained`
 format, which `POST /v1/prefixes` accepts as is.
+
+PEFT's prompt learning wraps the model without copying it: the trainer's PEFT model holds the
+served model's own parameters (frozen) and adds only the prompt encoder, so a job training
+beside serving costs the prefix's parameters, their optimiser state and one micro-batch's
+activations, never a second model.
 """
 
 from __future__ import annotations
 
 import json
 import random
+import tempfile
+import threading
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,12 +37,17 @@ class TrainConfig:
     batch_size: int = 4
     learning_rate: float = 3e-2
     seed: int = 0
+    # Examples per forward and backward (None: the whole batch). The gradient is the same
+    # either way; smaller micro-batches make shorter turns on a device shared with serving.
+    micro_batch_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in ("prefix", "prompt"):
             raise ValueError(f"kind: expected prefix or prompt, found {self.kind!r}")
         if self.virtual_tokens < 1 or self.steps < 0 or self.batch_size < 1:
             raise ValueError("virtual_tokens and batch_size must be >= 1, steps >= 0")
+        if self.micro_batch_size is not None and self.micro_batch_size < 1:
+            raise ValueError("micro_batch_size must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -66,6 +80,113 @@ def read_examples(path: Path, tokenizer: object) -> list[Example]:
     return examples
 
 
+# A turn on the device for one micro-batch (server/device_share.py); outside the server, none.
+Turn = Callable[[], AbstractContextManager[object]]
+# PEFT initialises a new prompt encoder from torch's global generator: seeding and creating it
+# under one lock keeps a job's start reproducible when another job starts at the same time.
+_SEEDED_INIT = threading.Lock()
+
+
+class PrefixTrainer:
+    """A PEFT prompt-learning model around the served model, trained one step at a time.
+
+    The served model stays frozen and in eval mode (dropout off), so the prefix learns exactly
+    the function that will serve it, and requests served between two training steps see the
+    model unchanged. `close()` unwraps it; until then no other code may change its mode.
+    """
+
+    def __init__(
+        self, loaded: LoadedModel, config: TrainConfig, *, init_from: RawPrefix | None = None
+    ) -> None:
+        self.config = config
+        self.device = loaded.device
+        peft_config = (
+            PrefixTuningConfig(
+                task_type=TaskType.CAUSAL_LM, num_virtual_tokens=config.virtual_tokens
+            )
+            if config.kind == "prefix"
+            else PromptTuningConfig(
+                task_type=TaskType.CAUSAL_LM, num_virtual_tokens=config.virtual_tokens
+            )
+        )
+        with _SEEDED_INIT:
+            torch.manual_seed(config.seed)
+            self.model = get_peft_model(loaded.model, peft_config)
+        try:
+            if init_from is not None:
+                initialise(self.model, init_from, config)
+        except BaseException:
+            self.close()
+            raise
+        self.model.base_model.eval()
+        self.model.prompt_encoder.train()
+        parameters = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimiser = torch.optim.AdamW(parameters, lr=config.learning_rate)
+
+    def step(
+        self, batch: list[Example], turn: Turn = nullcontext, *, whole_batch: bool = False
+    ) -> float:
+        """One optimiser step on `batch`, one micro-batch per `turn()` (with `whole_batch`, the
+        batch in one turn); the batch's mean loss per target token, as PEFT computes it for
+        the whole batch at once."""
+        chunks = [batch] if whole_batch else self._chunks(batch)
+        total = sum(self._targets(chunk) for chunk in chunks)
+        loss_sum = 0.0
+        for chunk in chunks:
+            weight = self._targets(chunk) / max(total, 1)
+            if weight == 0:
+                continue  # nothing to predict: its mean loss would be NaN
+            with turn(), torch.enable_grad():
+                loss = self._loss(chunk) * weight
+                loss.backward()
+            loss_sum += float(loss.detach())
+        self.optimiser.step()
+        self.optimiser.zero_grad()
+        return loss_sum
+
+    @torch.no_grad()
+    def evaluate(self, examples: list[Example], turn: Turn = nullcontext) -> float:
+        """The mean loss per target token over `examples` (a validation set), no update."""
+        chunks = self._chunks(examples)
+        total = sum(self._targets(chunk) for chunk in chunks)
+        loss_sum = 0.0
+        for chunk in chunks:
+            weight = self._targets(chunk) / max(total, 1)
+            if weight:
+                with turn():
+                    loss_sum += float(self._loss(chunk)) * weight
+        return loss_sum
+
+    def save(self, out_dir: Path) -> None:
+        self.model.save_pretrained(str(out_dir))
+
+    def adapter_files(self) -> dict[str, bytes]:
+        """What `save` writes, as the files `Registry.upload` takes."""
+        with tempfile.TemporaryDirectory(prefix="prefix-trainer-") as folder:
+            self.save(Path(folder))
+            return {p.name: p.read_bytes() for p in Path(folder).iterdir() if p.is_file()}
+
+    def close(self) -> None:
+        # The served model object is shared: leave it as the frozen base model it was.
+        self.model.base_model.requires_grad_(False)
+        self.model.base_model.eval()
+
+    def _chunks(self, examples: list[Example]) -> list[list[Example]]:
+        size = self.config.micro_batch_size or len(examples) or 1
+        return [examples[i : i + size] for i in range(0, len(examples), size)]
+
+    def _targets(self, chunk: list[Example]) -> int:
+        """How many tokens the loss covers. The model predicts token i + 1 from position i, so
+        an example's first label is never a target, except after a soft prompt, whose last
+        virtual token predicts it."""
+        skip = 0 if self.config.kind == "prompt" else 1
+        return sum(sum(label != -100 for label in e.labels[skip:]) for e in chunk)
+
+    def _loss(self, chunk: list[Example]) -> torch.Tensor:
+        input_ids, labels, mask = (t.to(self.device) for t in pad(chunk))
+        return self.model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+
+
 def train_prefix(
     loaded: LoadedModel,
     examples: list[Example],
@@ -75,25 +196,20 @@ def train_prefix(
     init_from: RawPrefix | None = None,
     progress: Callable[[int, float], None] | None = None,
 ) -> list[float]:
-    """Train, save with `save_pretrained` into out_dir, and return the loss of every step."""
-    torch.manual_seed(config.seed)
-    peft_config = (
-        PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=config.virtual_tokens)
-        if config.kind == "prefix"
-        else PromptTuningConfig(
-            task_type=TaskType.CAUSAL_LM, num_virtual_tokens=config.virtual_tokens
-        )
-    )
-    model = get_peft_model(loaded.model, peft_config)
+    """Train `config.steps` steps on random batches, save with `save_pretrained` into out_dir,
+    and return the loss of every step."""
+    trainer = PrefixTrainer(loaded, config, init_from=init_from)
     try:
-        if init_from is not None:
-            initialise(model, init_from, config)
-        losses = optimise(model, examples, config, progress)
-        model.save_pretrained(str(out_dir))
+        rng = random.Random(config.seed)
+        losses = []
+        for step in range(config.steps):
+            batch = rng.sample(examples, min(config.batch_size, len(examples)))
+            losses.append(trainer.step(batch))
+            if progress:
+                progress(step, losses[-1])
+        trainer.save(out_dir)
     finally:
-        # The served model object is shared: unwrap it so it stays the frozen base model.
-        model.base_model.requires_grad_(False)
-        model.base_model.eval()
+        trainer.close()
     return losses
 
 
@@ -112,32 +228,6 @@ def initialise(model: PeftModel, source: RawPrefix, config: TrainConfig) -> None
         )
     with torch.no_grad():
         weight.copy_(tensor.to(weight.dtype))
-
-
-def optimise(
-    model: PeftModel,
-    examples: list[Example],
-    config: TrainConfig,
-    progress: Callable[[int, float], None] | None,
-) -> list[float]:
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    optimiser = torch.optim.AdamW(parameters, lr=config.learning_rate)
-    rng = random.Random(config.seed)
-    losses = []
-    model.train()
-    for step in range(config.steps):
-        batch = rng.sample(examples, min(config.batch_size, len(examples)))
-        input_ids, labels, mask = pad(batch)
-        with torch.enable_grad():
-            loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
-            loss.backward()
-        optimiser.step()
-        optimiser.zero_grad()
-        losses.append(float(loss.detach()))
-        if progress:
-            progress(step, losses[-1])
-    model.eval()
-    return losses
 
 
 def pad(batch: list[Example]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -16,16 +16,20 @@ from fastapi import FastAPI, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from prefixes.registry import Registry
+from prefixes.tuning import Tuning
+from prefixes.tuning_records import Limits
 from server.api.access_log import AccessLog
 from server.api.errors import install_error_handlers
 from server.api.limits import BodyLimit
 from server.api.metrics import EngineCollector, HttpMetrics
 from server.api.pins import TenantPins
-from server.api.routes import generate, health, openai, prefixes, tenants
+from server.api.routes import files, fine_tuning, generate, health, openai, prefixes, tenants
 from server.api.services import Services
 from server.config import Settings
+from server.device_share import DeviceShare
 from server.engine.engine import Engine
 from server.models import LoadedModel, load_model
+from server.tuning.worker import TuningWorker
 
 log = logging.getLogger("prefix_server")
 
@@ -55,7 +59,7 @@ def create_app(
     )
     app.state.services = state
     install_error_handlers(app)
-    for module in (health, tenants, prefixes, generate, openai):
+    for module in (health, tenants, prefixes, generate, openai, files, fine_tuning):
         app.include_router(module.router)
 
     metrics_registry = CollectorRegistry()
@@ -77,6 +81,8 @@ def create_app(
 def body_limit(settings: Settings, method: str, path: str) -> tuple[int, str]:
     if method == "POST" and path == "/v1/prefixes":
         return settings.max_upload_bytes, "upload"
+    if method == "POST" and path == "/v1/files":
+        return settings.max_training_file_bytes, "training file upload"
     return settings.max_request_bytes, "request body"
 
 
@@ -102,7 +108,25 @@ def start_services(state: Services, loaded: LoadedModel | None) -> None:
         )
         share = settings.max_pinned_share_per_tenant
         state.pins = TenantPins(int(share * settings.device_pool_bytes))
-        state.engine = Engine(loaded, settings.engine_config()).start()
+        # Serving and fine-tuning take turns on the device (server/device_share.py).
+        device_share = DeviceShare(settings.train_share)
+        state.engine = Engine(loaded, settings.engine_config(), device_share=device_share).start()
+        state.tuning = Tuning(
+            state.registry.database,
+            Limits(
+                max_files=settings.max_files_per_tenant,
+                max_file_bytes=settings.max_file_bytes_per_tenant,
+                max_active_jobs=settings.max_jobs_per_tenant,
+            ),
+        )
+        state.worker = TuningWorker(
+            state.tuning,
+            state.registry,
+            loaded,
+            device_share,
+            max_running=settings.max_running_jobs,
+            max_len=settings.max_len,
+        ).start()
         state.ready = True
         log.info("ready: model %s, data in %s", loaded.model_id, settings.data_dir)
     except Exception as exc:
@@ -111,8 +135,11 @@ def start_services(state: Services, loaded: LoadedModel | None) -> None:
 
 
 def stop_services(state: Services) -> None:
-    """Stop admitting, give running requests the grace period, cancel the rest, close."""
+    """Stop training and admitting, give running requests the grace period, cancel the rest,
+    close. A job still training stays `running` in the database: the next start fails it."""
     state.ready = False
+    if state.worker is not None:
+        state.worker.stop(state.settings.shutdown_grace)
     if state.engine is not None:
         if not state.engine.drain(state.settings.shutdown_grace):
             log.warning("shutdown grace period over: cancelling the requests still running")

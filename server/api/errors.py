@@ -19,6 +19,8 @@ from prefixes.errors import (
     AlreadyExists,
     CorruptBlob,
     Incompatible,
+    InvalidArgument,
+    InvalidState,
     KeyLimit,
     NotFound,
     PoolExhausted,
@@ -28,6 +30,7 @@ from prefixes.errors import (
 from server.engine.engine import EngineStopped
 from server.engine.gate import Overloaded
 from server.engine.request import InvalidRequest, NonFiniteOutput, RequestFailed
+from server.tuning.errors import TuningError
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +92,8 @@ _PREFIX_STATUS: list[tuple[type[PrefixError], int, str]] = [
     (NotFound, 404, "not_found"),
     (AlreadyExists, 409, "conflict"),
     (KeyLimit, 409, "conflict"),
+    (InvalidState, 409, "conflict"),
+    (InvalidArgument, 400, "invalid_request"),
     (Unauthorized, 401, "unauthorized"),
     (QuotaExceeded, 422, "quota_exceeded"),
     (Incompatible, 409, "incompatible_prefix"),
@@ -96,7 +101,9 @@ _PREFIX_STATUS: list[tuple[type[PrefixError], int, str]] = [
     (CorruptBlob, 500, "internal_error"),
 ]
 # What the handlers below translate; anything else is a bug: 500.
-LibraryError = PrefixError | Overloaded | EngineStopped | RequestFailed | InvalidRequest
+LibraryError = (
+    PrefixError | Overloaded | EngineStopped | RequestFailed | InvalidRequest | TuningError
+)
 
 
 def to_api_error(exc: LibraryError) -> ApiError:
@@ -111,6 +118,10 @@ def to_api_error(exc: LibraryError) -> ApiError:
     if isinstance(exc, Overloaded):
         retry = str(max(1, round(exc.retry_after)))
         return ApiError(429, "overloaded", str(exc), headers={"Retry-After": retry})
+    if isinstance(exc, TuningError):
+        if exc.line is None:
+            return ApiError(400, "invalid_request", exc.message, field=exc.field)
+        return ApiError(400, "invalid_request", exc.message, field=exc.field, line=exc.line)
     if isinstance(exc, EngineStopped):
         return ApiError(503, "unavailable", str(exc))
     if isinstance(exc, NonFiniteOutput):
@@ -128,7 +139,14 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _library_error(request: Request, exc: Exception) -> JSONResponse:
         return await _api_error(request, to_api_error(exc))  # type: ignore[arg-type]
 
-    for kind in (PrefixError, Overloaded, EngineStopped, RequestFailed, InvalidRequest):
+    for kind in (
+        PrefixError,
+        Overloaded,
+        EngineStopped,
+        RequestFailed,
+        InvalidRequest,
+        TuningError,
+    ):
         app.add_exception_handler(kind, _library_error)
 
     @app.exception_handler(RequestValidationError)

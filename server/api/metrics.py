@@ -100,6 +100,22 @@ class EngineCollector(Collector):
         )
         for name, doc, attribute in POOL_COUNTERS:
             yield counter(f"prefix_server_pool_{name}", doc, getattr(stats, attribute))
+        worker = self.state.worker
+        if worker is not None:
+            yield gauge(
+                "prefix_server_fine_tuning_jobs_running", "jobs training now", worker.num_running
+            )
+            # training_beside_serving / (that + engine) is what --train-share bounds.
+            device = CounterMetricFamily(
+                "prefix_server_device_seconds",
+                "time on the device, in turns, by who had it",
+                labels=["user"],
+            )
+            share = worker.share
+            device.add_metric(["engine"], share.engine_seconds)
+            device.add_metric(["training"], share.train_seconds)
+            device.add_metric(["training_beside_serving"], share.train_seconds_serving)
+            yield device
 
 
 def counter(name: str, doc: str, value: float) -> CounterMetricFamily:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from prefixes.records import QUOTA_LIMITS
 
@@ -227,3 +227,157 @@ class QuotaUpdate(Strict):
     max_prefixes: _MaxPrefixes | None = None
     max_bytes: _MaxBytes | None = None
     max_virtual_tokens: _MaxVirtualTokens | None = None
+
+
+# Fine-tuning: OpenAI's shapes (docs/fine-tuning.md), so the official client works unchanged.
+class FileObject(BaseModel):
+    id: str
+    object: Literal["file"] = "file"
+    bytes: int
+    created_at: int
+    filename: str
+    purpose: str
+    status: str = "processed"  # validated on upload: a stored file is ready
+    status_details: str | None = None
+    expires_at: int | None = None
+
+
+class FileList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[FileObject]
+    has_more: bool
+    first_id: str | None
+    last_id: str | None
+
+
+class FileDeleted(BaseModel):
+    id: str
+    object: Literal["file"] = "file"
+    deleted: bool
+
+
+MAX_EPOCHS = 50
+MAX_BATCH_SIZE = 64
+MAX_LEARNING_RATE_MULTIPLIER = 100.0
+MAX_VIRTUAL_TOKENS_FIELD = 1 << 16  # the server's own limit is lower (--max-virtual-tokens)
+
+_Epochs = Annotated[int, Field(strict=True, ge=1, le=MAX_EPOCHS)]
+_BatchSize = Annotated[int, Field(strict=True, ge=1, le=MAX_BATCH_SIZE)]
+_Multiplier = Annotated[float, Field(gt=0, le=MAX_LEARNING_RATE_MULTIPLIER, allow_inf_nan=False)]
+
+
+class HyperparametersIn(Strict):
+    """Each an explicit value or "auto" (the server's default, docs/fine-tuning.md)."""
+
+    n_epochs: Literal["auto"] | _Epochs = "auto"
+    batch_size: Literal["auto"] | _BatchSize = "auto"
+    learning_rate_multiplier: Literal["auto"] | _Multiplier = "auto"
+
+
+class MethodSettings(Strict):
+    num_virtual_tokens: (
+        Annotated[int, Field(strict=True, ge=1, le=MAX_VIRTUAL_TOKENS_FIELD)] | None
+    ) = None
+    hyperparameters: HyperparametersIn | None = None
+
+
+class MethodIn(Strict):
+    """`{"type": T, T: {...}}` as OpenAI's `method`; only the settings of `type` may be sent."""
+
+    type: Literal["prefix_tuning", "prompt_tuning", "supervised"]
+    prefix_tuning: MethodSettings | None = None
+    prompt_tuning: MethodSettings | None = None
+    supervised: MethodSettings | None = None
+
+    @model_validator(mode="after")
+    def _one_method(self) -> MethodIn:
+        for other in ("prefix_tuning", "prompt_tuning", "supervised"):
+            if other != self.type and getattr(self, other) is not None:
+                raise ValueError(f"{other}: settings of another method than type {self.type!r}")
+        return self
+
+    @property
+    def settings(self) -> MethodSettings | None:
+        found: MethodSettings | None = getattr(self, self.type)
+        return found
+
+
+class JobCreate(BaseModel):
+    # Unknown fields are refused by the route with a 400 naming them, as on /v1/completions.
+    model_config = ConfigDict(extra="allow")
+
+    model: str = Field(min_length=1, max_length=256)
+    training_file: str = Field(min_length=1, max_length=64)
+    validation_file: str | None = Field(None, min_length=1, max_length=64)
+    hyperparameters: HyperparametersIn | None = None
+    suffix: str | None = Field(None, max_length=64)
+    seed: Annotated[int, Field(strict=True, ge=0, le=2**31 - 1)] | None = None
+    method: MethodIn | None = None
+
+
+class JobErrorObject(BaseModel):
+    code: str
+    message: str
+    param: str | None
+
+
+class HyperparametersOut(BaseModel):
+    n_epochs: int
+    batch_size: int
+    learning_rate_multiplier: float
+
+
+class MethodSettingsOut(BaseModel):
+    num_virtual_tokens: int
+    hyperparameters: HyperparametersOut
+
+
+class MethodOut(BaseModel):
+    type: str
+    prefix_tuning: MethodSettingsOut | None = None
+    prompt_tuning: MethodSettingsOut | None = None
+
+
+class JobObject(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job"] = "fine_tuning.job"
+    created_at: int
+    error: JobErrorObject | None
+    fine_tuned_model: str | None
+    finished_at: int | None
+    hyperparameters: HyperparametersOut
+    model: str
+    organization_id: str  # the tenant
+    result_files: list[str]
+    seed: int
+    status: str
+    trained_tokens: int | None
+    training_file: str
+    validation_file: str | None
+    estimated_finish: int | None = None
+    integrations: list[Any] | None = None
+    method: MethodOut
+    user_provided_suffix: str | None
+    metadata: dict[str, str] | None = None
+
+
+class JobList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[JobObject]
+    has_more: bool
+
+
+class EventObject(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job.event"] = "fine_tuning.job.event"
+    created_at: int
+    level: str
+    message: str
+    data: dict[str, Any] | None
+    type: str
+
+
+class EventList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EventObject]
+    has_more: bool

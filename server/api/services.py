@@ -7,11 +7,13 @@ from dataclasses import dataclass, field
 from fastapi import Request
 
 from prefixes.registry import Registry
+from prefixes.tuning import Tuning
 from server.api.errors import ApiError
 from server.api.pins import TenantPins
 from server.config import Settings
 from server.engine.engine import Engine
 from server.models import LoadedModel
+from server.tuning.worker import TuningWorker
 
 
 @dataclass
@@ -21,6 +23,8 @@ class Services:
     registry: Registry | None = None
     engine: Engine | None = None
     pins: TenantPins | None = None
+    tuning: Tuning | None = None
+    worker: TuningWorker | None = None
     startup_error: str | None = None
     ready: bool = field(default=False)
 
@@ -38,6 +42,8 @@ class Ready:
     registry: Registry
     engine: Engine
     pins: TenantPins
+    tuning: Tuning
+    worker: TuningWorker
 
 
 def services(request: Request) -> Services:
@@ -48,7 +54,23 @@ def services(request: Request) -> Services:
 def ready(request: Request) -> Ready:
     """Dependency: 503 until the model is loaded and the engine runs."""
     state = services(request)
-    if not (state.ready and state.loaded and state.registry and state.engine and state.pins):
+    if not (
+        state.ready
+        and state.loaded
+        and state.registry
+        and state.engine
+        and state.pins
+        and state.tuning
+        and state.worker
+    ):
         message = state.startup_error or "the server is starting: the model is loading"
         raise ApiError(503, "unavailable", message, headers={"Retry-After": "5"})
-    return Ready(state.settings, state.loaded, state.registry, state.engine, state.pins)
+    return Ready(
+        state.settings,
+        state.loaded,
+        state.registry,
+        state.engine,
+        state.pins,
+        state.tuning,
+        state.worker,
+    )

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from prefixes import CompiledPrefix
+from server.device_share import UNSHARED, DeviceShare
 from server.engine.blocks import RESERVED_BLOCKS
 from server.engine.config import EngineConfig
 from server.engine.core import EngineCore, StepOutput
@@ -51,10 +52,18 @@ class _Cancel:
 
 
 class Engine:
-    def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None) -> None:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        config: EngineConfig | None = None,
+        *,
+        device_share: DeviceShare = UNSHARED,
+    ) -> None:
         config = config or EngineConfig()
         self.gate = AdmissionGate(config.max_waiting, config.max_waiting_per_tenant)
         self.core = EngineCore(loaded, config, self.gate)
+        # Fine-tuning jobs take turns with the steps on the same device (server/device_share.py).
+        self.device_share = device_share
         self._inbox: list[_Submit | _Cancel] = []
         self._wake = threading.Condition()  # guards the inbox and the flags below
         self._accepting = True
@@ -173,7 +182,8 @@ class Engine:
                 self._shut_down()
                 return
             try:
-                outputs = self.core.step()
+                with self.device_share.engine_step():
+                    outputs = self.core.step()
             except Exception:  # a bug in the step itself: fail what runs, keep serving
                 log.exception("engine step crashed")
                 outputs = [

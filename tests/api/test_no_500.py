@@ -63,6 +63,11 @@ ROUTES: dict[str, tuple[dict[str, Any], list[str]]] = {
          "stream", "extra"],
     ),
     "/v1/tenants": ({"name": "g"}, ["name", "extra"]),
+    "/v1/fine_tuning/jobs": (
+        {"model": BASE, "training_file": "file-x"},
+        ["model", "training_file", "validation_file", "hyperparameters", "suffix", "seed",
+         "method", "extra"],
+    ),
 }
 # fmt: on
 CASES = [(route, field) for route, (_, fields) in ROUTES.items() for field in fields]
@@ -125,6 +130,12 @@ def test_garbage_in_nested_fields_is_never_a_500(client: TestClient, alice: Tena
             yield body, send(client, "/v1/generate", body, alice.headers)
             body = {"prompt": [1], "stop": [value], "max_new_tokens": 1}
             yield body, send(client, "/v1/generate", body, alice.headers)
+            for field in ("n_epochs", "batch_size", "learning_rate_multiplier"):
+                body = {"model": BASE, "training_file": "f", "hyperparameters": {field: value}}
+                yield body, send(client, "/v1/fine_tuning/jobs", body, alice.headers)
+            for method in ({"type": value}, {"type": "prefix_tuning", "prefix_tuning": value}):
+                body = {"model": BASE, "training_file": "f", "method": method}
+                yield body, send(client, "/v1/fine_tuning/jobs", body, alice.headers)
 
     check_all(bodies())
 
@@ -141,7 +152,7 @@ RAW_BODIES = [
 CONTENT_TYPES = ["application/json", "text/plain", "application/x-www-form-urlencoded", ""]
 
 
-@pytest.mark.parametrize("route", [*ROUTES, "/v1/prefixes"])
+@pytest.mark.parametrize("route", [*ROUTES, "/v1/prefixes", "/v1/files"])
 def test_bodies_that_are_not_json_objects_are_never_a_500(
     client: TestClient, alice: TenantAuth, route: str
 ) -> None:
@@ -153,7 +164,7 @@ def test_bodies_that_are_not_json_objects_are_never_a_500(
                 sent = {**headers, **({"content-type": content_type} if content_type else {})}
                 response = client.post(route, content=raw, headers=sent)
                 yield (content_type, raw[:40]), response
-                if route != "/v1/prefixes":
+                if route not in ("/v1/prefixes", "/v1/files"):
                     assert response.status_code != 200, (content_type, raw[:40])
 
     check_all(responses())
@@ -233,10 +244,28 @@ def test_garbage_queries_and_paths_are_never_a_500(client: TestClient, alice: Te
                     (param, value),
                     client.get("/v1/prefixes", params={param: value}, headers=alice.headers),
                 )
+            for path, params in (
+                ("/v1/files", ("limit", "after", "purpose")),
+                ("/v1/fine_tuning/jobs", ("limit", "after")),
+                ("/v1/fine_tuning/jobs/ftjob-x/events", ("limit", "after")),
+            ):
+                for param in params:
+                    response = client.get(path, params={param: value}, headers=alice.headers)
+                    yield (path, param, value), response
             segment = quote(value, safe="")
             for path in (f"/v1/prefixes/{segment}/style", f"/v1/prefixes/alice/{segment}"):
                 yield ("GET", path), client.get(path, headers=alice.headers)
                 yield ("DELETE", path), client.delete(path, headers=alice.headers)
+            for path in (
+                f"/v1/files/{segment}",
+                f"/v1/files/{segment}/content",
+                f"/v1/fine_tuning/jobs/{segment}",
+                f"/v1/fine_tuning/jobs/{segment}/events",
+            ):
+                yield ("GET", path), client.get(path, headers=alice.headers)
+            yield ("DELETE", segment), client.delete(f"/v1/files/{segment}", headers=alice.headers)
+            cancel = f"/v1/fine_tuning/jobs/{segment}/cancel"
+            yield ("POST", cancel), client.post(cancel, headers=alice.headers)
         for method in ("PUT", "PATCH", "DELETE"):
             yield method, client.request(method, "/v1/generate", headers=alice.headers)
         yield "no route", client.get("/v1/nothing", headers=alice.headers)

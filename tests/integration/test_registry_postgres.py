@@ -20,10 +20,13 @@ from sqlalchemy import create_engine, inspect, select, text
 
 from prefixes import read_upload
 from prefixes.errors import AlreadyExists, KeyLimit, NotFound, Unauthorized
+from prefixes.kinds import PrefixKind
 from prefixes.records import Quotas
 from prefixes.registry import Registry
 from prefixes.schema import SCHEMA_VERSION, schema_version
 from prefixes.store import UploadStage
+from prefixes.tuning import Tuning
+from prefixes.tuning_records import Hyperparameters, JobSpec, JobStatus
 from tests.postgres import MISSING, Cluster, find_bin_dir, start_cluster
 from tests.registry_support import (
     MAX_VIRTUAL_TOKENS,
@@ -185,6 +188,26 @@ def test_upload_overwrite_list_delete_and_reopen(llama, adapters, replicas, data
 
 
 # Replicas on one database -----------------------------------------------------------------------
+
+
+def test_fine_tuning_records_and_a_jobs_prefix_commit_together(llama, replicas):
+    registry = replicas()
+    registry.create_tenant("alice")
+    tuning = Tuning(registry.database)
+    content = b'{"prompt": "a", "completion": "b"}\n' * 3
+    file_id = tuning.add_file("alice", "t.jsonl", "fine-tune", content, 3).id
+    assert tuning.file_content("alice", file_id) == content  # BYTEA round trip
+    spec = JobSpec("base", file_id, None, PrefixKind.PREFIX_TUNING, 4, Hyperparameters(1, 1, 1.0),
+                   "mine", 0)  # fmt: skip
+    job = tuning.create_job("alice", spec)
+    assert tuning.queue(job, "validated")
+    (job,) = tuning.start_queued(max_running=1)
+    files = native_files(llama.spec, 4, seed=3)
+    info = registry.upload("alice", "mine", files, on_commit=tuning.succeed_on_commit(job, 5))
+    done = Tuning(replicas().database).get_job("alice", job.id)  # seen from another replica
+    assert (done.status, done.fine_tuned_model) == (JobStatus.SUCCEEDED, info.id)
+    events = [e.message for e in tuning.list_events("alice", job.id, limit=10).items]
+    assert events[0] == "The job has successfully completed"
 
 
 def test_replicas_starting_together_on_a_new_database_migrate_once(replicas, database_url):

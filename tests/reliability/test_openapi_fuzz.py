@@ -79,7 +79,25 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     world = build_world(root)
     assert world.loaded.model_id == MODEL_ID
     with live_server(world, root / "server.log", **SETTINGS) as live:
+        TRAINING_FILES.append(upload_training_file(live))
         yield live
+
+
+# alice's training file: steered fine-tuning jobs train on it, so they really run
+TRAINING_FILES: list[str] = []
+
+
+def upload_training_file(live: Live) -> str:
+    records = [{"prompt": f"w{i} w{i + 1}", "completion": " w40 w41"} for i in range(1, 4)]
+    response = httpx.post(
+        f"{live.url}/v1/files",
+        files={"file": ("t.jsonl", "\n".join(json.dumps(r) for r in records).encode())},
+        data={"purpose": "fine-tune"},
+        headers=bearer(live.keys["alice"]),
+        timeout=60,
+    )
+    assert response.status_code == 200, response.text
+    return str(response.json()["id"])
 
 
 def headers_for(case: schemathesis.Case, live: Live) -> dict[str, str]:
@@ -156,6 +174,9 @@ def steer_body(method: str, path: str, body: dict[str, Any], rng: random.Random)
         body["prefix"] = rng.choice(PREFIX_REFS)
     if "model" in body:
         body["model"] = rng.choice(MODELS)
+    for field in ("training_file", "validation_file"):
+        if isinstance(body.get(field), str) and TRAINING_FILES:
+            body[field] = TRAINING_FILES[0]
     return body
 
 
@@ -202,6 +223,16 @@ DOCUMENTED_STATUSES = {
     ("post", "/v1/completions"): GENERATION,
     ("post", "/v1/chat/completions"): GENERATION,
     ("get", "/v1/models"): {"200", "401", "503"},
+    ("post", "/v1/files"): {"200", "400", "401", "413", "415", "422", "503"},
+    ("get", "/v1/files"): {"200", "400", "401", "404", "422", "503"},
+    ("get", "/v1/files/{file_id}"): {"200", "401", "404", "503"},
+    ("get", "/v1/files/{file_id}/content"): {"200", "401", "404", "503"},
+    ("delete", "/v1/files/{file_id}"): {"200", "401", "404", "409", "503"},
+    ("post", "/v1/fine_tuning/jobs"): {"200", "400", "401", "404", "409", "422", "503"},
+    ("get", "/v1/fine_tuning/jobs"): {"200", "400", "401", "404", "422", "503"},
+    ("get", "/v1/fine_tuning/jobs/{job_id}"): {"200", "401", "404", "503"},
+    ("get", "/v1/fine_tuning/jobs/{job_id}/events"): {"200", "400", "401", "404", "422", "503"},
+    ("post", "/v1/fine_tuning/jobs/{job_id}/cancel"): {"200", "401", "404", "409", "503"},
 }
 STREAMING = [("post", path) for path in ("/v1/generate", "/v1/completions", "/v1/chat/completions")]
 

@@ -10,6 +10,7 @@ from starlette.datastructures import UploadFile
 
 from server.api.auth import Server, Tenant
 from server.api.errors import ApiError
+from server.api.forms import read_form
 from server.api.query import reject_unknown_query
 from server.api.schemas import ERROR_RESPONSES, PrefixInfo, PrefixPage
 
@@ -18,18 +19,8 @@ MAX_FILES = 8
 
 
 async def read_upload_form(request: Request) -> tuple[dict[str, str], dict[str, bytes]]:
-    """The form's fields and files. The body's size limit is the BodyLimit middleware's."""
-    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
-        raise ApiError(415, "unsupported_media_type", "upload: expected multipart/form-data")
-    # Read whole first, so that BodyLimit's 413 surfaces here and not as a "malformed
-    # multipart" 400 from the broad except around form() below.
-    await request.body()
-    try:
-        form = await request.form(max_files=MAX_FILES, max_fields=16)
-    except Exception as exc:  # malformed multipart, too many parts
-        raise ApiError(
-            400, "invalid_request", f"upload: malformed multipart body ({exc})"
-        ) from None
+    """The form's fields and files."""
+    form = await read_form(request, max_files=MAX_FILES, max_fields=16)
     fields: dict[str, str] = {}
     files: dict[str, bytes] = {}
     for key, value in form.multi_items():
