@@ -91,18 +91,21 @@ class PagedKVCache(Cache):
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor]:
         keys, values = self.keys[layer_idx], self.values[layer_idx]
-        heads, head_dim = keys.shape[2:]
-        token_shape = (-1, heads, head_dim)
-        # key_states: [B, H, q, D] -> [B*q, H, D], one row per written position.
-        keys.view(token_shape).index_copy_(
-            0, self._write_slots, key_states.transpose(1, 2).reshape(token_shape)
+        num_blocks, block_size, heads, head_dim = keys.shape
+        # Both copies go through 2D views: index_copy_ / index_select over rows of a 2D tensor
+        # are one memcpy per row, where the same call on the 4D tensor took ~8x longer on CPUs.
+        # key_states: [B, H, q, D] -> [B*q, H*D], one row per written position.
+        per_token = (num_blocks * block_size, heads * head_dim)
+        keys.view(per_token).index_copy_(
+            0, self._write_slots, key_states.transpose(1, 2).reshape(-1, heads * head_dim)
         )
-        values.view(token_shape).index_copy_(
-            0, self._write_slots, value_states.transpose(1, 2).reshape(token_shape)
+        values.view(per_token).index_copy_(
+            0, self._write_slots, value_states.transpose(1, 2).reshape(-1, heads * head_dim)
         )
+        per_block = (num_blocks, block_size * heads * head_dim)
         read_shape = (self._read_rows, self.kv_len, heads, head_dim)
-        read_k = keys.index_select(0, self._read_blocks).view(read_shape)
-        read_v = values.index_select(0, self._read_blocks).view(read_shape)
+        read_k = keys.view(per_block).index_select(0, self._read_blocks).view(read_shape)
+        read_v = values.view(per_block).index_select(0, self._read_blocks).view(read_shape)
         return read_k.transpose(1, 2), read_v.transpose(1, 2)  # [B, H, kv_len, D]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
