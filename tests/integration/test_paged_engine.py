@@ -127,3 +127,17 @@ def test_blocks_reused_after_a_prefix_of_extreme_values_give_exact_tokens(
     assert extreme.digest not in llm.core.scheduler.prefixes.resident
     for case, request in zip(cases, requests, strict=True):
         assert request.output_token_ids == case.expected, case.kind
+
+
+def test_peft_on_the_served_model_is_unchanged_by_the_engines_attention(tmp_path: Path) -> None:
+    """The engine's sdpa replaces transformers' for the whole process (attention.py); PEFT,
+    training and soft-prompt compiling on the very model it serves must not see a difference."""
+    loaded = tiny_loaded("llama")  # 4 query heads over 2 KV heads: the grouped path
+    prompt = [5, 17, 33, 2]
+    before = peft_greedy(make_adapter(loaded.model, "prefix", 6, tmp_path / "a", 1), prompt, 8)
+    llm = LLM(loaded, config())
+    files = {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()}
+    sampling = SamplingParams(max_new_tokens=8, temperature=0)
+    (served,) = llm.generate([Request(prompt, sampling, llm.compile(read_upload(files)))])
+    after = peft_greedy(make_adapter(loaded.model, "prefix", 6, tmp_path / "b", 1), prompt, 8)
+    assert before == after == served.output_token_ids
