@@ -52,17 +52,44 @@ def smollm2_geometry(device: str = "cpu", dtype: str = "float32") -> LoadedModel
     return random_model(config, "SmolLM2-135M geometry (random weights)", device, dtype)
 
 
+def llama_1b_geometry(device: str = "cpu", dtype: str = "float32") -> LoadedModel:
+    """Llama-3.2-1B's architecture (tied embeddings, 2.47 GB in bf16) with random weights and
+    plain RoPE (its llama3 frequency scaling costs nothing per step)."""
+    config = LlamaConfig(
+        vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=8192,
+        tie_word_embeddings=True, rope_theta=500000.0, rms_norm_eps=1e-5,
+    )  # fmt: skip
+    return random_model(config, "Llama-3.2-1B geometry (random weights)", device, dtype)
+
+
+def micro_llama(device: str = "cpu", dtype: str = "float32") -> LoadedModel:
+    """Small enough for a benchmark's dry run to finish in seconds on a CPU."""
+    config = LlamaConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+    )  # fmt: skip
+    return random_model(config, "micro-llama", device, dtype)
+
+
 def random_model(config: LlamaConfig, name: str, device: str, dtype: str) -> LoadedModel:
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+    with torch.device(device):  # initialised where it runs: a 1B model in seconds on a GPU
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
     return wrap_model(freeze(model, device), None, name)
 
 
+GEOMETRIES = {
+    "tiny": tiny_llama,
+    "micro": micro_llama,
+    "smollm2-geometry": smollm2_geometry,
+    "llama-1b-geometry": llama_1b_geometry,
+}
+
+
 def load_named(name: str, device: str = "cpu", dtype: str = "float32") -> LoadedModel:
-    if name == "tiny":
-        return tiny_llama(device, dtype)
-    if name == "smollm2-geometry":
-        return smollm2_geometry(device, dtype)
+    if name in GEOMETRIES:
+        return GEOMETRIES[name](device, dtype)
     return load_model(None, cache_dir=Path("data/models"), device=device, dtype=dtype)
 
 

@@ -1,6 +1,7 @@
 """Open-loop load: Poisson arrivals from N tenants, each tenant with its own prefix.
 
-    python bench/load.py [--model smollm2|tiny] [--tenants 16] [--requests 48] [--rate 4]
+    python bench/load.py [--model smollm2|smollm2-geometry|llama-1b-geometry|tiny|micro]
+                         [--tenants 16] [--requests 48] [--rate 4] [--slots 16]
                          [--new-tokens 32] [--write docs/benchmarks.md]
 
 Variants, all on the same arrivals, prompts and adapters (prefix tuning, T virtual tokens):
@@ -31,11 +32,10 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.decode_step import load_named
+from bench.decode_step import GEOMETRIES, load_named
 from bench.report import command, machine, write_section
 from prefixes import CompiledPrefix, read_upload
-from server.config import STEP_TOKENS
-from server.engine.config import EngineConfig
+from server.engine.config import STEP_TOKENS, EngineConfig
 from server.engine.engine import Engine
 from server.engine.request import SamplingParams
 from server.models import LoadedModel
@@ -95,9 +95,10 @@ def run_engine(
     prefixes: list[CompiledPrefix],
     new_tokens: int,
     step_tokens: int,
+    slots: int,
 ) -> Outcome:
     config = EngineConfig(
-        num_slots=16, max_len=256, max_step_tokens=step_tokens, max_waiting=4096,
+        num_slots=slots, max_len=256, max_step_tokens=step_tokens, max_waiting=4096,
         max_running_per_tenant=0,
     )  # fmt: skip
     engine = Engine(loaded, config).start()
@@ -178,17 +179,16 @@ def run_peft(
     return Outcome(name, jobs, time.perf_counter() - start - jobs[0].arrival)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> list[Outcome]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--model", choices=["smollm2", "smollm2-geometry", "tiny"], default="smollm2"
-    )
+    parser.add_argument("--model", choices=["smollm2", *GEOMETRIES], default="smollm2")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--tenants", type=int, default=16)
     parser.add_argument("--requests", type=int, default=48)
     parser.add_argument("--rate", type=float, default=4.0, help="arrivals per second")
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--slots", type=int, default=16, help="rows the engine decodes together")
     parser.add_argument("--virtual-tokens", type=int, default=16)
     parser.add_argument(
         "--step-tokens",
@@ -197,7 +197,7 @@ def main() -> None:
     )
     parser.add_argument("--skip-baselines", action="store_true", help="only (a) and (b)")
     parser.add_argument("--write", type=Path)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     loaded = load_named(args.model, args.device, args.dtype)
     jobs = workload(args, loaded.spec.vocab_size)
@@ -226,10 +226,11 @@ def main() -> None:
     outcomes = [
         run_engine(
             "(a) prefix-server, own prefix per tenant", loaded, fresh(jobs), prefixes, new,
-            step_tokens,
+            step_tokens, args.slots,
         ),
         run_engine(
-            "(b) prefix-server, one shared prefix", loaded, fresh(jobs), shared, new, step_tokens
+            "(b) prefix-server, one shared prefix", loaded, fresh(jobs), shared, new,
+            step_tokens, args.slots,
         ),
     ]  # fmt: skip
     if not args.skip_baselines:
@@ -262,7 +263,7 @@ def main() -> None:
             f"Command: `{command()}`.",
             f"{args.requests} requests at {args.rate}/s, prompts of 16-48 tokens, "
             f"{args.new_tokens} new tokens each (greedy, EOS ignored), prefix tuning with "
-            f"{args.virtual_tokens} virtual tokens per tenant; engine with 16 slots and "
+            f"{args.virtual_tokens} virtual tokens per tenant; engine with {args.slots} slots and "
             f"{step_tokens} tokens per step; "
             f"{args.dtype} on {args.device}. "
             "TTFT counts from arrival, time spent queued included; per-token latency is the "
@@ -276,7 +277,9 @@ def main() -> None:
     print(body)
     if args.write:
         suffix = "" if args.device == "cpu" else f"_{args.device}_{args.dtype}"
+        suffix += "" if args.slots == 16 else f"_{args.slots}_slots"
         write_section(args.write, f"load_{args.model}{suffix}", body)
+    return outcomes
 
 
 if __name__ == "__main__":

@@ -9,14 +9,9 @@ from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from prefixes.pool import DEFAULT_DEVICE_POOL_BYTES, DEFAULT_HOST_POOL_BYTES
-from server.engine.config import EngineConfig
+from server.engine.config import STEP_TOKENS, EngineConfig
 
 MiB = 1 << 20
-
-# Tokens per step when not set. A step's time is every running row's gap between tokens; on a
-# CPU it grows with every token fed (docs/scheduling.md has the measurements), on a GPU a
-# step of a few thousand tokens costs about what one of a few does.
-STEP_TOKENS = {"cpu": 64, "cuda": 2048}
 
 
 class Settings(BaseSettings):
@@ -53,6 +48,14 @@ class Settings(BaseSettings):
         description="tokens fed per step, long prompts in chunks; default: 64 on cpu, 2048 on cuda",
     )
     max_running_per_tenant: int = Field(8, ge=0, description="rows one tenant may hold; 0: no cap")
+    static_decode: bool | None = Field(
+        None,
+        description="decode steps on static shapes (rows padded to batch-size buckets); "
+        "default: on for cuda, off for cpu",
+    )
+    cuda_graphs: bool = Field(
+        True, description="replay static decode steps as CUDA graphs (cuda only)"
+    )
     max_virtual_tokens: int = Field(256, ge=1, description="largest prefix length accepted")
     max_new_tokens_limit: int = Field(4096, ge=1, description="largest max_new_tokens accepted")
     max_prompts_per_call: int = Field(16, ge=1, description="prompts in one /v1/completions call")
@@ -117,6 +120,8 @@ class Settings(BaseSettings):
             max_waiting=self.max_waiting,
             max_waiting_per_tenant=self.max_waiting_per_tenant,
             max_running_per_tenant=self.max_running_per_tenant,
+            static_decode=self.static_decode,
+            cuda_graphs=self.cuda_graphs,
         )
 
     @property

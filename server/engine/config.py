@@ -13,6 +13,11 @@ from prefixes import ModelSpec
 # 15 positions, large enough that a block is one contiguous copy (16 x heads x dim) on a read.
 DEFAULT_BLOCK_SIZE = 16
 
+# Tokens per step when not set. A step's time is every running row's gap between tokens; on a
+# CPU it grows with every token fed (docs/scheduling.md has the measurements), on a GPU a
+# step of a few thousand tokens costs about what one of a few does.
+STEP_TOKENS = {"cpu": 64, "cuda": 2048}
+
 # On GPUs, without a budget, the KV pool takes this share of the memory free after the model
 # loaded, leaving room for activations and the prefix pool's own tensors.
 GPU_KV_MEMORY_SHARE = 0.5
@@ -31,10 +36,18 @@ class EngineConfig:
     max_waiting: int = 256
     max_waiting_per_tenant: int = 1 << 30
     max_running_per_tenant: int = 8  # 0: no cap
+    # Decode steps on static shapes (rows padded to a batch-size bucket, block tables to a width
+    # bucket; static_decode.py). None: on CUDA devices, where it is what makes CUDA graphs
+    # possible; off on CPUs, where a padding row costs as much compute as a real one.
+    static_decode: bool | None = None
+    # On CUDA, capture each static decode bucket in a CUDA graph and replay it (cuda_graphs.py).
+    cuda_graphs: bool = True
 
     def __post_init__(self) -> None:
         for item in fields(self):
             value = getattr(self, item.name)
+            if isinstance(value, bool):
+                continue
             floor = 0 if item.name == "max_running_per_tenant" else 1
             if value is not None and value < floor:
                 raise ValueError(f"{item.name}: expected >= {floor}, found {value}")
@@ -44,6 +57,12 @@ class EngineConfig:
                 f"max_step_tokens: expected > num_slots ({self.num_slots}), "
                 f"found {self.max_step_tokens}"
             )
+
+    def uses_static_decode(self, device: torch.device) -> bool:
+        return device.type == "cuda" if self.static_decode is None else self.static_decode
+
+    def uses_cuda_graphs(self, device: torch.device) -> bool:
+        return self.cuda_graphs and device.type == "cuda" and self.uses_static_decode(device)
 
     def num_blocks(self, spec: ModelSpec, dtype: torch.dtype, device: torch.device) -> int:
         """Blocks in the KV pool, the two reserved ones (zero and scratch) included."""

@@ -53,7 +53,17 @@ class EngineCore:
         spec = loaded.spec
         self.max_len = min(config.max_len, spec.max_positions)
         num_blocks = config.num_blocks(spec, loaded.dtype, loaded.device)
-        self.runner = ModelRunner(loaded.model, spec, num_blocks, config.block_size)
+        device = loaded.device
+        self.runner = ModelRunner(
+            loaded.model,
+            spec,
+            num_blocks,
+            config.block_size,
+            max_rows=config.num_slots,
+            max_len=self.max_len,
+            static_decode=config.uses_static_decode(device),
+            cuda_graphs=config.uses_cuda_graphs(device),
+        )
         self.scheduler = Scheduler(config, num_blocks)
         self.gate = gate
         self.eos_token_ids = loaded.eos_token_ids

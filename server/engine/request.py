@@ -99,17 +99,22 @@ class Request:
     first_token_time: float | None = None
     last_token_time: float | None = None
     # Every row draws from its own generator, so a seeded request samples the same tokens
-    # whatever else shares its batch.
-    generator: torch.Generator = field(init=False, repr=False)
+    # whatever else shares its batch. Made on first use, on the device the logits are on.
+    _generator: torch.Generator | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:
             raise InvalidRequest("prompt: expected at least one token, found none")
-        self.generator = torch.Generator()
-        if self.sampling.seed is None:
-            self.generator.seed()
-        else:
-            self.generator.manual_seed(self.sampling.seed)
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        """This request's own generator on `device`: seeded from `sampling.seed`, or randomly."""
+        if self._generator is None or self._generator.device != device:
+            self._generator = torch.Generator(device=device)
+            if self.sampling.seed is None:
+                self._generator.seed()
+            else:
+                self._generator.manual_seed(self.sampling.seed)
+        return self._generator
 
     @property
     def prefix_len(self) -> int:

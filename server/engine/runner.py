@@ -6,6 +6,10 @@ padding token gets position 0 and writes its K/V into the scratch block, so it n
 real row. The model gets explicit per-row position ids and a 4D mask in which query (b, j) sees
 key k of its own row iff k <= position(b, j): the prefix at 0..T-1 and the row's earlier tokens.
 Logits are computed only for rows whose pending tokens are all fed this step.
+
+A forward whose rows all decode one token can run on static shapes instead (static_decode.py:
+batch and block-table buckets, inputs in preallocated buffers, on CUDA replayed from a CUDA
+graph); it computes the same thing, and the tests hold the two paths token-equal.
 """
 
 from __future__ import annotations
@@ -18,9 +22,11 @@ from transformers import PreTrainedModel
 from prefixes import ModelSpec
 from server.engine import attention  # noqa: F401  (registers the engine's sdpa)
 from server.engine.blocks import SCRATCH_BLOCK, ZERO_BLOCK
+from server.engine.cuda_graphs import CudaGraphs
 from server.engine.kv_cache import PagedKVCache
 from server.engine.sampler import sample
 from server.engine.scheduler import ScheduledRow
+from server.engine.static_decode import DecodeBuffers, StaticDecoder
 from server.models import attention_kernels
 
 # On GPUs keys are read in lengths rounded up to this: attention kernels that plan per shape
@@ -49,8 +55,19 @@ def plan_forwards(
 
 class ModelRunner:
     def __init__(
-        self, model: PreTrainedModel, spec: ModelSpec, num_blocks: int, block_size: int
+        self,
+        model: PreTrainedModel,
+        spec: ModelSpec,
+        num_blocks: int,
+        block_size: int,
+        *,
+        max_rows: int = 1,
+        max_len: int | None = None,
+        static_decode: bool = False,
+        cuda_graphs: bool = False,
     ) -> None:
+        """`max_rows` and `max_len` bound the static decode path's buckets (rows per step,
+        positions per row); `cuda_graphs` replays that path from CUDA graphs."""
         self.model = model
         self.spec = spec
         param = next(model.parameters())
@@ -67,6 +84,18 @@ class ModelRunner:
         self.decoder = model.base_model
         self.lm_head = model.get_output_embeddings()
         self.softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+        self.static: StaticDecoder | None = None
+        if static_decode:
+            self.static = StaticDecoder(
+                self.decode_forward,
+                device=self.device,
+                block_size=block_size,
+                max_rows=max_rows,
+                max_blocks=-(-(max_len or spec.max_positions) // block_size),
+                vocab_size=spec.vocab_size,
+                min_blocks=max(1, self.kv_len_bucket // block_size),
+                graphs=CudaGraphs(self.device) if cuda_graphs else None,
+            )
 
     @torch.inference_mode()
     def step(self, rows: Sequence[ScheduledRow]) -> list[int | None]:
@@ -75,7 +104,7 @@ class ModelRunner:
         sampling = [row.request for row in rows if row.samples]
         groups = plan_forwards(rows, self.forward_overhead_tokens)
         with attention_kernels(self.device, self.dtype):
-            logits = [self.forward(group) for group in groups]
+            logits = [self._run(group) for group in groups]
         ordered = [row.request for group in groups for row in group if row.samples]
         next_ids: list[int] = []
         if ordered:
@@ -91,6 +120,12 @@ class ModelRunner:
             id(r): (t if t >= 0 else None) for r, t in zip(ordered, next_ids, strict=True)
         }
         return [by_request[id(request)] for request in sampling]
+
+    def _run(self, rows: Sequence[ScheduledRow]) -> torch.Tensor:
+        key = None if self.static is None else self.static.key(rows)
+        if self.static is not None and key is not None:
+            return self.static.run(rows, key)
+        return self.forward(rows)
 
     @torch.inference_mode()
     def forward(self, rows: Sequence[ScheduledRow]) -> torch.Tensor:
@@ -133,8 +168,29 @@ class ModelRunner:
         if not picked:
             return hidden.new_zeros((0, self.spec.vocab_size), dtype=torch.float32)
         index = torch.tensor(picked, device=device)
-        last = hidden[index, lengths[index] - 1]
-        logits = self.lm_head(last).float()
+        return self._logits(hidden[index, lengths[index] - 1])
+
+    def decode_forward(self, buffers: DecodeBuffers) -> torch.Tensor:
+        """`buffers.logits` of a decode forward that reads its inputs from `buffers` alone and
+        never syncs with the host: the static path's forward, which a CUDA graph captures as
+        is. The same arithmetic as `forward`'s."""
+        self.cache.bind(buffers.write_slots, buffers.tables)
+        hidden = self.decoder(
+            input_ids=buffers.input_ids,
+            position_ids=buffers.positions,
+            attention_mask=self._mask(buffers.positions, buffers.width * self.block_size),
+            past_key_values=self.cache,
+            use_cache=True,
+            engine_step=True,
+        ).last_hidden_state
+        logits = buffers.logits
+        logits.copy_(self.lm_head(hidden[:, 0]))  # the cast to float32, into the static output
+        if self.softcap:
+            logits.div_(self.softcap).tanh_().mul_(self.softcap)
+        return logits
+
+    def _logits(self, last_hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(last_hidden).float()
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
