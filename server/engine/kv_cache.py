@@ -34,27 +34,33 @@ class PagedKVCache(Cache):
     ) -> None:
         super().__init__(layers=[])
         self.block_size = block_size
-        # [layer, block, offset, head, dim]: a block is one contiguous run of block_size tokens,
-        # so a read gathers whole blocks and a write is one index_copy_ per layer. Left empty:
-        # a block's pages are touched only when it is first handed out (and zeroed).
-        shape = (spec.num_layers, num_blocks, block_size, spec.num_kv_heads, spec.head_dim)
+        self.num_blocks = num_blocks
+        # [layer, head, block, offset, dim]: within a head a block is one contiguous run of
+        # block_size tokens, so a read gathers whole blocks and hands attention each (row, head)
+        # as contiguous [tokens, dim], the layout its kernels read fastest (token-major blocks,
+        # [.., offset, head, dim], made every head's keys strided: 19% slower steps at 1,500
+        # tokens on CPUs, measured with bench/long_context.py). Left empty: a block's pages are
+        # touched only when it is first handed out (and zeroed).
+        shape = (spec.num_layers, spec.num_kv_heads, num_blocks, block_size, spec.head_dim)
         self.keys = torch.empty(shape, dtype=dtype, device=device)
         self.values = torch.empty(shape, dtype=dtype, device=device)
         self.zero([ZERO_BLOCK])
-        self._write_slots = torch.zeros(0, dtype=torch.long, device=device)
-        self._read_blocks = torch.zeros(0, dtype=torch.long, device=device)
+        self._heads = torch.arange(spec.num_kv_heads, device=device)[:, None]
+        self._write_index = torch.zeros(0, dtype=torch.long, device=device)
+        self._read_index = torch.zeros(0, dtype=torch.long, device=device)
         self._read_rows = 0
+        self._read_blocks = 0
 
     def zero(self, blocks: list[int]) -> None:
         if blocks:
             index = torch.tensor(blocks, device=self.keys.device)
-            self.keys.index_fill_(1, index, 0)
-            self.values.index_fill_(1, index, 0)
+            self.keys.index_fill_(2, index, 0)
+            self.values.index_fill_(2, index, 0)
 
     def load_prefix(self, blocks: list[int], prefix: CompiledPrefix) -> None:
         """Write a compiled prefix `[L, 2, H, T, D]` into positions 0..T-1 of these blocks."""
         tokens = prefix.num_virtual_tokens
-        layers, _, _, heads, head_dim = self.keys.shape
+        layers, heads, _, _, head_dim = self.keys.shape
         expected = (layers, 2, heads, tokens, head_dim)
         if tuple(prefix.kv.shape) != expected or len(blocks) * self.block_size < tokens:
             # Copying a wrong shape could broadcast silently into garbage: refuse it.
@@ -62,14 +68,13 @@ class PagedKVCache(Cache):
                 f"prefix KV: expected shape {expected}, found {tuple(prefix.kv.shape)}"
             )
         slots = self.slots(blocks, torch.arange(tokens, device=self.keys.device))
-        flat = (layers, -1, heads, head_dim)
-        # [L, H, T, D] -> [L, T, H, D], written at the prefix's flat slots in every layer.
-        self.keys.view(flat)[:, slots] = prefix.kv[:, 0].transpose(1, 2).to(self.keys.dtype)
-        self.values.view(flat)[:, slots] = prefix.kv[:, 1].transpose(1, 2).to(self.keys.dtype)
+        per_token = (layers, heads, -1, head_dim)
+        self.keys.view(per_token)[:, :, slots] = prefix.kv[:, 0].to(self.keys.dtype)
+        self.values.view(per_token)[:, :, slots] = prefix.kv[:, 1].to(self.keys.dtype)
 
     def copy_block(self, source: int, target: int) -> None:
-        self.keys[:, target] = self.keys[:, source]
-        self.values[:, target] = self.values[:, source]
+        self.keys[:, :, target] = self.keys[:, :, source]
+        self.values[:, :, target] = self.values[:, :, source]
 
     def slots(self, blocks: list[int], positions: torch.Tensor) -> torch.Tensor:
         """Flat slot (block * block_size + offset) of each position of one row."""
@@ -78,41 +83,42 @@ class PagedKVCache(Cache):
 
     def bind(self, write_slots: torch.Tensor, read_blocks: torch.Tensor) -> None:
         """Where the next forward writes (a flat slot per fed token, padding to the scratch
-        block) and what each row reads: its table `[B, blocks]`, padded with the zero block."""
-        self._write_slots = write_slots.reshape(-1)
-        self._read_blocks = read_blocks.reshape(-1)
-        self._read_rows = read_blocks.shape[0]
+        block) and what each row reads: its table `[B, blocks]`, padded with the zero block.
+        Indices are made per head here, once per forward, not once per layer."""
+        tokens_per_head = self.num_blocks * self.block_size
+        self._write_index = (self._heads * tokens_per_head + write_slots.reshape(1, -1)).reshape(-1)
+        self._read_index = (self._heads * self.num_blocks + read_blocks.reshape(1, -1)).reshape(-1)
+        self._read_rows, self._read_blocks = read_blocks.shape
 
     @property
     def kv_len(self) -> int:
-        return self._read_blocks.numel() // max(self._read_rows, 1) * self.block_size
+        return self._read_blocks * self.block_size
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor]:
         keys, values = self.keys[layer_idx], self.values[layer_idx]
-        num_blocks, block_size, heads, head_dim = keys.shape
-        # Both copies go through 2D views: index_copy_ / index_select over rows of a 2D tensor
-        # are one memcpy per row, where the same call on the 4D tensor took ~8x longer on CPUs.
-        # key_states: [B, H, q, D] -> [B*q, H*D], one row per written position.
-        per_token = (num_blocks * block_size, heads * head_dim)
-        keys.view(per_token).index_copy_(
-            0, self._write_slots, key_states.transpose(1, 2).reshape(-1, heads * head_dim)
+        heads, num_blocks, block_size, head_dim = keys.shape
+        # key_states: [B, H, q, D] -> [H*B*q, D], in the order of the write index. Both copies go
+        # through 2D views: one memcpy per row (the same calls on 4D tensors were several times
+        # slower on CPUs).
+        keys.view(-1, head_dim).index_copy_(
+            0, self._write_index, key_states.transpose(0, 1).reshape(-1, head_dim)
         )
-        values.view(per_token).index_copy_(
-            0, self._write_slots, value_states.transpose(1, 2).reshape(-1, heads * head_dim)
+        values.view(-1, head_dim).index_copy_(
+            0, self._write_index, value_states.transpose(0, 1).reshape(-1, head_dim)
         )
-        per_block = (num_blocks, block_size * heads * head_dim)
-        read_shape = (self._read_rows, self.kv_len, heads, head_dim)
-        read_k = keys.view(per_block).index_select(0, self._read_blocks).view(read_shape)
-        read_v = values.view(per_block).index_select(0, self._read_blocks).view(read_shape)
-        return read_k.transpose(1, 2), read_v.transpose(1, 2)  # [B, H, kv_len, D]
+        per_block = (heads * num_blocks, block_size * head_dim)
+        read_shape = (heads, self._read_rows, self.kv_len, head_dim)
+        read_k = keys.view(per_block).index_select(0, self._read_index).view(read_shape)
+        read_v = values.view(per_block).index_select(0, self._read_index).view(read_shape)
+        return read_k.transpose(0, 1), read_v.transpose(0, 1)  # [B, H, kv_len, D]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.kv_len
 
     def get_max_cache_shape(self, layer_idx: int = 0) -> int:
-        return self.keys.shape[1] * self.block_size
+        return self.num_blocks * self.block_size
 
     @property
     def nbytes(self) -> int:

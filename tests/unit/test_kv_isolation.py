@@ -23,8 +23,8 @@ def test_positions_past_a_rows_end_read_as_exact_zeros(loaded: LoadedModel) -> N
     cache = PagedKVCache(loaded.spec, num_blocks=6, block_size=4, dtype=torch.float32)
     # A dirty pool: every block but the zero block (which no request owns and nothing writes)
     # as hostile earlier requests could leave it.
-    cache.keys[:, ZERO_BLOCK + 1 :].fill_(float("nan"))
-    cache.values[:, ZERO_BLOCK + 1 :].fill_(3e38)
+    cache.keys[:, :, ZERO_BLOCK + 1 :].fill_(float("nan"))
+    cache.values[:, :, ZERO_BLOCK + 1 :].fill_(3e38)
     cache.zero([2, 3])  # what the engine does to every block it hands out
     heads, dim = loaded.spec.num_kv_heads, loaded.spec.head_dim
     # Row 0 holds block 2 and ends at position 3; row 1 holds blocks 3 and 4 and ends at 7.
@@ -40,7 +40,7 @@ def test_positions_past_a_rows_end_read_as_exact_zeros(loaded: LoadedModel) -> N
     assert torch.equal(keys[0, :, 2], torch.ones(heads, dim))  # its own new token is kept
     assert torch.equal(values[1, :, 6], torch.full((heads, dim), 2.0))
     assert keys[1, :, 4:6].isnan().all()  # its own earlier positions are whatever they hold
-    assert not cache.keys[:, ZERO_BLOCK].any() and not cache.values[:, ZERO_BLOCK].any()
+    assert not cache.keys[:, :, ZERO_BLOCK].any() and not cache.values[:, :, ZERO_BLOCK].any()
 
 
 @pytest.fixture(scope="module")
@@ -78,14 +78,14 @@ def test_rows_in_dirty_blocks_beside_longer_rows_get_their_solo_tokens(
     expected = [alone(model, p, x) for p, x in zip(prompts, own, strict=True)]
     llm = LLM(model, num_slots=4, max_len=64)
     cache = llm.runner.cache  # every block as a hostile earlier request could leave it
-    cache.keys[:, ZERO_BLOCK + 1 :].fill_(poison)
-    cache.values[:, ZERO_BLOCK + 1 :].fill_(poison)
+    cache.keys[:, :, ZERO_BLOCK + 1 :].fill_(poison)
+    cache.values[:, :, ZERO_BLOCK + 1 :].fill_(poison)
     longer = Request(list(range(1, 40)), GREEDY, own[0])  # reads 42 positions of every row
     rows = [Request(p, GREEDY, x) for p, x in zip(prompts, own, strict=True)]
     llm.generate([longer, *rows])
     assert [r.output_token_ids for r in rows] == expected
-    assert not cache.keys[:, ZERO_BLOCK].any()  # nothing ever writes the zero block
-    assert not cache.values[:, ZERO_BLOCK].any()
+    assert not cache.keys[:, :, ZERO_BLOCK].any()  # nothing ever writes the zero block
+    assert not cache.values[:, :, ZERO_BLOCK].any()
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
