@@ -222,7 +222,7 @@ def alone(
     return list(request.output_token_ids)
 
 
-def wait_for(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
@@ -243,7 +243,7 @@ class StalledEngine:
         def held_prepare(plan: Schedule) -> Any:
             if plan.admitted:
                 self.stepping.set()
-                assert self._go.wait(10), "the test never let the engine go"
+                assert self._go.wait(60), "the test never let the engine go"
             return prepare(plan)
 
         monkeypatch.setattr(engine.core, "_prepare", held_prepare)

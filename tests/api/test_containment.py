@@ -239,7 +239,7 @@ def test_a_refused_prompt_of_a_multi_prompt_call_cancels_the_ones_started(
         finally:
             stalled.go()
         assert_error(response, 400, "prompt", "999999")
-        wait_for(lambda: not engine.core.has_work, "the started prompts to be cancelled")
+        wait_for(lambda: engine.in_flight == 0, "the started prompts to be cancelled")
         assert engine.metrics.requests_finished["cancelled"] == 2
         assert engine.metrics.generated_tokens <= 2  # at most the step already under way
 
