@@ -219,4 +219,7 @@ class EngineCore:
             self.gate.done(request.request_id, request.tenant)
         if request.release is not None:
             release, request.release = request.release, None
-            release()
+            try:
+                release()
+            except Exception:  # the caller's callback: never the engine thread's end
+                log.exception("releasing %s failed", request.request_id)

@@ -109,26 +109,25 @@ class Scheduler:
     def schedule(self) -> Schedule:
         plan = Schedule()
         budget = self.config.max_step_tokens
-        decoding = [r for r in self.running if r.num_pending == 1]
-        prefilling = [r for r in self.running if r.num_pending > 1]
+        # In admission order, so a row that needs a block preempts only rows admitted after
+        # it; decode tokens of the rows still ahead are reserved before any chunk is cut.
+        decode_left = sum(1 for r in self.running if r.num_pending == 1)
         scheduled: set[int] = set()
-        for request in decoding:
+        for request in list(self.running):
             if request.status is not RequestStatus.RUNNING:
                 continue  # preempted by a row before it in this loop
-            if not self._grow_or_preempt(request, 1, scheduled, plan):
+            if request.num_pending == 1:
+                decode_left -= 1
+                tokens = 1
+            else:
+                tokens = min(request.num_pending, budget - decode_left)
+                if tokens <= 0:
+                    continue
+            if not self._grow_or_preempt(request, tokens, scheduled, plan):
                 continue
-            plan.rows.append(ScheduledRow(request, 1))
+            plan.rows.append(ScheduledRow(request, tokens))
             scheduled.add(id(request))
-            budget -= 1
-        for request in prefilling:
-            if budget <= 0 or request.status is not RequestStatus.RUNNING:
-                continue
-            chunk = min(request.num_pending, budget)
-            if not self._grow_or_preempt(request, chunk, scheduled, plan):
-                continue
-            plan.rows.append(ScheduledRow(request, chunk))
-            scheduled.add(id(request))
-            budget -= chunk
+            budget -= tokens
         if not plan.preempted:  # blocks are short: let the running rows finish first
             self._admit(plan, budget)
         plan.zero_blocks, self.pool.to_zero = self.pool.to_zero, []

@@ -411,3 +411,28 @@ def test_a_crashed_step_still_ends_the_streams_it_had_already_retired(
         engine.stop()
     assert errors[0] == "internal error in the engine step"
     assert errors[1].startswith("prefix could not be loaded")
+
+
+def test_a_release_callback_that_raises_does_not_stop_the_engine(loaded: LoadedModel) -> None:
+    engine = Engine(loaded, EngineConfig(num_slots=2, max_len=64)).start()
+
+    def broken_release() -> None:
+        raise RuntimeError("unpin failed")
+
+    async def main() -> tuple[list[int], list[int]]:
+        first = await engine.submit([1, 2, 3], GREEDY, release=broken_release).result()
+        cancelled = engine.submit([4, 5], SamplingParams(max_new_tokens=50, temperature=0),
+                                  release=broken_release)  # fmt: skip
+        cancelled.cancel()
+        second = await asyncio.wait_for(engine.submit([1, 2, 3], GREEDY).result(), timeout=30)
+        return first.token_ids, second.token_ids
+
+    try:
+        first, second = asyncio.run(main())
+        assert engine.alive and first == second == alone(loaded, [1, 2, 3], None)
+        wait = time.monotonic() + 10
+        while engine.in_flight and time.monotonic() < wait:
+            time.sleep(0.01)
+        assert engine.in_flight == 0
+    finally:
+        engine.stop()
