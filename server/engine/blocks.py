@@ -59,9 +59,6 @@ class BlockPool:
             if self._refs[block] == 0:
                 self._free.append(block)
 
-    def refs(self, block: int) -> int:
-        return self._refs[block]
-
 
 @dataclass(slots=True)
 class ResidentPrefix:

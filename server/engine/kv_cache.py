@@ -119,7 +119,3 @@ class PagedKVCache(Cache):
 
     def get_max_cache_shape(self, layer_idx: int = 0) -> int:
         return self.num_blocks * self.block_size
-
-    @property
-    def nbytes(self) -> int:
-        return 2 * self.keys.numel() * self.keys.element_size()

@@ -123,9 +123,10 @@ class ModelRunner:
 
     def _run(self, rows: Sequence[ScheduledRow]) -> torch.Tensor:
         key = None if self.static is None else self.static.key(rows)
-        if self.static is not None and key is not None:
-            return self.static.run(rows, key)
-        return self.forward(rows)
+        if key is None:
+            return self.forward(rows)
+        assert self.static is not None
+        return self.static.run(rows, key)
 
     @torch.inference_mode()
     def forward(self, rows: Sequence[ScheduledRow]) -> torch.Tensor:
@@ -155,15 +156,7 @@ class ModelRunner:
         own_slots = tables.gather(1, positions // block_size) * block_size + positions % block_size
         scratch = SCRATCH_BLOCK * block_size + offsets % block_size
         self.cache.bind(torch.where(real, own_slots, scratch), tables)
-
-        hidden = self.decoder(
-            input_ids=input_ids,
-            position_ids=positions,
-            attention_mask=self._mask(positions, num_read_blocks * block_size),
-            past_key_values=self.cache,
-            use_cache=True,
-            engine_step=True,
-        ).last_hidden_state
+        hidden = self._hidden(input_ids, positions, num_read_blocks * block_size)
         picked = [i for i, row in enumerate(rows) if row.samples]
         if not picked:
             return hidden.new_zeros((0, self.spec.vocab_size), dtype=torch.float32)
@@ -175,19 +168,25 @@ class ModelRunner:
         never syncs with the host: the static path's forward, which a CUDA graph captures as
         is. The same arithmetic as `forward`'s."""
         self.cache.bind(buffers.write_slots, buffers.tables)
-        hidden = self.decoder(
-            input_ids=buffers.input_ids,
-            position_ids=buffers.positions,
-            attention_mask=self._mask(buffers.positions, buffers.width * self.block_size),
-            past_key_values=self.cache,
-            use_cache=True,
-            engine_step=True,
-        ).last_hidden_state
+        hidden = self._hidden(buffers.input_ids, buffers.positions, buffers.width * self.block_size)
         logits = buffers.logits
         logits.copy_(self.lm_head(hidden[:, 0]))  # the cast to float32, into the static output
         if self.softcap:
             logits.div_(self.softcap).tanh_().mul_(self.softcap)
         return logits
+
+    def _hidden(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, kv_len: int
+    ) -> torch.Tensor:
+        """The decoder over the bound cache: each row at its own positions, under its mask."""
+        return self.decoder(
+            input_ids=input_ids,
+            position_ids=positions,
+            attention_mask=self._mask(positions, kv_len),
+            past_key_values=self.cache,
+            use_cache=True,
+            engine_step=True,
+        ).last_hidden_state
 
     def _logits(self, last_hidden: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(last_hidden).float()
