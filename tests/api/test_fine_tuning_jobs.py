@@ -106,6 +106,7 @@ def test_prompt_tuning_and_chat_examples(client: TestClient, alice: TenantAuth) 
     method = {"type": "prompt_tuning", "prompt_tuning": {"num_virtual_tokens": 4}}
     response = create_job(
         client, alice, training_file(client, alice, records), method=method, suffix="chatty",
+        seed=0,
         hyperparameters={"n_epochs": 30, "batch_size": 3, "learning_rate_multiplier": 5},
     )  # fmt: skip
     assert response.status_code == 200, response.text
