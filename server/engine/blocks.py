@@ -10,6 +10,7 @@ tokens continue in it). A prefix no row uses stays resident until its blocks are
 from __future__ import annotations
 
 from collections import OrderedDict, deque
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 # Two blocks no request ever owns: the zero block, never written, is what a row's block table
@@ -122,10 +123,10 @@ class PrefixBlocks:
         if prefix is not None:
             self.pool.release(prefix.blocks)
 
-    def evict_unused(self, needed: int, keep: str | None = None) -> bool:
-        """Free resident prefixes no row uses (but `keep`), oldest first, until `needed` blocks
-        are free."""
-        for key in [k for k, p in self.resident.items() if p.users == 0 and k != keep]:
+    def evict_unused(self, needed: int, keep: Collection[str] = ()) -> bool:
+        """Free resident prefixes no row uses (but those in `keep`), oldest first, until
+        `needed` blocks are free."""
+        for key in [k for k, p in self.resident.items() if p.users == 0 and k not in keep]:
             if self.pool.num_free >= needed:
                 break
             self.pool.release(self.resident.pop(key).blocks)

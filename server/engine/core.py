@@ -9,6 +9,7 @@ import logging
 import time
 from dataclasses import dataclass
 
+from server.engine.blocks import RESERVED_BLOCKS
 from server.engine.config import EngineConfig
 from server.engine.gate import AdmissionGate
 from server.engine.metrics import EngineMetrics
@@ -17,6 +18,7 @@ from server.engine.request import (
     NonFiniteOutput,
     Request,
     RequestFailed,
+    RequestGroup,
     RequestStatus,
 )
 from server.engine.runner import ModelRunner
@@ -97,18 +99,40 @@ class EngineCore:
                     f"found {tuple(request.prefix.kv.shape)}"
                 )
 
+    def check_group(self, size: int) -> None:
+        """Raise InvalidRequest if a group of `size` rows could never run together: more rows
+        than slots, or more than the KV pool holds with every row at max_len."""
+        slots = self.config.num_slots
+        if size > slots:
+            raise InvalidRequest(
+                f"prefixes: expected at most {slots} members (rows decoded together), found {size}"
+            )
+        per_row = -(-self.max_len // self.config.block_size) + 1  # + its partial prefix block
+        usable = self.scheduler.pool.num_blocks - RESERVED_BLOCKS
+        if size * per_row > usable:
+            raise InvalidRequest(
+                f"prefixes: expected at most {usable // per_row} members (the KV cache holds "
+                f"that many rows of {self.max_len} tokens), found {size}"
+            )
+
     def add(self, request: Request) -> None:
-        self.check(request)
+        """Queue a request, or a group through its leader (members[0])."""
+        rows = request.rows
+        if len(rows) > 1:
+            self.check_group(len(rows))
+        for row in rows:
+            self.check(row)
         self.scheduler.add(request)
 
     def abort(
         self, request: Request, reason: str = "cancelled", error: RequestFailed | None = None
-    ) -> bool:
-        """Finish a waiting or running request now; False if it had already left."""
-        if not self.scheduler.remove(request):
-            return False
-        self._release(request, reason, error)
-        return True
+    ) -> list[Request]:
+        """Finish a waiting or running request now, with the rows that go with it (its group's
+        while the group waits, a lockstep group's always); returns them, [] if already gone."""
+        rows = self.scheduler.remove(request)
+        for row in rows:
+            self._release(row, reason, error)
+        return rows
 
     def step(self) -> list[StepOutput]:
         """Schedule, run one forward, retire what finished."""
@@ -142,6 +166,11 @@ class EngineCore:
             if id(request) not in outcomes:
                 continue  # fed a prompt chunk; samples once its whole prompt is in
             outcome = outcomes[id(request)]
+            group = request.lockstep_group
+            if isinstance(outcome, int) and group is not None:
+                if request is group.leader:  # one token for the whole group, once
+                    outputs += self._postprocess_group(group, outcome, now)
+                continue
             if isinstance(outcome, int):
                 outputs.append(self._postprocess(request, outcome, now))
                 continue
@@ -176,26 +205,31 @@ class EngineCore:
         for request in plan.admitted:
             if request.prefix is not None and request.prefix.digest in failed:
                 cause = failed[request.prefix.digest]
-                self.abort(request, "error", RequestFailed(f"prefix could not be loaded: {cause}"))
-                outputs.append(StepOutput(request, [], ""))
+                error = RequestFailed(f"prefix could not be loaded: {cause}")
+                outputs += [StepOutput(row, [], "") for row in self.abort(request, "error", error)]
         for key in failed:  # never serve a half-written prefix to a later row
             self.scheduler.prefixes.forget(key)
         return outputs
 
     def _step_rows_alone(self, rows: list[ScheduledRow]) -> dict[int, int | RequestFailed | None]:
-        """After a failed step: each row once more on its own, so only the row that makes the
-        step fail fails. A failed forward advanced nobody, so a retry rewrites the same places."""
-        outcomes: dict[int, int | RequestFailed | None] = {}
+        """After a failed step: each row once more on its own (a lockstep group's rows
+        together), so only the row that makes the step fail fails. A failed forward advanced
+        nobody, so a retry rewrites the same places."""
+        units: dict[int, list[ScheduledRow]] = {}
         for row in rows:
-            request = row.request
+            owner = row.request.lockstep_group or row.request
+            units.setdefault(id(owner), []).append(row)
+        outcomes: dict[int, int | RequestFailed | None] = {}
+        for unit in units.values():
+            sampling = [row.request for row in unit if row.samples]
             try:
-                tokens = self.runner.step([row])
+                tokens = self.runner.step(unit)
             except Exception as exc:
-                log.exception("request %s fails its step alone", request.request_id)
-                outcomes[id(request)] = RequestFailed(f"generation failed: {exc}")
+                log.exception("request %s fails its step alone", unit[0].request.request_id)
+                failure = RequestFailed(f"generation failed: {exc}")
+                outcomes.update({id(row.request): failure for row in unit})
                 continue
-            if tokens:
-                outcomes[id(request)] = tokens[0]
+            outcomes.update({id(r): t for r, t in zip(sampling, tokens, strict=True)})
         return outcomes
 
     def _postprocess(self, request: Request, token: int, now: float) -> StepOutput:
@@ -209,6 +243,28 @@ class EngineCore:
         append_token(request, token, eos_token_ids=self.eos_token_ids, max_len=self.max_len)
         text = update_text(request, self.loaded.tokenizer)
         return StepOutput(request, [token], text)
+
+    def _postprocess_group(self, group: RequestGroup, token: int, now: float) -> list[StepOutput]:
+        """Append the group's token to every row; when one row finishes (its own length limit,
+        or the leader's stop string) they all do, with its reason."""
+        leader = group.leader
+        for member in group.members:
+            if member is not leader:
+                append_token(member, token, eos_token_ids=self.eos_token_ids, max_len=self.max_len)
+        # The leader's text is decoded once the group's outcome is known: a finished request
+        # releases all of its text, a running one holds back a possible stop string.
+        self._finish_together(group)
+        outputs = [self._postprocess(leader, token, now)]
+        self._finish_together(group)
+        outputs += [StepOutput(m, [token], "") for m in group.members if m is not leader]
+        return outputs
+
+    @staticmethod
+    def _finish_together(group: RequestGroup) -> None:
+        first = next((m for m in group.members if m.finished), None)
+        if first is not None:
+            for member in group.members:
+                member.finish(first.finish_reason or "stop", first.error)
 
     def _release(self, request: Request, reason: str, error: RequestFailed | None) -> None:
         """The request has left the scheduler: record its outcome and unpin its prefix."""

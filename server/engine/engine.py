@@ -13,7 +13,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from prefixes import CompiledPrefix
@@ -23,7 +23,12 @@ from server.engine.config import EngineConfig
 from server.engine.core import EngineCore, StepOutput
 from server.engine.gate import AdmissionGate
 from server.engine.metrics import EngineMetrics
-from server.engine.request import Request, RequestFailed, SamplingParams
+from server.engine.request import (
+    Request,
+    RequestFailed,
+    RequestGroup,
+    SamplingParams,
+)
 from server.engine.stream import Chunk, RequestStream
 from server.models import LoadedModel
 
@@ -42,8 +47,8 @@ class EngineStopped(Exception):
 
 @dataclass(frozen=True, slots=True)
 class _Submit:
-    request: Request
-    stream: RequestStream
+    request: Request  # a group's leader stands for the group
+    streams: list[RequestStream]
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,32 +120,70 @@ class Engine:
         `release` is called once when the request leaves the engine (it unpins the prefix
         version the request started with), also when `submit` itself raises.
         """
-        entered = False
+        (stream,) = self.submit_group(
+            prompt_token_ids,
+            sampling,
+            [(prefix, release)],
+            tenant=tenant,
+            stream_text=stream_text,
+        )
+        return stream
+
+    def submit_group(
+        self,
+        prompt_token_ids: list[int],
+        sampling: SamplingParams | None,
+        members: Sequence[tuple[CompiledPrefix | None, Callable[[], None] | None]],
+        *,
+        lockstep: bool = False,
+        tenant: str = "default",
+        stream_text: bool = True,
+    ) -> list[RequestStream]:
+        """Queue one prompt under each member's prefix, the rows admitted together (a prompt
+        ensemble; one member is a plain request). Lockstep: the rows decode as one (see
+        RequestGroup) and the one stream is the group's output; otherwise each member's row has
+        its own stream and records its tokens' log-probabilities. Each member's release is
+        called once when its row leaves the engine, also when this raises.
+        """
+        requests: list[Request] = []
+        entered: list[Request] = []
         try:
-            request = Request(
-                prompt_token_ids,
-                sampling or SamplingParams(),
-                prefix,
-                tenant=tenant,
-                release=release,
-                stream_text=stream_text,
-            )
-            self.core.check(request)
-            stream = RequestStream(request, asyncio.get_running_loop(), self._post_cancel)
+            for prefix, release in members:
+                requests.append(
+                    Request(
+                        prompt_token_ids,
+                        sampling or SamplingParams(),
+                        prefix,
+                        tenant=tenant,
+                        release=release,
+                        stream_text=stream_text,
+                        logprobs=len(members) > 1 and not lockstep,
+                    )
+                )
+            if len(requests) > 1:
+                self.core.check_group(len(requests))
+                RequestGroup(requests, lockstep=lockstep)
+            for request in requests:
+                self.core.check(request)
+            loop = asyncio.get_running_loop()
+            published = requests[:1] if lockstep else requests
+            streams = [RequestStream(r, loop, self._post_cancel) for r in published]
             with self._wake:
                 if not self._accepting:
                     raise EngineStopped("the server is shutting down")
-                self.gate.enter(request.request_id, tenant)
-                entered = True
-                self._inbox.append(_Submit(request, stream))
+                for request in requests:
+                    self.gate.enter(request.request_id, tenant)
+                    entered.append(request)
+                self._inbox.append(_Submit(requests[0], streams))
                 self._wake.notify()
         except BaseException:
-            if entered:
+            for request in entered:
                 self.gate.done(request.request_id, tenant)
-            if release is not None:
-                release()
+            for _, release in members:
+                if release is not None:
+                    release()
             raise
-        return stream
+        return streams
 
     def stop_accepting(self) -> None:
         with self._wake:
@@ -186,12 +229,11 @@ class Engine:
                     outputs = self.core.step()
             except Exception:  # a bug in the step itself: fail what runs, keep serving
                 log.exception("engine step crashed")
+                error = RequestFailed("internal error in the engine step")
                 outputs = [
-                    StepOutput(request, [], "")
+                    StepOutput(row, [], "")
                     for request in list(self.core.running)
-                    if self.core.abort(
-                        request, "error", RequestFailed("internal error in the engine step")
-                    )
+                    for row in self.core.abort(request, "error", error)
                 ]
                 # Requests that left in this step before it crashed lost their outputs too.
                 outputs += [
@@ -207,10 +249,11 @@ class Engine:
         for message in inbox:
             request = message.request
             if isinstance(message, _Submit):
-                self._streams[request.request_id] = message.stream
+                for stream in message.streams:
+                    self._streams[stream.request_id] = stream
                 self.core.scheduler.add(request)
-            elif self.core.abort(request, "cancelled"):
-                outputs.append(StepOutput(request, [], ""))
+            else:
+                outputs += [StepOutput(row, [], "") for row in self.core.abort(request)]
         return outputs
 
     def _shut_down(self) -> None:
@@ -220,8 +263,7 @@ class Engine:
         outputs = self._read(inbox)
         waiting = [r for queue in self.core.scheduler.queues.values() for r in queue]
         for request in list(self.core.running) + waiting:
-            if self.core.abort(request, "cancelled"):
-                outputs.append(StepOutput(request, [], ""))
+            outputs += [StepOutput(row, [], "") for row in self.core.abort(request)]
         self._publish(outputs)
 
     def _publish(self, outputs: list[StepOutput]) -> None:

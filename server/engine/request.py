@@ -63,6 +63,29 @@ class SamplingParams:
         return self.temperature == 0
 
 
+@dataclass(eq=False)
+class RequestGroup:
+    """Rows of one request that the scheduler admits together (a prompt ensemble: the same
+    prompt under several prefixes). A `lockstep` group also advances together: every step feeds
+    all its rows the same number of tokens, their next token is chosen once from the mean of
+    their log-softmax distributions (with the leader's sampling and generator) and appended to
+    every row, and when one row finishes they all do. The leader, `members[0]`, stands for the
+    group in the waiting queue and carries the output the caller reads.
+    """
+
+    members: list[Request]
+    lockstep: bool
+    admitted: bool = False  # once admitted, the rows of a group that is not lockstep go alone
+
+    def __post_init__(self) -> None:
+        for member in self.members:
+            member.group = self
+
+    @property
+    def leader(self) -> Request:
+        return self.members[0]
+
+
 class RequestStatus(enum.Enum):
     WAITING = "waiting"  # queued, or preempted and queued again to recompute
     RUNNING = "running"  # holds KV blocks and is fed every step
@@ -84,12 +107,17 @@ class Request:
     release: Callable[[], None] | None = field(default=None, repr=False)
     # Decode text every step (streaming) rather than once at the end.
     stream_text: bool = False
+    # Record the log-probability the model gave each chosen token (at temperature 1, before any
+    # top-k / top-p cut): what an ensemble's vote breaks ties with.
+    logprobs: bool = False
     request_id: str = field(default_factory=lambda: f"req-{next(_ids)}")
     status: RequestStatus = RequestStatus.WAITING
     block_table: list[int] = field(default_factory=list)
     num_cached: int = 0  # own tokens whose K/V are in the cache
     num_preemptions: int = 0
     output_token_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[float] = field(default_factory=list)  # with `logprobs`
+    group: RequestGroup | None = field(default=None, repr=False)  # set by RequestGroup
     finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
     error: RequestFailed | None = None  # why it failed, when finish_reason is "error"
     text: str = ""  # text released so far (without a stop string)
@@ -145,6 +173,19 @@ class Request:
     @property
     def next_position(self) -> int:
         return self.prefix_len + self.num_cached
+
+    @property
+    def lockstep_group(self) -> RequestGroup | None:
+        return self.group if self.group is not None and self.group.lockstep else None
+
+    @property
+    def rows(self) -> list[Request]:
+        """The rows admitted, preempted and cancelled with this one: all of its group's while
+        the group waits for admission, and ever after for a lockstep group; else itself."""
+        group = self.group
+        if group is not None and (group.lockstep or not group.admitted):
+            return list(group.members)
+        return [self]
 
     @property
     def finished(self) -> bool:

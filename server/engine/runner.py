@@ -23,7 +23,9 @@ from prefixes import ModelSpec
 from server.engine import attention  # noqa: F401  (registers the engine's sdpa)
 from server.engine.blocks import SCRATCH_BLOCK, ZERO_BLOCK
 from server.engine.cuda_graphs import CudaGraphs
+from server.engine.ensemble import mean_of_groups
 from server.engine.kv_cache import PagedKVCache
+from server.engine.request import Request
 from server.engine.sampler import sample
 from server.engine.scheduler import ScheduledRow
 from server.engine.static_decode import DecodeBuffers, StaticDecoder
@@ -107,19 +109,43 @@ class ModelRunner:
             logits = [self._run(group) for group in groups]
         ordered = [row.request for group in groups for row in group if row.samples]
         next_ids: list[int] = []
+        logprobs: list[float] = []
         if ordered:
-            stacked = torch.cat(logits)
-            finite = torch.isfinite(stacked).all(dim=-1)
-            # One device-to-host read for both: a non-finite row's id becomes -1.
-            next_ids = torch.where(finite, sample(stacked, ordered), -1).tolist()
+            next_ids, logprobs = self._choose(torch.cat(logits), ordered)
         # Only now, when nothing can raise any more: a step that raised advanced no row, so the
         # engine can run its rows again, alone, to find the one that fails.
         for row in rows:
             row.request.num_cached += row.num_tokens
+        wanting = [r for r, t in zip(ordered, next_ids, strict=True) if r.logprobs and t >= 0]
+        for request, logprob in zip(wanting, logprobs, strict=False):
+            request.output_logprobs.append(logprob)
         by_request = {
             id(r): (t if t >= 0 else None) for r, t in zip(ordered, next_ids, strict=True)
         }
         return [by_request[id(request)] for request in sampling]
+
+    def _choose(
+        self, logits: torch.Tensor, requests: list[Request]
+    ) -> tuple[list[int], list[float]]:
+        """Each row's next token id (-1 where its logits are not finite: its own values
+        overflowed) and, for rows that record them, the chosen tokens' log-probabilities; in
+        one device-to-host read."""
+        combined, source = mean_of_groups(logits, requests)
+        finite = torch.isfinite(combined).all(dim=-1)
+        next_ids = torch.where(finite, sample(combined, requests), -1)
+        if source is not None:  # a lockstep group's rows take their leader's token
+            next_ids = next_ids[source]
+        wanting = [i for i, r in enumerate(requests) if r.logprobs]
+        if not wanting:
+            return next_ids.tolist(), []
+        rows = torch.tensor(wanting, device=logits.device)
+        chosen = next_ids[rows].clamp(min=0)[:, None]
+        logprobs = logits[rows].log_softmax(dim=-1).gather(1, chosen)[:, 0]
+        # float64 holds every token id exactly.
+        both = torch.cat([next_ids.double(), logprobs.double()]).tolist()
+        ids = [int(t) for t in both[: len(requests)]]
+        kept = [lp for i, lp in zip(wanting, both[len(requests) :], strict=True) if ids[i] >= 0]
+        return ids, kept
 
     def _run(self, rows: Sequence[ScheduledRow]) -> torch.Tensor:
         key = None if self.static is None else self.static.key(rows)

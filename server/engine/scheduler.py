@@ -16,11 +16,16 @@ first, which partial blocks to copy. Policy, in order:
   request per turn), so a flooding tenant delays another by at most one request per busy
   tenant, and a tenant holds at most `max_running_per_tenant` rows.
 - A newcomer never preempts a running row: it waits until blocks free up.
+- The rows of a group (a prompt ensemble, request.RequestGroup) are admitted together or not at
+  all, and count as that many rows against the slots and the tenant's cap; a group larger than
+  the cap is admitted only when the tenant runs nothing else. A lockstep group is also
+  scheduled, fed and preempted as one: its rows always hold the same number of tokens.
 """
 
 from __future__ import annotations
 
 from collections import Counter, deque
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from prefixes import CompiledPrefix
@@ -87,19 +92,23 @@ class Scheduler:
         else:
             queue.append(request)
 
-    def remove(self, request: Request) -> bool:
-        """Take a waiting or running request out and free what it holds; False if not here."""
+    def remove(self, request: Request) -> list[Request]:
+        """Take a waiting or running request out, with the rows that go with it (request.rows),
+        and free what they hold; returns them, or [] if they are not here."""
+        rows = request.rows
         if request in self.running:
-            self.running.remove(request)
-            self._free(request)
-            return True
-        queue = self.queues.get(request.tenant)
-        if queue and request in queue:
-            queue.remove(request)
+            for row in rows:
+                self.running.remove(row)
+                self._free(row)
+            return rows
+        queued = rows[0]  # a group waits in the queue as its leader
+        queue = self.queues.get(queued.tenant)
+        if queue and queued in queue:
+            queue.remove(queued)
             if not queue:
-                self._drop_tenant(request.tenant)
-            return True
-        return False
+                self._drop_tenant(queued.tenant)
+            return rows
+        return []
 
     def retire(self, request: Request) -> None:
         """A running row finished: free its blocks and its place."""
@@ -114,27 +123,28 @@ class Scheduler:
         decode_left = sum(1 for r in self.running if r.num_pending == 1)
         scheduled: set[int] = set()
         for request in list(self.running):
-            if request.status is not RequestStatus.RUNNING:
-                continue  # preempted by a row before it in this loop
+            if request.status is not RequestStatus.RUNNING or id(request) in scheduled:
+                continue  # preempted by a row before it in this loop, or fed with its group
+            unit = request.rows  # a lockstep group's rows hold the same number of tokens
             if request.num_pending == 1:
-                decode_left -= 1
+                decode_left -= len(unit)
                 tokens = 1
             else:
-                tokens = min(request.num_pending, budget - decode_left)
+                tokens = min(request.num_pending, (budget - decode_left) // len(unit))
                 if tokens <= 0:
                     continue
-            if not self._grow_or_preempt(request, tokens, scheduled, plan):
+            if not self._grow_or_preempt(unit, tokens, scheduled, plan):
                 continue
-            plan.rows.append(ScheduledRow(request, tokens))
-            scheduled.add(id(request))
-            budget -= tokens
+            for row in unit:
+                plan.rows.append(ScheduledRow(row, tokens))
+                scheduled.add(id(row))
+            budget -= tokens * len(unit)
         if not plan.preempted:  # blocks are short: let the running rows finish first
             self._admit(plan, budget)
         plan.zero_blocks, self.pool.to_zero = self.pool.to_zero, []
         return plan
 
     def _admit(self, plan: Schedule, budget: int) -> None:
-        cap = self.config.max_running_per_tenant
         passes_without_admission = 0
         while (
             budget > 0
@@ -145,78 +155,109 @@ class Scheduler:
             tenant = self.turns[0]
             self.turns.rotate(-1)
             request = self.queues[tenant][0]
-            chunk = min(request.num_pending, budget)
-            if (cap and self.running_per_tenant[tenant] >= cap) or not self._start(
-                request, chunk, plan
-            ):
+            rows = request.rows
+            chunk = min(request.num_pending, budget // len(rows))
+            if not (chunk > 0 and self._may_run(tenant, len(rows)) and self._start(rows, chunk)):
                 passes_without_admission += 1
                 continue
             passes_without_admission = 0
             self.queues[tenant].popleft()
             if not self.queues[tenant]:
                 self._drop_tenant(tenant)
-            plan.rows.append(ScheduledRow(request, chunk))
-            plan.admitted.append(request)
-            budget -= chunk
+            if request.group is not None:
+                request.group.admitted = True
+            for row in rows:
+                self._attach_prefix(row, plan)
+                plan.rows.append(ScheduledRow(row, chunk))
+                plan.admitted.append(row)
+            budget -= chunk * len(rows)
 
-    def _start(self, request: Request, chunk: int, plan: Schedule) -> bool:
-        """Give a newcomer its prefix's blocks and room for its first chunk; False (and nothing
-        changed) if the pool cannot, even after evicting unused prefixes."""
-        prefix = request.prefix
-        end_blocks = -(-(request.next_position + chunk) // self.block_size)
-        needed = end_blocks
-        if prefix is not None:
-            tokens = prefix.num_virtual_tokens
-            # Its blocks (or none, if resident) and a partial block's copy, then the rest.
-            needed += self.prefixes.blocks_to_attach(prefix.digest, tokens)
-            needed -= -(-tokens // self.block_size)
-        keep = prefix.digest if prefix is not None else None
+    def _may_run(self, tenant: str, num_rows: int) -> bool:
+        """Slots for `num_rows` more rows, within the tenant's cap (a group larger than the
+        cap runs only while the tenant runs nothing else)."""
+        if len(self.running) + num_rows > self.config.num_slots:
+            return False
+        cap, running = self.config.max_running_per_tenant, self.running_per_tenant[tenant]
+        return not (cap and running + num_rows > cap and running > 0)
+
+    def _start(self, rows: list[Request], chunk: int) -> bool:
+        """Give newcomers their prefixes' blocks and room for their first chunk, all or none;
+        False (and nothing changed) if the pool cannot, even after evicting unused prefixes."""
+        needed, keep = 0, set()
+        for request in rows:
+            prefix = request.prefix
+            needed += -(-(request.next_position + chunk) // self.block_size)
+            if prefix is not None:
+                tokens = prefix.num_virtual_tokens
+                # Its blocks (or none, if resident) and a partial block's copy, then the rest.
+                needed += self.prefixes.blocks_to_attach(prefix.digest, tokens)
+                needed -= -(-tokens // self.block_size)
+                keep.add(prefix.digest)
         if not self._ensure_free(needed, keep=keep):
             return False
-        table: list[int] = []
-        if prefix is not None:
-            resident, table = self.prefixes.attach(prefix.digest, prefix.num_virtual_tokens)
-            self._resident[request.request_id] = resident
-            if not resident.loaded:
-                resident.loaded = True
-                plan.prefix_loads.append((resident, prefix))
-            partial = self.prefixes.partial_block(resident)
-            if partial is not None:
-                plan.block_copies.append((partial, table[-1]))
-        request.block_table = table + self.pool.allocate(end_blocks - len(table))
-        request.status = RequestStatus.RUNNING
-        self.running.append(request)
-        self.running_per_tenant[request.tenant] += 1
+        for request in rows:
+            end_blocks = -(-(request.next_position + chunk) // self.block_size)
+            table: list[int] = []
+            if request.prefix is not None:
+                resident, table = self.prefixes.attach(
+                    request.prefix.digest, request.prefix.num_virtual_tokens
+                )
+                self._resident[request.request_id] = resident
+            request.block_table = table + self.pool.allocate(end_blocks - len(table))
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            self.running_per_tenant[request.tenant] += 1
         return True
+
+    def _attach_prefix(self, request: Request, plan: Schedule) -> None:
+        """Plan what the row's prefix needs before the forward: its KV written into the pool
+        (the first row to attach it), a copy of its partial block into the row's own."""
+        resident = self._resident.get(request.request_id)
+        if resident is None or request.prefix is None:
+            return
+        if not resident.loaded:
+            resident.loaded = True
+            plan.prefix_loads.append((resident, request.prefix))
+        partial = self.prefixes.partial_block(resident)
+        if partial is not None:
+            plan.block_copies.append((partial, request.block_table[len(resident.blocks) - 1]))
 
     def _grow_or_preempt(
-        self, request: Request, tokens: int, scheduled: set[int], plan: Schedule
+        self, unit: list[Request], tokens: int, scheduled: set[int], plan: Schedule
     ) -> bool:
-        """Blocks for `tokens` more positions of a running row, preempting the most recently
-        admitted unscheduled rows (or this one, last) when the pool is dry. False if this row
-        itself was preempted."""
-        end = request.next_position + tokens
-        needed = -(-end // self.block_size) - len(request.block_table)
+        """Blocks for `tokens` more positions of each running row of `unit`, preempting the
+        most recently admitted unscheduled rows (or the unit itself, last) when the pool is dry.
+        False if the unit itself was preempted."""
+        needed = sum(max(0, self._blocks_short(request, tokens)) for request in unit)
         while not self._ensure_free(needed):
-            victims = [r for r in self.running if id(r) not in scheduled and r is not request]
-            victim = victims[-1] if victims else request
+            victims = [r for r in self.running if id(r) not in scheduled and r not in unit]
+            victim = victims[-1] if victims else unit[0]
             self._preempt(victim, plan)
-            if victim is request:
+            if victim in unit:
                 return False
-        if needed > 0:
-            request.block_table += self.pool.allocate(needed)
+        for request in unit:
+            short = self._blocks_short(request, tokens)
+            if short > 0:
+                request.block_table += self.pool.allocate(short)
         return True
 
-    def _ensure_free(self, needed: int, keep: str | None = None) -> bool:
+    def _blocks_short(self, request: Request, tokens: int) -> int:
+        end = request.next_position + tokens
+        return -(-end // self.block_size) - len(request.block_table)
+
+    def _ensure_free(self, needed: int, keep: Collection[str] = ()) -> bool:
         return self.pool.num_free >= needed or self.prefixes.evict_unused(needed, keep)
 
-    def _preempt(self, request: Request, plan: Schedule) -> None:
-        self.running.remove(request)
-        self._free(request)
-        request.num_cached = 0  # recomputed from its prompt and output when it runs again
-        request.num_preemptions += 1
-        self.add(request, front=True)
-        plan.preempted.append(request)
+    def _preempt(self, victim: Request, plan: Schedule) -> None:
+        rows = victim.rows  # a lockstep group goes back to the queue whole
+        for request in rows:
+            self.running.remove(request)
+            self._free(request)
+            request.num_cached = 0  # recomputed from its prompt and output when it runs again
+            request.num_preemptions += 1
+            request.status = RequestStatus.WAITING
+        self.add(rows[0], front=True)
+        plan.preempted.extend(rows)
 
     def _free(self, request: Request) -> None:
         self.pool.release(request.block_table)
