@@ -21,6 +21,7 @@ from typing import Any, Self
 from sqlalchemy import Connection, Row
 from sqlalchemy.exc import IntegrityError
 
+from prefixes import ensembles as ensemble_rows
 from prefixes import tenants as tenant_rows
 from prefixes import versions
 from prefixes.database import open_engine, read_transaction, sqlite_url, write_transaction
@@ -248,7 +249,7 @@ class Catalog:
         with read_transaction(self.database) as connection:
             owner = tenant_rows.get_tenant(connection, tenant, self.default_quotas)
             previous = versions.live_row(connection, tenant, name)
-            _check_replace(tenant, name, previous, overwrite)
+            _check_name(connection, tenant, name, previous, overwrite)
             _check_quotas(connection, owner, previous, new_bytes=0)
         return UploadRequest(owner, name, chosen, description, overwrite)
 
@@ -271,7 +272,7 @@ class Catalog:
             with write_transaction(self.database) as connection:
                 owner = tenant_rows.get_tenant(connection, tenant, self.default_quotas)
                 previous = versions.live_row(connection, tenant, name)
-                _check_replace(tenant, name, previous, request.overwrite)
+                _check_name(connection, tenant, name, previous, request.overwrite)
                 _check_quotas(connection, owner, previous, new_bytes=staged.size)
                 # Published under the write lock: a concurrent collection of the same bytes
                 # either ran before (and we put the file back) or waits for our commit.
@@ -324,7 +325,13 @@ class Catalog:
         )
 
 
-def _check_replace(tenant: str, name: str, previous: Row[Any] | None, overwrite: bool) -> None:
+def _check_name(
+    connection: Connection, tenant: str, name: str, previous: Row[Any] | None, overwrite: bool
+) -> None:
+    if previous is None and ensemble_rows.name_taken(connection, tenant, name):
+        raise AlreadyExists(
+            f"{tenant}/{name} is an ensemble: ensembles and prefixes share names", field="name"
+        )
     if previous is not None and not overwrite:
         raise AlreadyExists(
             f"prefix {tenant}/{name} exists (version {previous.version}); "

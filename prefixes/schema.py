@@ -177,16 +177,40 @@ def _v2_create(connection: Connection) -> None:
     metadata.create_all(connection, tables=[metadata.tables[name] for name in _V2_NEW])
 
 
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1_create, _v2_create]
+def _v3_tables() -> MetaData:
+    """Version 3: version 2 and stored prompt ensembles."""
+    metadata = _v2_tables()
+    Table(
+        "ensembles",
+        metadata,
+        Column("seq", Integer, primary_key=True, autoincrement=True),
+        Column("owner", String(64), ForeignKey("tenants.name"), nullable=False),
+        Column("name", String(64), nullable=False),
+        Column("method", String(8), nullable=False),  # "vote" | "mean"
+        Column("members", Text, nullable=False),  # JSON: prefix references, "owner/name"
+        Column("visibility", String(16), nullable=False),
+        Column("description", Text, nullable=False),
+        Column("created_at", Float, nullable=False),
+        UniqueConstraint("owner", "name"),
+    )
+    return metadata
+
+
+def _v3_create(connection: Connection) -> None:
+    _v3_tables().tables["ensembles"].create(connection)
+
+
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1_create, _v2_create, _v3_create]
 SCHEMA_VERSION = len(MIGRATIONS)
 
-metadata = _v2_tables()
+metadata = _v3_tables()
 tenants = metadata.tables["tenants"]
 api_keys = metadata.tables["api_keys"]
 prefixes = metadata.tables["prefixes"]
 training_files = metadata.tables["training_files"]
 tuning_jobs = metadata.tables["tuning_jobs"]
 tuning_events = metadata.tables["tuning_events"]
+ensembles = metadata.tables["ensembles"]
 
 _version_metadata = MetaData()
 schema_version = Table(

@@ -59,6 +59,10 @@ class Settings(BaseSettings):
     max_virtual_tokens: int = Field(256, ge=1, description="largest prefix length accepted")
     max_new_tokens_limit: int = Field(4096, ge=1, description="largest max_new_tokens accepted")
     max_prompts_per_call: int = Field(16, ge=1, description="prompts in one /v1/completions call")
+    max_ensemble_members: int = Field(
+        16, ge=2, le=256, description="prefixes in one prompt ensemble (rows decoded together)"
+    )
+    max_ensembles_per_tenant: int = Field(100, ge=0, description="stored ensembles per tenant")
     max_request_bytes: int = Field(
         1 * MiB, ge=1024, description="largest JSON request body (413 beyond, before auth)"
     )

@@ -15,15 +15,26 @@ from functools import partial
 from fastapi import FastAPI, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from prefixes.ensembles import Ensembles
 from prefixes.registry import Registry
 from prefixes.tuning import Tuning
 from prefixes.tuning_records import Limits
 from server.api.access_log import AccessLog
+from server.api.ensemble_metrics import EnsembleMetrics
 from server.api.errors import install_error_handlers
 from server.api.limits import BodyLimit
 from server.api.metrics import EngineCollector, HttpMetrics
 from server.api.pins import TenantPins
-from server.api.routes import files, fine_tuning, generate, health, openai, prefixes, tenants
+from server.api.routes import (
+    ensembles,
+    files,
+    fine_tuning,
+    generate,
+    health,
+    openai,
+    prefixes,
+    tenants,
+)
 from server.api.services import Services
 from server.config import Settings
 from server.device_share import DeviceShare
@@ -59,12 +70,13 @@ def create_app(
     )
     app.state.services = state
     install_error_handlers(app)
-    for module in (health, tenants, prefixes, generate, openai, files, fine_tuning):
+    for module in (health, tenants, prefixes, ensembles, generate, openai, files, fine_tuning):
         app.include_router(module.router)
 
     metrics_registry = CollectorRegistry()
     http_metrics = HttpMetrics(metrics_registry)
     metrics_registry.register(EngineCollector(state))
+    state.ensemble_metrics = EnsembleMetrics(metrics_registry)
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:
@@ -118,6 +130,11 @@ def start_services(state: Services, loaded: LoadedModel | None) -> None:
                 max_file_bytes=settings.max_file_bytes_per_tenant,
                 max_active_jobs=settings.max_jobs_per_tenant,
             ),
+        )
+        state.ensembles = Ensembles(
+            state.registry.database,
+            max_members=settings.max_ensemble_members,
+            max_per_tenant=settings.max_ensembles_per_tenant,
         )
         state.worker = TuningWorker(
             state.tuning,

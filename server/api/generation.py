@@ -7,32 +7,48 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from fastapi import Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
+from prefixes import CompiledPrefix
+from prefixes.ensembles import EnsembleMethod
+from prefixes.errors import InvalidName, NotFound
 from prefixes.records import PrefixInfo
 from server.api.errors import ApiError, error_body, to_api_error
 from server.api.schemas import SamplingFields
 from server.api.services import Ready
+from server.api.voting import Candidate, mean_logprob, tally, voted_result
 from server.engine.request import SamplingParams
 from server.engine.stream import Chunk, RequestFailed, RequestStream, Result
 
+Release = Callable[[], None]
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 @dataclass(frozen=True)
+class Ensemble:
+    """A prompt ensemble: each prompt runs under every member prefix, combined by `method`."""
+
+    members: tuple[str, ...]  # prefix references
+    method: EnsembleMethod
+    stored: str | None = None  # the stored ensemble's id, when the request named one
+
+
+@dataclass(frozen=True)
 class Job:
-    """What a protocol asks for: one request per prompt, all with the same prefix and sampling."""
+    """What a protocol asks for: one request per prompt, all with the same prefix (or the same
+    ensemble) and sampling."""
 
     prompts: list[list[int]]
-    prefix: str | None  # a prefix reference; None: the base model
+    prefix: str | None  # a prefix or stored ensemble reference; None: the base model
     sampling: SamplingParams
     stream: bool
+    ensemble: Ensemble | None = None  # set instead of `prefix`
 
 
 class Encoder(Protocol):
@@ -48,13 +64,47 @@ class Encoder(Protocol):
 async def respond(
     server: Ready, tenant: str, job: Job, encoder: Encoder, http_request: Request
 ) -> Any:
+    """Run a job whose prefix reference is resolved already (`with_stored_ensemble`)."""
     if job.stream and len(job.prompts) > 1:
         raise ApiError(400, "invalid_request", "prompt: streaming takes one prompt")
-    streams = await start_all(server, tenant, job)
+    voting = job.ensemble is not None and job.ensemble.method is EnsembleMethod.VOTE
+    if voting and job.stream:
+        raise ApiError(
+            400,
+            "invalid_request",
+            "stream: a vote's answer exists only once every member has finished; "
+            "stream with ensemble 'mean', or ask without stream",
+            field="stream",
+        )
+    started = await start_all(server, tenant, job)
+    if job.ensemble is not None:
+        server.ensemble_metrics.requests.labels(job.ensemble.method).inc(len(job.prompts))
+        members = server.ensemble_metrics.members.labels(job.ensemble.method)
+        for _ in job.prompts:
+            members.observe(len(job.ensemble.members))
+    if voting:
+        assert job.ensemble is not None
+        return encoder.result(await collect_votes(server, job.ensemble, started, http_request))
+    streams = [stream for streams in started for stream in streams]
     if job.stream:
         events = sse_events(streams[0], encoder)
         return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
     return encoder.result(await collect_all(streams, http_request))
+
+
+async def with_stored_ensemble(server: Ready, tenant: str, job: Job) -> Job:
+    """The job with its prefix reference read as a stored ensemble, when it names one the
+    tenant may see (ensembles and prefixes share names); unchanged otherwise."""
+    if job.prefix is None or job.ensemble is not None:
+        return job
+    try:
+        found = await run_in_threadpool(server.ensembles.find, job.prefix, tenant=tenant)
+    except InvalidName:
+        return job  # not a reference at all: the prefix lookup says so
+    if found is None:
+        return job
+    ensemble = Ensemble(found.members, found.method, stored=found.id)
+    return replace(job, prefix=None, ensemble=ensemble)
 
 
 # Decoding ------------------------------------------------------------------------------------
@@ -128,15 +178,8 @@ def sampling_params(
 # Running -------------------------------------------------------------------------------------
 
 
-async def start(
-    server: Ready, tenant: str, prompt: list[int], prefix_ref: str | None, job: Job
-) -> RequestStream:
-    """Pin the prefix version (if any) and queue the request; the engine releases the pin.
-
-    Text is decoded every step only for streams; otherwise once, at the end."""
-    if prefix_ref is None:
-        return server.engine.submit(prompt, job.sampling, tenant=tenant, stream_text=job.stream)
-    # "" is a reference too (an invalid one), not the base model.
+async def pin(server: Ready, tenant: str, prefix_ref: str) -> tuple[CompiledPrefix, Release]:
+    """Pin the prefix's current version for one row; the engine calls the release."""
     held: list[PrefixInfo] = []  # the tenant's budget counts a version before it is pinned
 
     def before_pin(info: PrefixInfo) -> None:
@@ -158,27 +201,89 @@ async def start(
         handle.release()
         server.pins.forget(tenant, held[-1])
 
-    return server.engine.submit(
-        prompt,
-        job.sampling,
-        prefix=handle.prefix,
-        release=release,
-        tenant=tenant,
-        stream_text=job.stream,
+    return handle.prefix, release
+
+
+async def pin_members(
+    server: Ready, tenant: str, ensemble: Ensemble
+) -> list[tuple[CompiledPrefix | None, Release | None]]:
+    """Pin every member, resolved and authorised like a single prefix; all or none."""
+    pinned: list[tuple[CompiledPrefix | None, Release | None]] = []
+    try:
+        for ref in ensemble.members:
+            try:
+                pinned.append(await pin(server, tenant, ref))
+            except NotFound:
+                if ensemble.stored is None:
+                    raise
+                raise NotFound(
+                    f"ensemble {ensemble.stored}: member {ref} not found (deleted, or not "
+                    "visible to this tenant)",
+                    field="model",
+                ) from None
+    except BaseException:
+        for _, release in pinned:
+            if release is not None:
+                release()
+        raise
+    return pinned
+
+
+async def start(server: Ready, tenant: str, prompt: list[int], job: Job) -> list[RequestStream]:
+    """Queue the prompt's request (or its ensemble's rows, admitted together); the engine
+    releases the pins. A vote gives one stream per member, anything else one stream.
+
+    Text is decoded every step only for streams; otherwise once, at the end."""
+    if job.ensemble is not None:
+        members = await pin_members(server, tenant, job.ensemble)
+        return server.engine.submit_group(
+            prompt,
+            job.sampling,
+            members,
+            lockstep=job.ensemble.method is EnsembleMethod.MEAN,
+            tenant=tenant,
+            stream_text=job.stream,
+        )
+    if job.prefix is None:
+        return [server.engine.submit(prompt, job.sampling, tenant=tenant, stream_text=job.stream)]
+    # "" is a reference too (an invalid one), not the base model.
+    prefix, release = await pin(server, tenant, job.prefix)
+    stream = server.engine.submit(
+        prompt, job.sampling, prefix=prefix, release=release, tenant=tenant, stream_text=job.stream
     )
+    return [stream]
 
 
-async def start_all(server: Ready, tenant: str, job: Job) -> list[RequestStream]:
-    """One request per prompt, all or none: if one is refused, those started are cancelled."""
-    streams: list[RequestStream] = []
+async def start_all(server: Ready, tenant: str, job: Job) -> list[list[RequestStream]]:
+    """Each prompt's streams, all or none: if one is refused, those started are cancelled."""
+    started: list[list[RequestStream]] = []
     try:
         for prompt in job.prompts:
-            streams.append(await start(server, tenant, prompt, job.prefix, job))
+            started.append(await start(server, tenant, prompt, job))
     except BaseException:
-        for started in streams:
-            started.cancel()
+        for streams in started:
+            for stream in streams:
+                stream.cancel()
         raise
-    return streams
+    return started
+
+
+async def collect_votes(
+    server: Ready, ensemble: Ensemble, started: list[list[RequestStream]], http_request: Request
+) -> list[Result]:
+    """Every member's answer to every prompt, then each prompt's vote."""
+    everything = [stream for streams in started for stream in streams]
+    results = iter(await collect_all(everything, http_request))
+    voted: list[Result] = []
+    for streams in started:
+        candidates = [
+            Candidate(ref, next(results), mean_logprob(stream.request.output_logprobs))
+            for ref, stream in zip(ensemble.members, streams, strict=True)
+        ]
+        vote = tally(candidates, by_text=server.loaded.tokenizer is not None)
+        server.ensemble_metrics.vote_agreement.observe(vote.agreement)
+        voted.append(voted_result(vote))
+    return voted
 
 
 async def collect(stream: RequestStream, http_request: Request) -> Result:

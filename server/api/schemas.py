@@ -15,6 +15,7 @@ MAX_TOP_K = 1 << 20  # the vocabulary bound is checked against the model (server
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256  # every stop string is searched for after every token
 MAX_TOKENS_FIELD = 1 << 20  # max_tokens, max_new_tokens: the server's own limit is lower
+MAX_ENSEMBLE_FIELD = 256  # prefixes in an ensemble: the server's own limit is lower
 
 # Ids past the vocabulary are refused against the model (400), before any tensor is built.
 TokenIds = list[Annotated[int, Field(ge=0)]]
@@ -95,7 +96,10 @@ class SamplingFields(BaseModel):
 
 class GenerateRequest(SamplingFields, Strict):
     prompt: str | TokenIds
-    prefix: str | None = None
+    prefix: str | None = None  # a prefix, or a stored ensemble
+    # A prompt ensemble: these prefixes instead of `prefix`, combined by `ensemble`.
+    prefixes: list[str] | None = Field(None, max_length=MAX_ENSEMBLE_FIELD)
+    ensemble: Literal["vote", "mean"] | None = None
     max_new_tokens: int = Field(64, ge=1, le=MAX_TOKENS_FIELD)
     ignore_eos: bool = False
     stream: bool = False
@@ -108,11 +112,51 @@ class Usage(BaseModel):
     total_tokens: int = 0
 
 
+class Candidate(BaseModel):
+    prefix: str
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    mean_logprob: float  # the model's mean log-probability of the candidate's tokens
+
+
+class EnsembleOutcome(BaseModel):
+    method: Literal["vote", "mean"]
+    members: list[str]
+    ensemble: str | None = None  # the stored ensemble used, if any
+    candidates: list[Candidate] | None = None  # vote: every member's answer
+    votes: dict[str, int] | None = None  # vote: how many members gave each text
+
+
 class GenerateResponse(BaseModel):
     text: str
     token_ids: list[int]
     finish_reason: str
     usage: Usage
+    ensemble: EnsembleOutcome | None = None
+
+
+class EnsembleCreate(Strict):
+    name: str
+    prefixes: list[str] = Field(max_length=MAX_ENSEMBLE_FIELD)
+    method: Literal["vote", "mean"] = "vote"
+    visibility: Literal["private", "public"] = "private"
+    description: str = ""
+
+
+class EnsembleObject(BaseModel):
+    id: str
+    owner: str
+    name: str
+    method: str
+    prefixes: list[str]
+    visibility: str
+    description: str
+    created_at: str
+
+
+class EnsembleList(BaseModel):
+    data: list[EnsembleObject]
 
 
 class TenantCreate(Strict):

@@ -6,8 +6,10 @@ from dataclasses import dataclass, field
 
 from fastapi import Request
 
+from prefixes.ensembles import Ensembles
 from prefixes.registry import Registry
 from prefixes.tuning import Tuning
+from server.api.ensemble_metrics import EnsembleMetrics
 from server.api.errors import ApiError
 from server.api.pins import TenantPins
 from server.config import Settings
@@ -25,6 +27,9 @@ class Services:
     pins: TenantPins | None = None
     tuning: Tuning | None = None
     worker: TuningWorker | None = None
+    ensembles: Ensembles | None = None
+    # Registered with the app's /metrics registry when the app is made (create_app).
+    ensemble_metrics: EnsembleMetrics = field(default_factory=EnsembleMetrics)
     startup_error: str | None = None
     ready: bool = field(default=False)
 
@@ -44,6 +49,8 @@ class Ready:
     pins: TenantPins
     tuning: Tuning
     worker: TuningWorker
+    ensembles: Ensembles
+    ensemble_metrics: EnsembleMetrics
 
 
 def services(request: Request) -> Services:
@@ -62,6 +69,7 @@ def ready(request: Request) -> Ready:
         and state.pins
         and state.tuning
         and state.worker
+        and state.ensembles
     ):
         message = state.startup_error or "the server is starting: the model is loading"
         raise ApiError(503, "unavailable", message, headers={"Retry-After": "5"})
@@ -73,4 +81,6 @@ def ready(request: Request) -> Ready:
         state.pins,
         state.tuning,
         state.worker,
+        state.ensembles,
+        state.ensemble_metrics,
     )

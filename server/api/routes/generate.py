@@ -7,33 +7,76 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
+from prefixes.ensembles import EnsembleMethod, member_refs
 from server.api.auth import Server, Tenant
-from server.api.generation import Job, respond, sampling_params, tokenize
+from server.api.errors import ApiError
+from server.api.generation import (
+    Ensemble,
+    Job,
+    respond,
+    sampling_params,
+    tokenize,
+    with_stored_ensemble,
+)
 from server.api.query import reject_unknown_query
 from server.api.schemas import (
     ERROR_RESPONSES,
     STREAM_RESPONSE,
+    Candidate,
+    EnsembleOutcome,
     GenerateRequest,
     GenerateResponse,
     Usage,
 )
+from server.api.services import Ready
+from server.api.voting import VotedResult
 from server.engine.stream import Chunk, RequestStream, Result
 
 router = APIRouter(responses=ERROR_RESPONSES, dependencies=[Depends(reject_unknown_query)])
 
 
-@router.post("/v1/generate", response_model=GenerateResponse, responses=STREAM_RESPONSE)
+@router.post(
+    "/v1/generate",
+    response_model=GenerateResponse,
+    response_model_exclude_none=True,  # `ensemble` only for ensembles, and only what applies
+    responses=STREAM_RESPONSE,
+)
 async def generate(
     body: GenerateRequest, http_request: Request, server: Server, tenant: Tenant
 ) -> GenerateResponse | StreamingResponse:
     sampling = sampling_params(
         server, body, max_new_tokens=body.max_new_tokens, ignore_eos=body.ignore_eos
     )
-    job = Job([await tokenize(server, body.prompt)], body.prefix, sampling, body.stream)
+    prompt = await tokenize(server, body.prompt)
+    job = Job([prompt], body.prefix, sampling, body.stream, ensemble_of(server, tenant, body))
+    job = await with_stored_ensemble(server, tenant, job)
     response: GenerateResponse | StreamingResponse = await respond(
-        server, tenant, job, NativeEncoder(), http_request
+        server, tenant, job, NativeEncoder(job.ensemble), http_request
     )
     return response
+
+
+def ensemble_of(server: Ready, tenant: str, body: GenerateRequest) -> Ensemble | None:
+    """The ensemble `prefixes` and `ensemble` ask for, checked; None for a single prefix."""
+    if body.prefixes is None:
+        if body.ensemble is not None:
+            raise ApiError(
+                400,
+                "invalid_request",
+                "ensemble: combines the members of 'prefixes'; none were given (a stored "
+                "ensemble, named in 'prefix', has its own method)",
+                field="ensemble",
+            )
+        return None
+    if body.prefix is not None:
+        raise ApiError(
+            400,
+            "invalid_request",
+            "prefix: give either 'prefix' or 'prefixes' (an ensemble), not both",
+            field="prefix",
+        )
+    members = member_refs(body.prefixes, tenant, server.settings.max_ensemble_members)
+    return Ensemble(members, EnsembleMethod(body.ensemble or EnsembleMethod.VOTE))
 
 
 def usage(prompt_tokens: int, prefix_tokens: int, completion_tokens: int) -> Usage:
@@ -46,8 +89,9 @@ def usage(prompt_tokens: int, prefix_tokens: int, completion_tokens: int) -> Usa
 
 
 class NativeEncoder:
-    def __init__(self) -> None:
+    def __init__(self, ensemble: Ensemble | None = None) -> None:
         self.generated = 0
+        self.ensemble = ensemble
 
     def result(self, results: list[Result]) -> GenerateResponse:
         (result,) = results
@@ -56,7 +100,30 @@ class NativeEncoder:
             token_ids=result.token_ids,
             finish_reason=result.finish_reason,
             usage=usage(result.prompt_tokens, result.prefix_tokens, len(result.token_ids)),
+            ensemble=self._outcome(result),
         )
+
+    def _outcome(self, result: Result) -> EnsembleOutcome | None:
+        ensemble = self.ensemble
+        if ensemble is None:
+            return None
+        outcome = EnsembleOutcome(
+            method=ensemble.method.value, members=list(ensemble.members), ensemble=ensemble.stored
+        )
+        vote = result.vote if isinstance(result, VotedResult) else None
+        if vote is not None:
+            outcome.candidates = [
+                Candidate(
+                    prefix=c.prefix,
+                    text=c.result.text,
+                    token_ids=c.result.token_ids,
+                    finish_reason=c.result.finish_reason,
+                    mean_logprob=c.mean_logprob,
+                )
+                for c in vote.candidates
+            ]
+            outcome.votes = vote.counts
+        return outcome
 
     def opening(self) -> list[dict[str, Any]]:
         return []

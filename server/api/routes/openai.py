@@ -1,6 +1,7 @@
 """OpenAI-compatible endpoints: /v1/completions, /v1/chat/completions, /v1/models.
 
-`model` is a prefix reference (`owner/name`, or an own `name`) or the base model's id.
+`model` is a prefix or stored ensemble reference (`owner/name`, or an own `name`) or the base
+model's id.
 """
 
 from __future__ import annotations
@@ -14,7 +15,14 @@ from fastapi.concurrency import run_in_threadpool
 
 from server.api.auth import Server, Tenant
 from server.api.errors import ApiError
-from server.api.generation import Job, chat_prompt, respond, sampling_params, tokenize
+from server.api.generation import (
+    Job,
+    chat_prompt,
+    respond,
+    sampling_params,
+    tokenize,
+    with_stored_ensemble,
+)
 from server.api.query import reject_unknown_query
 from server.api.schemas import (
     ERROR_RESPONSES,
@@ -100,6 +108,7 @@ async def completions(
     prompts = await prompts_of(server, body.prompt)
     sampling = sampling_params(server, body, max_new_tokens=body.max_tokens or DEFAULT_MAX_TOKENS)
     job = Job(prompts, prefix_of(server, body.model), sampling, body.stream)
+    job = await with_stored_ensemble(server, tenant, job)
     encoder = CompletionEncoder(response_meta("cmpl", body.model))
     return await respond(server, tenant, job, encoder, http_request)
 
@@ -138,6 +147,7 @@ async def chat_completions(
     )
     sampling = sampling_params(server, body, max_new_tokens=max_tokens)
     job = Job([prompt], prefix_of(server, body.model), sampling, body.stream)
+    job = await with_stored_ensemble(server, tenant, job)
     encoder = ChatEncoder(response_meta("chatcmpl", body.model))
     return await respond(server, tenant, job, encoder, http_request)
 
@@ -191,4 +201,15 @@ async def models(server: Server, tenant: Tenant) -> dict[str, Any]:
         ]
         cursor = page.next_cursor
         if cursor is None:
-            return {"object": "list", "data": data}
+            break
+    stored = await run_in_threadpool(server.ensembles.visible, tenant=tenant)
+    data += [
+        {
+            "id": info.id,
+            "object": "model",
+            "created": int(info.created_at.timestamp()),
+            "owned_by": info.owner,
+        }
+        for info in stored
+    ]
+    return {"object": "list", "data": data}
