@@ -90,3 +90,36 @@ def test_chat_completions_use_the_models_chat_template(
     assert answer["object"] == "chat.completion"
     assert "Paris" in answer["choices"][0]["message"]["content"]
     assert answer["usage"]["prompt_tokens"] > 10  # the template wrapped the message
+
+
+def test_ensembles_on_the_embedded_model_match_peft(smollm2: LoadedModel, tmp_path: Path) -> None:
+    """A vote's candidates equal each member's PEFT `generate`; a mean equals the plain loop
+    over the members' PEFT models; a bystander's request in the same batch stays exact."""
+    from server.engine.request import RequestGroup
+    from tests.integration.test_ensemble_engine import mean_reference
+
+    base = copy.deepcopy(smollm2.model)
+    tokenizer = smollm2.tokenizer
+    kinds = ["prefix", "prompt", "prefix"]
+    models = [
+        make_adapter(base, k, 5 + i, tmp_path / f"m{i}", seed=20 + i) for i, k in enumerate(kinds)
+    ]
+    prefixes = [
+        read_upload({p.name: p.read_bytes() for p in (tmp_path / f"m{i}").iterdir()})
+        for i in range(len(kinds))
+    ]
+    llm = LLM(smollm2, num_slots=8, max_len=256)
+    prompt = tokenizer.encode("Review: a warm, funny film.\nSentiment:")
+    params = SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
+    vote = [Request(prompt, params, llm.compile(p), logprobs=True) for p in prefixes]
+    mean = [Request(prompt, params, llm.compile(p)) for p in prefixes]
+    bystander_prompt = tokenizer.encode("Once upon a time")
+    bystander = Request(bystander_prompt, params, llm.compile(prefixes[1]))
+    RequestGroup(vote, lockstep=False)
+    RequestGroup(mean, lockstep=True)
+    llm.generate([vote[0], bystander, mean[0]])
+
+    for request, model in zip(vote, models, strict=True):
+        assert request.output_token_ids == peft_greedy(model, prompt, NEW_TOKENS)
+    assert mean[0].output_token_ids == mean_reference(models, prompt, NEW_TOKENS)
+    assert bystander.output_token_ids == peft_greedy(models[1], bystander_prompt, NEW_TOKENS)
