@@ -73,7 +73,7 @@ def bystanders(llm: LLM, models: list[PeftModel], folders: list[Path]) -> list[t
     return out
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mistral", "gpt2"])
 def test_vote_members_each_match_peft_alone_beside_other_tenants(arch: str, tmp_path: Path) -> None:
     models, folders = members(arch, tmp_path, list(ADAPTER_KINDS))
     llm = LLM(tiny_loaded(arch), config())
@@ -122,7 +122,7 @@ def test_vote_logprobs_are_the_models_log_probabilities_of_the_chosen_tokens(
         assert row.output_logprobs == pytest.approx(expected, abs=1e-4)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mistral", "gpt2"])
 def test_mean_decodes_the_members_average_log_softmax_beside_other_tenants(
     arch: str, tmp_path: Path
 ) -> None:
