@@ -101,11 +101,17 @@ class EngineCore:
 
     def check_group(self, size: int) -> None:
         """Raise InvalidRequest if a group of `size` rows could never run together: more rows
-        than slots, or more than the KV pool holds with every row at max_len."""
-        slots = self.config.num_slots
+        than slots, than one tenant may run at once, or than the KV pool holds with every row
+        at max_len."""
+        slots, cap = self.config.num_slots, self.config.max_running_per_tenant
         if size > slots:
             raise InvalidRequest(
                 f"prefixes: expected at most {slots} members (rows decoded together), found {size}"
+            )
+        if cap and size > cap:
+            raise InvalidRequest(
+                f"prefixes: expected at most {cap} members (the rows one tenant may run at "
+                f"once), found {size}"
             )
         per_row = -(-self.max_len // self.config.block_size) + 1  # + its partial prefix block
         usable = self.scheduler.pool.num_blocks - RESERVED_BLOCKS

@@ -17,8 +17,8 @@ first, which partial blocks to copy. Policy, in order:
   tenant, and a tenant holds at most `max_running_per_tenant` rows.
 - A newcomer never preempts a running row: it waits until blocks free up.
 - The rows of a group (a prompt ensemble, request.RequestGroup) are admitted together or not at
-  all, and count as that many rows against the slots and the tenant's cap; a group larger than
-  the cap is admitted only when the tenant runs nothing else. A lockstep group is also
+  all, and count as that many rows against the slots and the tenant's cap (a group larger than
+  either is refused when submitted: it could never run). A lockstep group is also
   scheduled, fed and preempted as one: its rows always hold the same number of tokens.
 """
 
@@ -173,12 +173,11 @@ class Scheduler:
             budget -= chunk * len(rows)
 
     def _may_run(self, tenant: str, num_rows: int) -> bool:
-        """Slots for `num_rows` more rows, within the tenant's cap (a group larger than the
-        cap runs only while the tenant runs nothing else)."""
+        """Slots for `num_rows` more rows, within the tenant's cap."""
         if len(self.running) + num_rows > self.config.num_slots:
             return False
-        cap, running = self.config.max_running_per_tenant, self.running_per_tenant[tenant]
-        return not (cap and running + num_rows > cap and running > 0)
+        cap = self.config.max_running_per_tenant
+        return not (cap and self.running_per_tenant[tenant] + num_rows > cap)
 
     def _start(self, rows: list[Request], chunk: int) -> bool:
         """Give newcomers their prefixes' blocks and room for their first chunk, all or none;

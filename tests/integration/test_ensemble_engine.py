@@ -211,22 +211,21 @@ def test_a_groups_rows_are_admitted_in_one_step_or_not_at_all() -> None:
     assert all(len(r.output_token_ids) == 3 for r in rows + running)
 
 
-def test_a_group_larger_than_the_tenants_cap_runs_only_alone() -> None:
-    llm = LLM(tiny_loaded("llama"), config(num_slots=8, max_running_per_tenant=2))
+def test_a_group_counts_its_rows_against_the_tenants_cap() -> None:
+    llm = LLM(tiny_loaded("llama"), config(num_slots=8, max_running_per_tenant=3))
     sampling = SamplingParams(max_new_tokens=4, temperature=0)
     own = Request([1, 2, 3], sampling, tenant="t")
-    rows = [Request([4, 5], sampling, tenant="t") for _ in range(4)]
-    group = RequestGroup(rows, lockstep=True)
+    rows = [Request([4, 5], sampling, tenant="t") for _ in range(3)]
     llm.add(own)
-    llm.add(group.leader)
-    seen_together = False
+    llm.add(RequestGroup(rows, lockstep=True).leader)
     while llm.has_work:
         llm.step()
-        running = [r for r in llm.running if r.tenant == "t"]
-        seen_together |= own in running and any(r in running for r in rows)
-        assert len(running) <= 2 or (all(r in running for r in rows) and own not in running)
-    assert not seen_together
+        assert len([r for r in llm.running if r.tenant == "t"]) <= 3
+        assert not (own in llm.running and rows[0] in llm.running)  # 1 + 3 rows > the cap
     assert all(r.output_token_ids == rows[0].output_token_ids for r in rows)
+    too_many = [Request([4, 5], sampling, tenant="t") for _ in range(4)]
+    with pytest.raises(InvalidRequest, match="expected at most 3 members"):
+        llm.add(RequestGroup(too_many, lockstep=False).leader)
 
 
 def test_a_group_the_kv_pool_cannot_hold_is_refused_before_it_queues() -> None:
