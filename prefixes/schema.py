@@ -177,16 +177,35 @@ def _v2_create(connection: Connection) -> None:
     metadata.create_all(connection, tables=[metadata.tables[name] for name in _V2_NEW])
 
 
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1_create, _v2_create]
+def _v3_tables() -> MetaData:
+    """Version 3: version 2 and the files waiting out their grace period before deletion
+    (replicas sharing one store may still be loading them; prefixes/deletions.py)."""
+    metadata = _v2_tables()
+    Table(
+        "file_deletions",
+        metadata,
+        Column("sha256", String(64), primary_key=True),
+        Column("due_at", Float, nullable=False, index=True),
+    )
+    return metadata
+
+
+def _v3_create(connection: Connection) -> None:
+    metadata = _v3_tables()
+    metadata.tables["file_deletions"].create(connection)
+
+
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1_create, _v2_create, _v3_create]
 SCHEMA_VERSION = len(MIGRATIONS)
 
-metadata = _v2_tables()
+metadata = _v3_tables()
 tenants = metadata.tables["tenants"]
 api_keys = metadata.tables["api_keys"]
 prefixes = metadata.tables["prefixes"]
 training_files = metadata.tables["training_files"]
 tuning_jobs = metadata.tables["tuning_jobs"]
 tuning_events = metadata.tables["tuning_events"]
+file_deletions = metadata.tables["file_deletions"]
 
 _version_metadata = MetaData()
 schema_version = Table(
