@@ -65,6 +65,7 @@ def create_app(
     metrics_registry = CollectorRegistry()
     http_metrics = HttpMetrics(metrics_registry)
     metrics_registry.register(EngineCollector(state))
+    app.state.metrics_registry = metrics_registry  # a replica reports it (server/scale)
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:
@@ -105,6 +106,8 @@ def start_services(state: Services, loaded: LoadedModel | None) -> None:
             database_url=settings.database_url,
             device_pool_bytes=settings.device_pool_bytes,
             host_pool_bytes=settings.host_pool_bytes,
+            store_dir=settings.prefix_store,
+            file_grace=settings.file_grace_seconds,
         )
         share = settings.max_pinned_share_per_tenant
         state.pins = TenantPins(int(share * settings.device_pool_bytes))
