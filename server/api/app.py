@@ -129,6 +129,7 @@ def start_services(state: Services, loaded: LoadedModel | None) -> None:
             device_share,
             max_running=settings.max_running_jobs,
             max_len=settings.max_len,
+            recover=settings.replicas is None,
         ).start()
         state.ready = True
         log.info("ready: model %s, data in %s", loaded.model_id, settings.data_dir)
