@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 from collections.abc import AsyncIterator
 from typing import Any, cast
 
@@ -44,7 +45,8 @@ MAX_AFFINITY_IDS = 4096
 ROUTER_MAX_ONGOING = 4096
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0})
+# Each replica reports every few seconds: no access log line per report.
+@serve.deployment(ray_actor_options={"num_cpus": 0}, logging_config={"enable_access_log": False})
 class MetricsBoard:
     def __init__(self) -> None:
         self._board = Board(stale_after=3 * REPORT_INTERVAL_S)
@@ -221,7 +223,12 @@ def replica_options(settings: Settings) -> dict[str, Any]:
 def app_builder(args: dict[str, Any]) -> Any:
     """`serve deploy deploy/serve.yaml`: `args` are Settings fields; PREFIX_SERVER_* variables
     fill the rest."""
-    settings = Settings(**args)
+    # Serve may build the application on a node without a GPU: CUDA is checked where the
+    # replicas load the model, not here.
+    device = args.get("device") or os.environ.get("PREFIX_SERVER_DEVICE", "cpu")
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device: expected cpu or cuda, found {device!r}")
+    settings = Settings(**{**args, "device": "cpu"}).model_copy(update={"device": device})
     if settings.admin_key is None:
         raise ValueError(
             "admin_key: expected one (PREFIX_SERVER_ADMIN_KEY) on a cluster, found none"
