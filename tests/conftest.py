@@ -3,6 +3,8 @@ import os
 # Tests never reach a model hub: everything is built from configs or read from local files.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Nor does the local Ray of the replica tests report usage anywhere.
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 from collections.abc import Iterator
 

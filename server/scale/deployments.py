@@ -117,21 +117,36 @@ class Replica:
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=ROUTER_MAX_ONGOING)
 class Router:
-    def __init__(self, replicas: DeploymentHandle, board: DeploymentHandle) -> None:
+    def __init__(self, replicas: DeploymentHandle, board: DeploymentHandle, max_body: int) -> None:
+        """`max_body`: the largest body any route accepts; the replica applies each route's own
+        limit, the router only refuses to hold more than that in memory."""
         self._replicas = replicas
         self._board = board
+        self._max_body = max_body
         self._base_model: str | None = None
+        self.id = "router-" + serve.get_replica_context().replica_id.unique_id
 
     async def __call__(self, request: Request) -> Response:
+        response = await self._answer(request)
+        # What the router answers itself (metrics, 413, 429, 503) names the router.
+        if REPLICA_HEADER not in response.headers:
+            response.headers[REPLICA_HEADER] = self.id
+        return response
+
+    async def _answer(self, request: Request) -> Response:
         if request.method == "GET" and request.url.path == "/metrics":
             return Response(await self._board.render.remote(), media_type=CONTENT_TYPE_LATEST)
+        body = await self._body(request)
+        if body is None:
+            message = f"request body: expected at most {self._max_body} bytes, found more"
+            return error_response(413, "payload_too_large", message)
         client = (request.client.host, request.client.port) if request.client else None
         call = HttpCall(
             request.method,
             request.url.path,
             request.url.query.encode(),
             list(request.headers.raw),
-            await request.body(),
+            body,
             client,
         )
         handle = self._replicas.options(
@@ -150,6 +165,18 @@ class Router:
         response = StreamingResponse(_rest(parts, start), status_code=start.status)
         response.raw_headers = list(start.headers)
         return response
+
+    async def _body(self, request: Request) -> bytes | None:
+        """The whole body, or None past `max_body` (checked as it arrives)."""
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self._max_body:
+            return None
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > self._max_body:
+                return None
+        return bytes(body)
 
     async def _prefix_of(self, call: HttpCall) -> str:
         key = affinity_key(call.method, call.path, call.body)
@@ -186,7 +213,10 @@ def build_app(settings: Settings) -> Any:
     """The application `serve.run` deploys."""
     board = MetricsBoard.bind()  # type: ignore[attr-defined]
     replicas = Replica.options(**replica_options(settings)).bind(settings, board)  # type: ignore[attr-defined]
-    return Router.bind(replicas, board)  # type: ignore[attr-defined]
+    largest = max(
+        settings.max_request_bytes, settings.max_upload_bytes, settings.max_training_file_bytes
+    )
+    return Router.bind(replicas, board, largest)  # type: ignore[attr-defined]
 
 
 def replica_options(settings: Settings) -> dict[str, Any]:

@@ -16,6 +16,9 @@ APP_NAME = "prefix-server"
 
 
 def run_replicas(settings: Settings) -> int:
+    # Ray reports usage statistics unless told not to; a server reaches out to nothing by
+    # itself (RAY_USAGE_STATS_ENABLED=1 allows it).
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
     from ray import serve
 

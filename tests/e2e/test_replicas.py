@@ -34,6 +34,8 @@ from tests.tiny import make_adapter, save_tiny_model
 
 ADMIN = "replicas-admin-key"
 SMALL = {"num_slots": 4, "max_len": 128, "max_new_tokens_limit": 64, "shutdown_grace": 1}
+SMALL |= {"max_request_bytes": 64 << 10, "max_upload_bytes": 256 << 10}
+SMALL |= {"max_training_file_bytes": 64 << 10}
 # Serve learns which replica holds a prefix from a report the replica pushes every 0.1 s; this
 # wait lets that report reach the router before the requests that should follow it.
 ROUTING_SETTLES_S = 3.0
@@ -250,7 +252,22 @@ def test_metrics_of_every_replica_labelled_by_replica(
         }
 
     wait_until(lambda: seen <= labelled(), f"metrics of {seen}")
-    assert "prefix_server_generated_tokens_total" in http.get("/metrics").text
+    metrics = http.get("/metrics")
+    assert "prefix_server_generated_tokens_total" in metrics.text
+    assert metrics.headers[REPLICA_HEADER].startswith("router-")  # the router answered it
+
+
+def test_bodies_over_the_limits_are_refused_by_the_replica_or_before_it(
+    http: httpx.Client, alice: dict[str, str]
+) -> None:
+    big = {"prompt": "x" * (100 << 10)}  # over --max-request-bytes, under any route's limit
+    refused = http.post("/v1/generate", json=big, headers=alice)
+    assert refused.status_code == 413 and "request body" in refused.json()["error"]["message"]
+    assert not refused.headers[REPLICA_HEADER].startswith("router-")
+    huge = {"prompt": "x" * (300 << 10)}  # over every route's: never held by the router
+    refused = http.post("/v1/generate", json=huge, headers=alice)
+    assert refused.status_code == 413 and "262144 bytes" in refused.json()["error"]["message"]
+    assert refused.headers[REPLICA_HEADER].startswith("router-")
 
 
 def test_uploads_and_deletes_on_both_replicas_leave_the_registry_consistent(
@@ -296,6 +313,26 @@ def test_uploads_and_deletes_on_both_replicas_leave_the_registry_consistent(
         lambda: live <= blob_files(world.store) and len(blob_files(world.store)) == len(live) + 2,
         "the store holds exactly the live prefixes' files",
     )
+
+
+def test_one_name_created_at_once_on_both_replicas_has_one_winner(
+    http: httpx.Client, world: World
+) -> None:
+    def create(_: int) -> httpx.Response:
+        return http.post("/v1/tenants", json={"name": "carol"}, headers=bearer(ADMIN))
+
+    tenants = in_parallel(create, 8, workers=8)
+    assert sorted(r.status_code for r in tenants) == [201] + [409] * 7, [r.text for r in tenants]
+    carol = bearer(next(r for r in tenants if r.status_code == 201).json()["api_key"])
+
+    def upload(seed: int) -> httpx.Response:
+        return upload_files(http, carol, "same", native_files(world.loaded.spec, 2, seed=seed))
+
+    uploads = in_parallel(upload, 8, workers=8)
+    assert sorted(r.status_code for r in uploads) == [201] + [409] * 7, [r.text for r in uploads]
+    conflicts = [r for r in tenants + uploads if r.status_code == 409]
+    assert {r.json()["error"]["type"] for r in conflicts} == {"conflict"}
+    assert len({r.headers[REPLICA_HEADER] for r in tenants + uploads}) == 2
 
 
 def test_a_killed_replica_is_replaced_and_the_other_keeps_answering(
