@@ -7,6 +7,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -42,3 +43,17 @@ def registry_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyP
         url = request.getfixturevalue("database_url")
         monkeypatch.setattr(registry_support, "DATABASE_URL", url)
     return str(request.param)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """A test on PostgreSQL that is skipped fails instead: CI must run every one of them."""
+    report = yield
+    on_postgres = "postgres" in getattr(item, "fixturenames", ()) or (
+        getattr(getattr(item, "callspec", None), "params", {}).get("registry_backend")
+        == "postgresql"
+    )
+    if report.skipped and on_postgres:
+        report.outcome = "failed"
+        report.longrepr = f"{item.nodeid}: skipped, but PostgreSQL tests must run ({call.when})"
+    return report

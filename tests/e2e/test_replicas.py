@@ -139,6 +139,9 @@ def adapter_files(folder: Path) -> dict[str, bytes]:
     return {path.name: path.read_bytes() for path in folder.iterdir()}
 
 
+Reference = Callable[[list[int], str | None], list[int]]
+
+
 def generate(client: Any, headers: dict[str, str], prompt: list[int], prefix: str | None) -> Any:
     body = {"prompt": prompt, "prefix": prefix, "max_new_tokens": 8, "temperature": 0}
     return client.post("/v1/generate", json=body, headers=headers)
@@ -152,35 +155,35 @@ def http(url: str) -> Iterator[httpx.Client]:
 
 
 @pytest.fixture(scope="module")
-def alice(http: httpx.Client, single: TestClient, world: World) -> dict[str, str]:
-    """Tenant alice with prefixes pirate and sailor, on the replicas and on the reference."""
+def reference_alice(single: TestClient, world: World) -> dict[str, str]:
+    """Tenant alice with prefixes pirate and sailor on the reference server."""
+    headers = create_tenant(single, "alice")
+    for name, folder in world.adapters.items():
+        assert upload_files(single, headers, name, adapter_files(folder)).status_code == 201
+    return headers
+
+
+@pytest.fixture(scope="module")
+def alice(http: httpx.Client, world: World, reference_alice: dict[str, str]) -> dict[str, str]:
+    """The same tenant and prefixes through the replicas."""
     headers = create_tenant(http, "alice")
-    reference = create_tenant(single, "alice")
     for name, folder in world.adapters.items():
         response = upload_files(http, headers, name, adapter_files(folder))
         assert response.status_code == 201, response.text
         assert response.headers[REPLICA_HEADER]
-        assert upload_files(single, reference, name, adapter_files(folder)).status_code == 201
     return headers
 
 
-def reference_tokens(single: TestClient, prompt: list[int], prefix: str | None) -> list[int]:
-    headers = create_tenant_once(single)
-    response = generate(single, headers, prompt, prefix)
-    assert response.status_code == 200, response.text
-    return list(response.json()["token_ids"])
+@pytest.fixture(scope="module")
+def reference(single: TestClient, reference_alice: dict[str, str]) -> Reference:
+    """The tokens the single-process server answers alice's request with."""
 
+    def tokens(prompt: list[int], prefix: str | None) -> list[int]:
+        response = generate(single, reference_alice, prompt, prefix)
+        assert response.status_code == 200, response.text
+        return list(response.json()["token_ids"])
 
-_reference_keys: dict[int, dict[str, str]] = {}
-
-
-def create_tenant_once(single: TestClient) -> dict[str, str]:
-    """The reference's alice: her key is re-issued once per reference client."""
-    if id(single) not in _reference_keys:
-        response = single.post("/v1/tenants/alice/keys", headers=bearer(ADMIN))
-        assert response.status_code == 201, response.text
-        _reference_keys[id(single)] = bearer(response.json()["api_key"])
-    return _reference_keys[id(single)]
+    return tokens
 
 
 def in_parallel(work: Callable[[int], Any], count: int, workers: int = 4) -> list[Any]:
@@ -197,7 +200,7 @@ def wait_until(condition: Callable[[], bool], what: str, limit: float = 180) -> 
 
 
 def test_answers_equal_the_single_process_server_and_a_prefix_stays_on_one_replica(
-    http: httpx.Client, single: TestClient, alice: dict[str, str]
+    http: httpx.Client, reference: Reference, alice: dict[str, str]
 ) -> None:
     # The first request for a prefix places it; the rest follow it there.
     first = generate(http, alice, [3, 1, 4], "alice/pirate")
@@ -211,7 +214,7 @@ def test_answers_equal_the_single_process_server_and_a_prefix_stays_on_one_repli
     pirate_replicas = Counter()
     for (prompt, prefix), response in zip(jobs, responses, strict=True):
         assert response.status_code == 200, response.text
-        assert response.json()["token_ids"] == reference_tokens(single, prompt, prefix)
+        assert response.json()["token_ids"] == reference(prompt, prefix)
         if prefix is not None:
             pirate_replicas[response.headers[REPLICA_HEADER]] += 1
     assert list(pirate_replicas.values()) == [16], pirate_replicas
@@ -224,8 +227,7 @@ def test_answers_equal_the_single_process_server_and_a_prefix_stays_on_one_repli
     events = [b.removeprefix("data: ") for b in streamed.text.split("\n\n") if b.strip()]
     assert events[-1] == "[DONE]"
     tokens = [t for event in events[:-1] for t in json.loads(event)["token_ids"]]
-    reference = generate(single, create_tenant_once(single), [2, 4, 6], "alice/sailor")
-    assert tokens == reference.json()["token_ids"][:6]
+    assert tokens == reference([2, 4, 6], "alice/sailor")[:6]
     completion = http.post(
         "/v1/completions",
         json={"model": "alice/pirate", "prompt": [5, 6], "max_tokens": 4, "temperature": 0},
@@ -336,7 +338,7 @@ def test_one_name_created_at_once_on_both_replicas_has_one_winner(
 
 
 def test_a_killed_replica_is_replaced_and_the_other_keeps_answering(
-    http: httpx.Client, single: TestClient, alice: dict[str, str]
+    http: httpx.Client, reference: Reference, alice: dict[str, str]
 ) -> None:
     victim = generate(http, alice, [3, 1, 4], "alice/pirate").headers[REPLICA_HEADER]
     body = {"prompt": [7, 7], "prefix": "alice/pirate", "max_new_tokens": 60, "temperature": 0}
@@ -372,7 +374,7 @@ def test_a_killed_replica_is_replaced_and_the_other_keeps_answering(
     after = [generate(http, alice, [9, i], "alice/pirate") for i in range(6)]
     assert all(r.status_code in (200, 503) for r in after), [r.text for r in after]
     assert after[-1].status_code == 200 and after[-1].headers[REPLICA_HEADER] != victim
-    assert after[-1].json()["token_ids"] == reference_tokens(single, [9, 5], "alice/pirate")
+    assert after[-1].json()["token_ids"] == reference([9, 5], "alice/pirate")
 
     # Serve replaces the dead replica; the newcomer serves the same answers.
     replicas: set[str] = set()
@@ -381,7 +383,7 @@ def test_a_killed_replica_is_replaced_and_the_other_keeps_answering(
         response = generate(http, alice, [4, 4], None)
         assert response.status_code in (200, 503), response.text
         if response.status_code == 200:
-            assert response.json()["token_ids"] == reference_tokens(single, [4, 4], None)
+            assert response.json()["token_ids"] == reference([4, 4], None)
             replicas.add(response.headers[REPLICA_HEADER])
         return len(replicas - {victim, after[-1].headers[REPLICA_HEADER]}) > 0
 
