@@ -28,7 +28,7 @@ from server.config import Settings
 from server.models import LoadedModel, load_model
 from server.scale.deployments import REPLICA_HEADER, build_app
 from server.scale.launch import APP_NAME
-from tests.postgres import MISSING, Cluster, find_bin_dir, start_cluster
+from tests.postgres import Cluster
 from tests.registry_support import blob_files, native_files
 from tests.tiny import make_adapter, save_tiny_model
 
@@ -59,15 +59,6 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
         adapters[name] = root / name
         make_adapter(loaded.model, kind, tokens, adapters[name], seed=seed + 1)
     return World(model_dir, loaded, adapters, root / "store")
-
-
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[Cluster]:
-    if find_bin_dir() is None:  # CI installs it: a missing server fails the run, never skips
-        pytest.fail(MISSING, pytrace=False)
-    cluster = start_cluster()
-    yield cluster
-    cluster.stop()
 
 
 @pytest.fixture(scope="module")
