@@ -116,11 +116,15 @@ class Serving:
         self._file_grace = file_grace
         self._closed = threading.Event()
         self._sweep_orphans()
+        self._sweeper: threading.Thread | None = None
         if file_grace > 0:
-            threading.Thread(target=self._sweep_periodically, daemon=True).start()
+            self._sweeper = threading.Thread(target=self._sweep_periodically, daemon=True)
+            self._sweeper.start()
 
     def close(self) -> None:
         self._closed.set()
+        if self._sweeper is not None:  # a sweep under way finishes before the database closes
+            self._sweeper.join()
         self._background.shutdown(wait=True, cancel_futures=True)
 
     def acquire(
