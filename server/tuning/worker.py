@@ -34,13 +34,17 @@ class TuningWorker:
         *,
         max_running: int,
         max_len: int,
+        recover: bool = True,
     ) -> None:
+        """`recover`: at start, fail the jobs the previous process left running. Not with
+        several replicas on one database: those jobs may be running on another replica."""
         self.tuning = tuning
         self.registry = registry
         self.loaded = loaded
         self.share = share
         self.max_running = max_running
         self.max_len = max_len
+        self._recover = recover
         self._cond = threading.Condition()
         self._woken = True  # the first pass picks up what the previous process left queued
         self._stopping = False
@@ -48,7 +52,7 @@ class TuningWorker:
         self._thread = threading.Thread(target=self._loop, name="tuning", daemon=True)
 
     def start(self) -> TuningWorker:
-        failed = self.tuning.recover()
+        failed = self.tuning.recover() if self._recover else []
         if failed:
             log.warning(
                 "fine-tuning: %d jobs were running when the server stopped, marked failed: %s",

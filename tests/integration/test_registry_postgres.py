@@ -27,7 +27,6 @@ from prefixes.schema import SCHEMA_VERSION, schema_version
 from prefixes.store import UploadStage
 from prefixes.tuning import Tuning
 from prefixes.tuning_records import Hyperparameters, JobSpec, JobStatus
-from tests.postgres import MISSING, Cluster, find_bin_dir, start_cluster
 from tests.registry_support import (
     MAX_VIRTUAL_TOKENS,
     blob_files,
@@ -38,22 +37,6 @@ from tests.registry_support import (
 from tests.tiny import make_adapter, tiny_loaded
 
 OpenReplica = Callable[..., Registry]
-
-
-@pytest.fixture(scope="session")
-def postgres() -> Iterator[Cluster]:
-    if find_bin_dir() is None:  # CI installs it: a missing server fails the run, never skips
-        pytest.fail(MISSING, pytrace=False)
-    cluster = start_cluster()
-    yield cluster
-    cluster.stop()
-
-
-@pytest.fixture
-def database_url(postgres: Cluster) -> Iterator[str]:
-    name = postgres.create_database()
-    yield postgres.url(name)
-    postgres.drop_database(name)
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,9 @@ from tests.registry_support import (
 )
 from tests.tiny import make_adapter, tiny_loaded
 
+# Each test runs on SQLite and on PostgreSQL (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("registry_backend")
+
 
 @pytest.fixture(scope="module")
 def llama():

@@ -6,6 +6,7 @@ import hashlib
 import sqlite3
 
 import pytest
+from sqlalchemy import inspect, text
 
 from prefixes import PrefixError
 from prefixes.database import DATABASE_FILE
@@ -22,6 +23,9 @@ from prefixes.records import Quotas
 from tests.registry_support import native_files, open_registry
 from tests.tiny import tiny_loaded
 
+# Each test runs on SQLite and on PostgreSQL (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("registry_backend")
+
 
 @pytest.fixture(scope="module")
 def llama():
@@ -37,7 +41,12 @@ def registry(llama, tmp_path):
 
 
 def database_dump(registry) -> str:
-    """Every value of every table, and the raw database and WAL bytes, as one string."""
+    """Every value of every table (and on SQLite the raw database and WAL bytes) as one string."""
+    if registry.database.dialect.name == "postgresql":
+        with registry.database.connect() as connection:
+            tables = inspect(connection).get_table_names()
+            rows = [connection.execute(text(f'SELECT * FROM "{t}"')).all() for t in tables]
+        return "\n".join(repr(row) for table in rows for row in table)
     path = registry.data_dir / DATABASE_FILE
     connection = sqlite3.connect(path)
     tables = [row[0] for row in connection.execute("SELECT name FROM sqlite_master")]
