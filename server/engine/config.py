@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import Literal
 
 import torch
 
@@ -42,11 +43,19 @@ class EngineConfig:
     static_decode: bool | None = None
     # On CUDA, capture each static decode bucket in a CUDA graph and replay it (cuda_graphs.py).
     cuda_graphs: bool = True
+    # How attention reads the KV pool: "gather" copies each row's blocks into contiguous rows
+    # for sdpa in every layer; "paged" reads the pool in place through the block tables
+    # (FlexAttention, compiled on CUDA; paged_attention.py). None: "gather" on every device.
+    # On CPUs the compiled kernel is no faster than gather + sdpa (16 vs 20 ms for one layer's
+    # attention, 8 rows at 1,500 tokens, SmolLM2's heads), compiles for ~9 s per new shape and
+    # fails to compile with dynamic shapes (torch 2.13), and the eager one reads the whole pool.
+    # On GPUs the paged kernel has not been measured yet (bench/gpu.sh compares the two).
+    attention_kernel: Literal["gather", "paged"] | None = None
 
     def __post_init__(self) -> None:
         for item in fields(self):
             value = getattr(self, item.name)
-            if isinstance(value, bool):
+            if isinstance(value, bool | str):
                 continue
             floor = 0 if item.name == "max_running_per_tenant" else 1
             if value is not None and value < floor:
@@ -60,6 +69,10 @@ class EngineConfig:
 
     def uses_static_decode(self, device: torch.device) -> bool:
         return device.type == "cuda" if self.static_decode is None else self.static_decode
+
+    @property
+    def uses_paged_attention(self) -> bool:
+        return self.attention_kernel == "paged"
 
     def uses_cuda_graphs(self, device: torch.device) -> bool:
         return self.cuda_graphs and device.type == "cuda" and self.uses_static_decode(device)
