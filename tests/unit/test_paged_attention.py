@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.flex_attention import create_mask, flex_attention
+from torch.nn.attention.flex_attention import BlockMask, create_mask, flex_attention
 
 from server.engine.paged_attention import QUERY_TILE, PagedBlockMask, paged_attention
 from tests.tiny import DEVICE
@@ -140,3 +140,33 @@ def test_flexattention_itself_reads_the_mask_as_the_cpu_reference_does() -> None
     assert isinstance(flex, torch.Tensor)
     for row, length in enumerate(lengths):
         torch.testing.assert_close(flex.transpose(1, 2)[row, :length], reference[row, :length])
+
+
+def test_a_compiled_flexattention_kernel_reading_only_the_listed_blocks_gives_the_same() -> None:
+    """The eager FlexAttention above applies the mask to every slot and ignores the block lists;
+    a compiled kernel reads only the listed blocks. Inductor's CPU kernel (one shape, compiled
+    once) checks those lists; it needs them as wide as the pool."""
+    tables, positions, _, lengths = batch()
+    generator = torch.Generator().manual_seed(2)
+    pool_k = torch.randn(1, 2, NUM_BLOCKS * BLOCK, 16, generator=generator)
+    pool_v = torch.randn(1, 2, NUM_BLOCKS * BLOCK, 16, generator=generator)
+    query = torch.randn(len(lengths), 4, positions.shape[1], 16, generator=generator)
+    mask = PagedBlockMask(NUM_BLOCKS, BLOCK, torch.device("cpu")).build(tables, positions)
+    assert mask.full_kv_num_blocks is not None and mask.full_kv_indices is not None
+    pad = (0, NUM_BLOCKS - mask.kv_indices.shape[-1])
+    pool_wide = BlockMask.from_kv_blocks(
+        mask.kv_num_blocks,
+        F.pad(mask.kv_indices, pad),
+        mask.full_kv_num_blocks,
+        F.pad(mask.full_kv_indices, pad),
+        BLOCK_SIZE=mask.BLOCK_SIZE,
+        mask_mod=mask.mask_mod,
+        seq_lengths=mask.seq_lengths,
+        compute_q_blocks=False,
+    )
+    compiled = torch.compile(flex_attention, dynamic=False)
+    output = compiled(query, pool_k, pool_v, block_mask=pool_wide, enable_gqa=True)
+    assert isinstance(output, torch.Tensor)
+    reference = paged_attention(query, pool_k, pool_v, mask, scale=None)
+    for row, length in enumerate(lengths):
+        torch.testing.assert_close(output.transpose(1, 2)[row, :length], reference[row, :length])
