@@ -46,10 +46,11 @@ class EngineConfig:
     # How attention reads the KV pool: "gather" copies each row's blocks into contiguous rows
     # for sdpa in every layer; "paged" reads the pool in place through the block tables
     # (FlexAttention, compiled on CUDA; paged_attention.py). None: "gather" on every device.
-    # On CPUs the compiled kernel is no faster than gather + sdpa (16 vs 20 ms for one layer's
-    # attention, 8 rows at 1,500 tokens, SmolLM2's heads), compiles for ~9 s per new shape and
-    # fails to compile with dynamic shapes (torch 2.13), and the eager one reads the whole pool.
-    # On GPUs the paged kernel has not been measured yet (bench/gpu.sh compares the two).
+    # On CPUs FlexAttention compiled over the pool costs what gather + sdpa does (6.7 vs 6.8 ms
+    # for one layer, 8 rows at 1,500 tokens, bench/attention_kernels.py) but compiles anew for
+    # every batch shape and not at all with dynamic shapes (torch 2.13); the paged path there
+    # runs a slow reference, for tests. On GPUs it has not been measured yet: `bash bench/gpu.sh
+    # kernels` compares the two.
     attention_kernel: Literal["gather", "paged"] | None = None
 
     def __post_init__(self) -> None:
