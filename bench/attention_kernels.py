@@ -44,7 +44,7 @@ def pool_wide(mask: BlockMask, num_blocks: int) -> BlockMask:
     """The same mask with its block lists padded to the pool's width (the CPU kernel's need)."""
     assert mask.full_kv_num_blocks is not None and mask.full_kv_indices is not None
     pad = (0, num_blocks - mask.kv_indices.shape[-1])
-    return BlockMask.from_kv_blocks(
+    return type(mask).from_kv_blocks(
         mask.kv_num_blocks,
         F.pad(mask.kv_indices, pad),
         mask.full_kv_num_blocks,
