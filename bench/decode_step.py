@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
@@ -101,14 +102,19 @@ def random_prefix(loaded: LoadedModel, tokens: int, seed: int) -> CompiledPrefix
 
 
 def prefilled_llm(
-    loaded: LoadedModel, prefixes: list[CompiledPrefix], prompt_len: int, max_len: int
+    loaded: LoadedModel,
+    prefixes: list[CompiledPrefix],
+    prompt_len: int,
+    max_len: int,
+    attention_kernel: Literal["gather", "paged"] | None = None,
 ) -> LLM:
     """An engine whose rows (one per prefix) have all prefilled and sampled their first token:
     its next step is a pure decode step."""
     greedy = SamplingParams(max_new_tokens=10_000, temperature=0, ignore_eos=True)
     llm = LLM(loaded, EngineConfig(num_slots=len(prefixes), max_len=max_len,
                                    max_step_tokens=len(prefixes) * (prompt_len + 1),
-                                   max_running_per_tenant=0))  # fmt: skip
+                                   max_running_per_tenant=0,
+                                   attention_kernel=attention_kernel))  # fmt: skip
     for row, prefix in enumerate(prefixes):
         llm.add(Request([(row * 7 + i) % 1000 + 1 for i in range(prompt_len)], greedy, prefix))
     while any(not r.output_token_ids for r in llm.running) or len(llm.running) < len(prefixes):

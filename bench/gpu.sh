@@ -6,6 +6,9 @@
 #   bash bench/gpu.sh         there, from the repository root, with .whl carried along:
 #                             run(command="bash bench/gpu.sh", carry=[".whl"], timeout_s=600)
 #   bash bench/gpu.sh dry-run here: the same parts on the CPU on a micro model, in seconds
+#   bash bench/gpu.sh kernels there, about 5 minutes: the paged attention kernel's tests on
+#                             CUDA, then the decode step with each attention kernel
+#                             (--attention-kernel gather / paged) on both geometries
 #
 # Every part runs in its own process under its own time limit, and a part that fails or runs
 # out of time costs only its own figures (each part writes them as it goes). Everything lands
@@ -47,7 +50,8 @@ part() {
 
 python=python3
 [ -x .venv/bin/python ] && [ "${1:-}" = dry-run ] && python=.venv/bin/python
-if [ "${1:-}" = dry-run ]; then
+mode=${1:-all}
+if [ "$mode" = dry-run ]; then
     bench=("$python" bench/gpu_decode.py --device cpu --dry-run --out "$out")
     test_device=cpu
 else
@@ -57,10 +61,23 @@ else
 fi
 "$python" -c "import torch, transformers, peft; print('torch', torch.__version__, \
 'transformers', transformers.__version__, 'peft', peft.__version__)" 2>&1 | tee -a "$log"
+if [ "$mode" = kernels ]; then
+    # The compiled FlexAttention kernel equals the CPU reference, and the paged engine's static
+    # decode (eager and replayed from CUDA graphs) gives the gather path's and PEFT's tokens.
+    part tests 240 env PREFIX_SERVER_TEST_DEVICE=$test_device "$python" -m pytest -q \
+        -p no:cacheprovider tests/unit/test_paged_attention.py \
+        tests/integration/test_static_decode.py -k "paged or compiled"
+    part env 20 "${bench[@]}" --part env
+    part kernels 300 "${bench[@]}" --part kernels
+    grep -h "^=== .*after" "$log"
+    cat "$out/gpu_bench.md"
+    exit
+fi
 # Correctness first: the static decode path replayed from CUDA graphs gives the eager path's
-# and PEFT's tokens on tiny models (the exactness tests proper run on the CPU).
+# and PEFT's tokens on tiny models (the exactness tests proper run on the CPU). The paged
+# attention kernel's own run: `bash bench/gpu.sh kernels`.
 part tests 60 env PREFIX_SERVER_TEST_DEVICE=$test_device "$python" -m pytest -q \
-    -p no:cacheprovider tests/integration/test_static_decode.py
+    -p no:cacheprovider tests/integration/test_static_decode.py -k "not paged"
 part env 20 "${bench[@]}" --part env
 part engine 150 "${bench[@]}" --part engine
 part transformers 150 "${bench[@]}" --part transformers

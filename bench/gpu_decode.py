@@ -24,6 +24,10 @@ tokens of KV when timing starts (a prefix of 32 virtual tokens and a 968-token p
                 by the host
   peft          PEFT `generate` with one prefix for the whole batch: ms per new token
   load          bench/load.py with 256 requests arriving at once into 256 slots
+  kernels       the engine's decode step with each attention kernel: rows gathered for sdpa
+                against FlexAttention reading the pool in place (`--attention-kernel paged`),
+                on the device's default decode path, taking turns step by step; the first
+                step of each (compiling, capturing) timed apart
 floor = (weight bytes read + sum over rows of KV tokens x KV bytes per token) / bandwidth, the
 bandwidth measured here: a device-to-device copy, (bytes read + bytes written) / time.
 """
@@ -40,6 +44,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -54,7 +59,8 @@ from server.engine.llm import LLM
 from server.engine.request import Request, SamplingParams
 from server.models import LoadedModel
 
-PARTS = ("env", "engine", "transformers", "peft", "load", "summary")
+PARTS = ("env", "engine", "transformers", "peft", "load", "kernels", "summary")
+KERNELS = ("gather", "paged")  # EngineConfig.attention_kernel
 REPORT = "gpu_bench.md"
 RESULTS = "results.json"
 PROFILE = "profile_decode_step.txt"
@@ -173,7 +179,7 @@ def free(device: torch.device) -> None:
 
 
 def prefilled_engine(
-    loaded: LoadedModel, plan: Plan, prefixes: list[CompiledPrefix], **options: bool
+    loaded: LoadedModel, plan: Plan, prefixes: list[CompiledPrefix], **options: Any
 ) -> LLM:
     """An engine whose rows (one per prefix) hold `plan.context` tokens of KV and have sampled
     their first token: its next step is a pure decode step."""
@@ -592,6 +598,65 @@ def env_part(plan: Plan, device: torch.device, report: Report) -> None:
     print("\n".join(lines), flush=True)
 
 
+def kernels_part(plan: Plan, device: torch.device, report: Report) -> None:
+    """The same decode step with attention on gathered rows and on the pool in place."""
+    rows: list[str] = []
+    for name in plan.models:
+        loaded = load_named(name, str(device), plan.dtype)
+        pool = [
+            random_prefix(loaded, plan.prefix_tokens, seed) for seed in range(plan.max_prefixes)
+        ]
+        for batch in plan.batches:
+            engines: dict[str, LLM] = {}
+            try:
+                prefixes = [pool[i % len(pool)] for i in range(batch)]
+                first_ms = {}
+                for kernel in KERNELS:
+                    engines[kernel] = prefilled_engine(
+                        loaded, plan, prefixes, attention_kernel=kernel
+                    )
+                    first_ms[kernel] = elapsed(device, engines[kernel].step) * 1000
+                times = time_interleaved({k: llm.step for k, llm in engines.items()}, plan.steps)
+                result = {"ms": times, "first_step_ms": first_ms,
+                          "path": path_of(engines["paged"])}  # fmt: skip
+                report.put("kernels", f"{name}/{batch}", result)
+                rows.append(
+                    f"| {loaded.model_id} | {batch} | {result['path']} | "
+                    f"{times['gather']:.2f} ms | {times['paged']:.2f} ms | "
+                    f"{times['paged'] / times['gather']:.3f} | {first_ms['paged']:.0f} ms |"
+                )
+            except Exception as exc:  # one size failing must not cost the others
+                traceback.print_exc()
+                rows.append(f"| {name} | {batch} | failed: {type(exc).__name__}: "
+                            f"{str(exc)[:120]} |||||")  # fmt: skip
+            finally:
+                engines.clear()
+                free(device)
+            print(rows[-1], flush=True)
+            report.section(
+                "gpu_decode_kernels",
+                [
+                    "## GPU decode step: attention on gathered rows against the paged kernel",
+                    "",
+                    f"Machine: {machine()}.",
+                    "Command: `bash bench/gpu.sh kernels` (`python bench/gpu_decode.py "
+                    "--part kernels`).",
+                    f"Random weights in {plan.dtype}; each row holds {plan.context} tokens of KV "
+                    f"({plan.prefix_tokens} of them its prefix, min(batch, {plan.max_prefixes}) "
+                    "different prefixes). gather: each layer copies every row's blocks out for "
+                    "sdpa; paged: FlexAttention reads the pool through the block tables. Median "
+                    f"of {plan.steps} steps, the two taking turns; the paged engine's first "
+                    "step (compiling its kernel, capturing graphs) apart.",
+                    "",
+                    "| model | batch | path | gather | paged | paged / gather | paged first step |",
+                    "|---|---|---|---|---|---|---|",
+                    *rows,
+                ],
+            )
+        del loaded, pool
+        free(device)
+
+
 def summary_part(plan: Plan, device: torch.device, report: Report) -> None:
     """Issue 9's GPU targets, from what the other parts measured."""
     results = report.results
@@ -642,7 +707,8 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     report = Report(args.out)
     parts = {"env": env_part, "engine": engine_part, "transformers": transformers_part,
-             "peft": peft_part, "load": load_part, "summary": summary_part}  # fmt: skip
+             "peft": peft_part, "load": load_part, "kernels": kernels_part,
+             "summary": summary_part}  # fmt: skip
     failed = []
     for name in PARTS if args.part == "all" else (args.part,):
         start = time.perf_counter()

@@ -1,14 +1,17 @@
 """A decode step at long context: the engine against plain transformers on the same batch.
 
-    python bench/long_context.py [--model smollm2] [--rows 8] [--context 1500] [--write FILE]
+    python bench/long_context.py [--model smollm2] [--rows 8] [--context 1500]
+                                 [--kernels gather,paged] [--write FILE]
 
-Both decode the same rows, each holding `context` tokens of KV, one token per row per step:
+All decode the same rows, each holding `context` tokens of KV, one token per row per step:
   engine        `EngineCore.step`: paged KV read through block tables, per-row prefixes
                 (16 virtual tokens of the context are a prefix-tuning prefix, different per row),
-                sampling and bookkeeping included
+                sampling and bookkeeping included; once per attention kernel of `--kernels`
+                (gather: rows copied out for sdpa; paged: the block-mask path, which on a CPU
+                runs its plain-torch reference, paged_attention.py)
   transformers  `model(input_ids, past_key_values=DynamicCache)` on the same batch with no
                 prefix and no padding (every row the same length: its fastest case), then argmax
-Median ms per step over `--steps` steps, the two taking turns so drift hits both alike.
+Median ms per step over `--steps` steps, all taking turns so drift hits them alike.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=1500)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--kernels", default="gather", help="engine attention kernels, by comma")
     parser.add_argument("--write", type=Path)
     args = parser.parse_args()
 
@@ -61,17 +65,20 @@ def main() -> None:
     prefixes = [random_prefix(loaded, PREFIX_TOKENS, seed) for seed in range(args.rows)]
     prompt_len = args.context - PREFIX_TOKENS
     max_len = args.context + 2 * args.steps + 16
-    llm = prefilled_llm(loaded, prefixes, prompt_len, max_len)
-    times = time_interleaved(
-        {"engine": llm.step, "transformers": transformers_decoder(loaded, args.rows, args.context)},
-        args.steps,
-    )
-    ratio = times["engine"] / times["transformers"]
-    row = (
-        f"| {loaded.model_id} | {args.rows} | {args.context} | {times['engine']:.1f} ms | "
-        f"{times['transformers']:.1f} ms | {ratio:.3f} |"
-    )
-    print(row, flush=True)
+    kernels = args.kernels.split(",")
+    steps = {
+        kernel: prefilled_llm(loaded, prefixes, prompt_len, max_len, kernel).step
+        for kernel in kernels
+    }
+    steps["transformers"] = transformers_decoder(loaded, args.rows, args.context)
+    times = time_interleaved(steps, args.steps)
+    plain = times["transformers"]
+    rows = [
+        f"| {loaded.model_id} | {args.rows} | {args.context} | {kernel} | "
+        f"{times[kernel]:.1f} ms | {plain:.1f} ms | {times[kernel] / plain:.3f} |"
+        for kernel in kernels
+    ]
+    print("\n".join(rows), flush=True)
     body = "\n".join(
         [
             "## Decode step at long context: engine vs plain transformers",
@@ -81,11 +88,12 @@ def main() -> None:
             f"Each of {args.rows} rows holds {args.context} tokens of KV ({PREFIX_TOKENS} of them "
             "a different prefix-tuning prefix per row in the engine; none in transformers, "
             "whose rows are all the same length, so no padding); median of "
-            f"{args.steps} steps after 3 warm-up steps, the two taking turns; float32.",
+            f"{args.steps} steps after 3 warm-up steps, all taking turns; float32.",
             "",
-            "| model | rows | context | engine step | transformers step | engine / transformers |",
-            "|---|---|---|---|---|---|",
-            row,
+            "| model | rows | context | attention | engine step | transformers step "
+            "| engine / transformers |",
+            "|---|---|---|---|---|---|---|",
+            *rows,
         ]
     )
     print(body)

@@ -80,6 +80,11 @@ class Settings(BaseSettings):
     cuda_graphs: bool = Field(
         True, description="replay static decode steps as CUDA graphs (cuda only)"
     )
+    attention_kernel: Literal["gather", "paged"] | None = Field(
+        None,
+        description="how attention reads the KV pool: gather rows for sdpa, or paged "
+        "(FlexAttention through the block tables, compiled on cuda); default: gather",
+    )
     max_virtual_tokens: int = Field(256, ge=1, description="largest prefix length accepted")
     max_new_tokens_limit: int = Field(4096, ge=1, description="largest max_new_tokens accepted")
     max_prompts_per_call: int = Field(16, ge=1, description="prompts in one /v1/completions call")
@@ -173,6 +178,7 @@ class Settings(BaseSettings):
             max_running_per_tenant=self.max_running_per_tenant,
             static_decode=self.static_decode,
             cuda_graphs=self.cuda_graphs,
+            attention_kernel=self.attention_kernel,
         )
 
     @property

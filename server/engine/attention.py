@@ -11,7 +11,8 @@ kernel), not under a name of its own: transformers builds masks by the kernel's 
 PEFT's prefix tuning gave other tokens on a model switched to an unknown name (SmolLM2, "Write a
 haiku about the sea."), while the server trains and compiles on the very model it serves.
 Forwards that do not pass `engine_step=True` (training, compiling a soft prompt, PEFT) run
-transformers' sdpa unchanged.
+transformers' sdpa unchanged. An engine forward whose mask is a `BlockMask` reads the paged
+pool in place (paged_attention.py): its key and value are the pool, not gathered rows.
 """
 
 from __future__ import annotations
@@ -20,8 +21,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from server.engine.paged_attention import paged_attention
 
 _transformers_sdpa = sdpa_attention_forward
 
@@ -40,6 +44,8 @@ def engine_sdpa(
         return _transformers_sdpa(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
+    if isinstance(attention_mask, BlockMask):
+        return paged_attention(query, key, value, attention_mask, scaling), None
     output = F.scaled_dot_product_attention(
         query,
         key,

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import Literal
 
 import torch
 
@@ -42,11 +43,20 @@ class EngineConfig:
     static_decode: bool | None = None
     # On CUDA, capture each static decode bucket in a CUDA graph and replay it (cuda_graphs.py).
     cuda_graphs: bool = True
+    # How attention reads the KV pool: "gather" copies each row's blocks into contiguous rows
+    # for sdpa in every layer; "paged" reads the pool in place through the block tables
+    # (FlexAttention, compiled on CUDA; paged_attention.py). None: "gather" on every device.
+    # On CPUs FlexAttention compiled over the pool costs what gather + sdpa does (6.7 vs 6.8 ms
+    # for one layer, 8 rows at 1,500 tokens, bench/attention_kernels.py) but compiles anew for
+    # every batch shape and not at all with dynamic shapes (torch 2.13); the paged path there
+    # runs a slow reference, for tests. On GPUs it has not been measured yet: `bash bench/gpu.sh
+    # kernels` compares the two.
+    attention_kernel: Literal["gather", "paged"] | None = None
 
     def __post_init__(self) -> None:
         for item in fields(self):
             value = getattr(self, item.name)
-            if isinstance(value, bool):
+            if isinstance(value, bool | str):
                 continue
             floor = 0 if item.name == "max_running_per_tenant" else 1
             if value is not None and value < floor:
@@ -60,6 +70,10 @@ class EngineConfig:
 
     def uses_static_decode(self, device: torch.device) -> bool:
         return device.type == "cuda" if self.static_decode is None else self.static_decode
+
+    @property
+    def uses_paged_attention(self) -> bool:
+        return self.attention_kernel == "paged"
 
     def uses_cuda_graphs(self, device: torch.device) -> bool:
         return self.cuda_graphs and device.type == "cuda" and self.uses_static_decode(device)

@@ -65,6 +65,7 @@ class EngineCore:
             max_len=self.max_len,
             static_decode=config.uses_static_decode(device),
             cuda_graphs=config.uses_cuda_graphs(device),
+            paged_attention=config.uses_paged_attention,
         )
         self.scheduler = Scheduler(config, num_blocks)
         self.gate = gate

@@ -4,7 +4,8 @@ Position p of a row lives at offset p % block_size of block `table[p // block_si
 sits at positions 0..T-1, the row's own tokens from T on. The runner binds each forward's write
 slots (one per fed token) and read tables (one per row) before calling the model; the model only
 ever calls `update(key, value, layer_idx)` (transformers 5.23), which writes the new K/V in place
-and returns the batch's rows of the cache, gathered block by block.
+and returns the batch's rows of the cache, gathered block by block; or, when attention reads the
+pool in place (`read_in_place`, paged_attention.py), the layer's whole pool, with no copy.
 
 Nothing trusts a reused block to be clean: every block is zeroed before its first write, a row's
 table is padded with the zero block (never written), and padding tokens write to the scratch
@@ -31,8 +32,10 @@ class PagedKVCache(Cache):
         *,
         dtype: torch.dtype,
         device: torch.device | str = "cpu",
+        read_in_place: bool = False,
     ) -> None:
         super().__init__(layers=[])
+        self.read_in_place = read_in_place
         self.block_size = block_size
         self.num_blocks = num_blocks
         # [layer, head, block, offset, dim]: within a head a block is one contiguous run of
@@ -87,7 +90,9 @@ class PagedKVCache(Cache):
         Indices are made per head here, once per forward, not once per layer."""
         tokens_per_head = self.num_blocks * self.block_size
         self._write_index = (self._heads * tokens_per_head + write_slots.reshape(1, -1)).reshape(-1)
-        self._read_index = (self._heads * self.num_blocks + read_blocks.reshape(1, -1)).reshape(-1)
+        if not self.read_in_place:
+            heads = self._heads * self.num_blocks
+            self._read_index = (heads + read_blocks.reshape(1, -1)).reshape(-1)
         self._read_rows, self._read_blocks = read_blocks.shape
 
     @property
@@ -108,6 +113,9 @@ class PagedKVCache(Cache):
         values.view(-1, head_dim).index_copy_(
             0, self._write_index, value_states.transpose(0, 1).reshape(-1, head_dim)
         )
+        if self.read_in_place:
+            pool = (1, heads, num_blocks * block_size, head_dim)
+            return keys.view(pool), values.view(pool)
         per_block = (heads * num_blocks, block_size * head_dim)
         read_shape = (heads, self._read_rows, self.kv_len, head_dim)
         read_k = keys.view(per_block).index_select(0, self._read_index).view(read_shape)

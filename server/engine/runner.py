@@ -7,6 +7,10 @@ real row. The model gets explicit per-row position ids and a 4D mask in which qu
 key k of its own row iff k <= position(b, j): the prefix at 0..T-1 and the row's earlier tokens.
 Logits are computed only for rows whose pending tokens are all fed this step.
 
+Attention reads the rows' K/V either gathered into contiguous rows under that additive mask
+(`attention_kernel="gather"`) or in place from the pool under a FlexAttention block mask built
+from the same tables and positions (`"paged"`, paged_attention.py).
+
 A forward whose rows all decode one token can run on static shapes instead (static_decode.py:
 batch and block-table buckets, inputs in preallocated buffers, on CUDA replayed from a CUDA
 graph); it computes the same thing, and the tests hold the two paths token-equal.
@@ -17,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from torch.nn.attention.flex_attention import BlockMask
 from transformers import PreTrainedModel
 
 from prefixes import ModelSpec
@@ -25,6 +30,7 @@ from server.engine.blocks import SCRATCH_BLOCK, ZERO_BLOCK
 from server.engine.cuda_graphs import CudaGraphs
 from server.engine.ensemble import mean_of_groups
 from server.engine.kv_cache import PagedKVCache
+from server.engine.paged_attention import PagedBlockMask
 from server.engine.request import Request
 from server.engine.sampler import sample
 from server.engine.scheduler import ScheduledRow
@@ -67,9 +73,11 @@ class ModelRunner:
         max_len: int | None = None,
         static_decode: bool = False,
         cuda_graphs: bool = False,
+        paged_attention: bool = False,
     ) -> None:
         """`max_rows` and `max_len` bound the static decode path's buckets (rows per step,
-        positions per row); `cuda_graphs` replays that path from CUDA graphs."""
+        positions per row); `cuda_graphs` replays that path from CUDA graphs;
+        `paged_attention` reads K/V in place through the block tables instead of gathering."""
         self.model = model
         self.spec = spec
         param = next(model.parameters())
@@ -77,8 +85,22 @@ class ModelRunner:
         self.block_size = block_size
         self.forward_overhead_tokens = FORWARD_OVERHEAD_TOKENS
         self.kv_len_bucket = GPU_KV_LEN_BUCKET if self.device.type == "cuda" else block_size
+        if paged_attention and model.config._attn_implementation != "sdpa":
+            # Only the engine's sdpa (attention.py) knows a block mask.
+            raise ValueError(
+                "paged attention: expected a model loaded with sdpa attention, found "
+                f"{model.config._attn_implementation}"
+            )
+        self.paged_mask = (
+            PagedBlockMask(num_blocks, block_size, self.device) if paged_attention else None
+        )
         self.cache = PagedKVCache(
-            spec, num_blocks, block_size, dtype=self.dtype, device=self.device
+            spec,
+            num_blocks,
+            block_size,
+            dtype=self.dtype,
+            device=self.device,
+            read_in_place=paged_attention,
         )
         # The mask is additive (0 / finfo.min) for every kernel: eager adds it to the scores (a
         # bool mask would be added as 1/0 without any error), and the engine's sdpa is faster
@@ -182,7 +204,7 @@ class ModelRunner:
         own_slots = tables.gather(1, positions // block_size) * block_size + positions % block_size
         scratch = SCRATCH_BLOCK * block_size + offsets % block_size
         self.cache.bind(torch.where(real, own_slots, scratch), tables)
-        hidden = self._hidden(input_ids, positions, num_read_blocks * block_size)
+        hidden = self._hidden(input_ids, positions, tables)
         picked = [i for i, row in enumerate(rows) if row.samples]
         if not picked:
             return hidden.new_zeros((0, self.spec.vocab_size), dtype=torch.float32)
@@ -194,7 +216,7 @@ class ModelRunner:
         never syncs with the host: the static path's forward, which a CUDA graph captures as
         is. The same arithmetic as `forward`'s."""
         self.cache.bind(buffers.write_slots, buffers.tables)
-        hidden = self._hidden(buffers.input_ids, buffers.positions, buffers.width * self.block_size)
+        hidden = self._hidden(buffers.input_ids, buffers.positions, buffers.tables)
         logits = buffers.logits
         logits.copy_(self.lm_head(hidden[:, 0]))  # the cast to float32, into the static output
         if self.softcap:
@@ -202,13 +224,13 @@ class ModelRunner:
         return logits
 
     def _hidden(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, kv_len: int
+        self, input_ids: torch.Tensor, positions: torch.Tensor, tables: torch.Tensor
     ) -> torch.Tensor:
         """The decoder over the bound cache: each row at its own positions, under its mask."""
         return self.decoder(
             input_ids=input_ids,
             position_ids=positions,
-            attention_mask=self._mask(positions, kv_len),
+            attention_mask=self._mask(positions, tables),
             past_key_values=self.cache,
             use_cache=True,
             engine_step=True,
@@ -220,8 +242,10 @@ class ModelRunner:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
 
-    def _mask(self, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
-        keys = torch.arange(kv_len, device=self.device)
+    def _mask(self, positions: torch.Tensor, tables: torch.Tensor) -> torch.Tensor | BlockMask:
+        if self.paged_mask is not None:
+            return self.paged_mask.build(tables, positions)
+        keys = torch.arange(tables.shape[1] * self.block_size, device=self.device)
         visible = (keys[None, None, :] <= positions[:, :, None])[:, None]  # [B, 1, q, kv]
         blocked = torch.finfo(self.dtype).min
         return torch.zeros(visible.shape, dtype=self.dtype, device=self.device).masked_fill(

@@ -1,4 +1,6 @@
-"""Mixed batches give, row for row, the greedy tokens PEFT's `generate` gives each request alone."""
+"""Mixed batches give, row for row, the greedy tokens PEFT's `generate` gives each request alone,
+with transformers' sdpa or eager attention on gathered rows, or the engine's attention reading
+the KV pool in place ("paged", which needs sdpa)."""
 
 from __future__ import annotations
 
@@ -9,12 +11,15 @@ import pytest
 import torch
 
 from prefixes import CompiledPrefix, read_upload
+from server.engine.config import EngineConfig
 from server.engine.llm import LLM
 from server.engine.request import Request, SamplingParams
 from server.engine.scheduler import ScheduledRow
 from tests.tiny import ADAPTER_KINDS, base_greedy, make_adapter, peft_greedy, tiny_loaded
 
 NEW_TOKENS = 8
+# (the model's attention implementation, how the engine's attention reads the KV pool)
+ATTENTION = [("sdpa", "gather"), ("eager", "gather"), ("sdpa", "paged")]
 
 
 @dataclass
@@ -51,15 +56,21 @@ def load(llm: LLM, case: Case) -> CompiledPrefix | None:
     return llm.compile(read_upload(files))
 
 
+def engine_config(kernel: str) -> EngineConfig:
+    return EngineConfig(max_running_per_tenant=0, attention_kernel=kernel)  # type: ignore[arg-type]
+
+
 def greedy(case: Case, prefix: CompiledPrefix | None) -> Request:
     return Request(case.prompt, SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0), prefix)
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize(("attn", "kernel"), ATTENTION)
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mistral", "gpt2"])
-def test_joint_prefill_of_mixed_prefixes_matches_peft(arch: str, attn: str, tmp_path: Path) -> None:
+def test_joint_prefill_of_mixed_prefixes_matches_peft(
+    arch: str, attn: str, kernel: str, tmp_path: Path
+) -> None:
     cases = build_cases(arch, attn, tmp_path)
-    llm = LLM(tiny_loaded(arch, attn), num_slots=len(cases), max_len=128)
+    llm = LLM(tiny_loaded(arch, attn), engine_config(kernel), num_slots=len(cases), max_len=128)
     requests = [greedy(case, load(llm, case)) for case in cases]
     assert len({r.prefix_len for r in requests}) >= 5  # different prefix lengths share the batch
 
@@ -75,16 +86,16 @@ def test_joint_prefill_of_mixed_prefixes_matches_peft(arch: str, attn: str, tmp_
 
 
 @pytest.mark.parametrize("forwards", ["joint", "split", "split, keys read in buckets of 64"])
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize(("attn", "kernel"), ATTENTION)
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
 def test_requests_joining_mid_decode_into_reused_slots_match_peft(
-    arch: str, attn: str, forwards: str, tmp_path: Path
+    arch: str, attn: str, kernel: str, forwards: str, tmp_path: Path
 ) -> None:
     cases = build_cases(arch, attn, tmp_path)
     # Fewer slots than requests: later requests take slots that earlier ones filled and left,
     # and they prefill in the same step as rows that are decoding: in one padded forward
     # ("joint") or in a forward of their own ("split").
-    llm = LLM(tiny_loaded(arch, attn), num_slots=3, max_len=128)
+    llm = LLM(tiny_loaded(arch, attn), engine_config(kernel), num_slots=3, max_len=128)
     llm.runner.forward_overhead_tokens = 10_000 if forwards == "joint" else -10_000
     if "buckets" in forwards:  # what GPUs do: a masked tail of stale keys must change nothing
         llm.runner.kv_len_bucket = 64

@@ -1,6 +1,7 @@
 """The paged engine stays exact: rows sharing a prefix's blocks, prompts prefilled in chunks across
 steps, rows preempted and recomputed, blocks reused after a prefix of extreme values all give,
-row for row, the greedy tokens PEFT's `generate` gives each request alone."""
+row for row, the greedy tokens PEFT's `generate` gives each request alone, whether attention
+reads gathered rows or the pool in place through the block tables."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from tests.integration.test_matches_peft import NEW_TOKENS, build_cases, greedy,
 from tests.tiny import make_adapter, peft_greedy, tiny_loaded
 
 BLOCK = 4  # small blocks: prefixes of 3, 5, 7 ... tokens have full and partial blocks
+KERNELS = ["gather", "paged"]
 
 
 def config(**overrides) -> EngineConfig:
@@ -26,12 +28,15 @@ def config(**overrides) -> EngineConfig:
     )  # fmt: skip
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
-def test_prompts_prefilled_in_chunks_across_steps_match_peft(arch: str, tmp_path: Path) -> None:
+def test_prompts_prefilled_in_chunks_across_steps_match_peft(
+    arch: str, kernel: str, tmp_path: Path
+) -> None:
     cases = build_cases(arch, "sdpa", tmp_path)
     # 10 tokens per step for 7 rows: the longer prompts (up to 20 tokens) take several steps,
     # while the rows already decoding get their token every step.
-    llm = LLM(tiny_loaded(arch), config(max_step_tokens=10))
+    llm = LLM(tiny_loaded(arch), config(max_step_tokens=10, attention_kernel=kernel))
     requests = [greedy(case, load(llm, case)) for case in cases]
     fed_per_step: list[dict[str, int]] = []
     run_step = llm.runner.step
@@ -52,7 +57,10 @@ def test_prompts_prefilled_in_chunks_across_steps_match_peft(arch: str, tmp_path
         assert request.output_token_ids == case.expected, case.kind
 
 
-def test_rows_sharing_one_prefix_share_its_blocks_and_match_peft(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_rows_sharing_one_prefix_share_its_blocks_and_match_peft(
+    kernel: str, tmp_path: Path
+) -> None:
     loaded = tiny_loaded("llama")
     # 9 virtual tokens: two full blocks shared by every row, a partial third copied per row.
     peft_model = make_adapter(loaded.model, "prefix", 9, tmp_path / "shared", seed=3)
@@ -60,7 +68,7 @@ def test_rows_sharing_one_prefix_share_its_blocks_and_match_peft(tmp_path: Path)
     generator = torch.Generator().manual_seed(5)
     prompts = [torch.randint(0, 384, (n,), generator=generator).tolist() for n in (1, 4, 9, 13)]
     expected = [peft_greedy(peft_model, prompt, NEW_TOKENS) for prompt in prompts]
-    llm = LLM(loaded, config())
+    llm = LLM(loaded, config(attention_kernel=kernel))
     sampling = SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0)
     # A fresh handle per request, as the registry gives: shared by content, not identity.
     requests = [Request(p, sampling, llm.compile(read_upload(files))) for p in prompts]
@@ -76,16 +84,17 @@ def test_rows_sharing_one_prefix_share_its_blocks_and_match_peft(tmp_path: Path)
     assert len(llm.core.scheduler.prefixes.resident) == 1
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_rows_preempted_when_blocks_run_out_resume_and_match_peft(
-    arch: str, tmp_path: Path
+    arch: str, kernel: str, tmp_path: Path
 ) -> None:
     cases = build_cases(arch, "sdpa", tmp_path)
     loaded = tiny_loaded(arch)
     spec = loaded.spec
     per_block = spec.num_layers * 2 * spec.num_kv_heads * spec.head_dim * 4 * BLOCK
     # Room for about two and a half rows' worth of blocks: the batch must preempt to progress.
-    llm = LLM(loaded, config(kv_cache_bytes=per_block * 20, max_len=48))
+    llm = LLM(loaded, config(kv_cache_bytes=per_block * 20, max_len=48, attention_kernel=kernel))
     requests = [greedy(case, load(llm, case)) for case in cases]
     llm.generate(requests)
     assert llm.core.metrics.preemptions > 0
@@ -96,8 +105,9 @@ def test_rows_preempted_when_blocks_run_out_resume_and_match_peft(
     assert scheduler.blocks_in_use == scheduler.prefixes.num_blocks  # rows gave every block back
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 def test_blocks_reused_after_a_prefix_of_extreme_values_give_exact_tokens(
-    tmp_path: Path,
+    kernel: str, tmp_path: Path
 ) -> None:
     cases = build_cases("llama", "sdpa", tmp_path)
     loaded = tiny_loaded("llama")
@@ -105,7 +115,10 @@ def test_blocks_reused_after_a_prefix_of_extreme_values_give_exact_tokens(
     shape = (spec.num_layers, 2, spec.num_kv_heads, 10, spec.head_dim)
     extreme = loaded.compile(RawPrefix(PrefixKind.PREFIX_TUNING, torch.full(shape, 3e38)), 64)
     per_block = spec.num_layers * 2 * spec.num_kv_heads * spec.head_dim * 4 * BLOCK
-    llm = LLM(loaded, config(num_slots=2, max_len=64, kv_cache_bytes=per_block * 24))
+    llm = LLM(
+        loaded,
+        config(num_slots=2, max_len=64, kv_cache_bytes=per_block * 24, attention_kernel=kernel),
+    )
     used: set[int] = set()
     run_step = llm.runner.step
 

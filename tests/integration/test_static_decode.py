@@ -86,15 +86,17 @@ def staggered_run(llm: LLM, cases: list[Case]) -> tuple[list[list[int]], Forward
     return [r.output_token_ids for r in requests], log
 
 
+@pytest.mark.parametrize("kernel", ["gather", "paged"])
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_static_decode_matches_the_dynamic_path_and_peft_as_rows_finish_and_join(
-    arch: str, tmp_path: Path
+    arch: str, kernel: str, tmp_path: Path
 ) -> None:
     cases = build_cases(arch, "sdpa", tmp_path)
     assert max(len(case.expected) for case in cases) == NEW_TOKENS
     loaded = tiny_loaded(arch)
     dynamic, dynamic_log = staggered_run(LLM(loaded, config(static=False)), cases)
-    static, static_log = staggered_run(LLM(loaded, config(static=True)), cases)
+    static_llm = LLM(loaded, config(static=True, attention_kernel=kernel))
+    static, static_log = staggered_run(static_llm, cases)
 
     assert static == dynamic
     assert dynamic_log.dynamic_decode > 0 and not dynamic_log.static
@@ -153,9 +155,10 @@ class HostReads(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+@pytest.mark.parametrize("kernel", ["gather", "paged"])
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_static_decode_forward_reads_nothing_back_from_the_device(arch: str) -> None:
-    llm = LLM(tiny_loaded(arch), config(static=True))
+def test_static_decode_forward_reads_nothing_back_from_the_device(arch: str, kernel: str) -> None:
+    llm = LLM(tiny_loaded(arch), config(static=True, attention_kernel=kernel))
     llm.generate([Request([3, 1, 4], SamplingParams(max_new_tokens=3, temperature=0))])
     assert llm.runner.static is not None
     buffers = llm.runner.static.buffers((4, 3))  # zeros: every row a padding row
@@ -190,11 +193,12 @@ def test_a_failed_capture_falls_back_to_the_eager_forward() -> None:
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU")
-def test_cuda_graphs_are_captured_once_per_bucket_and_replayed(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kernel", ["gather", "paged"])
+def test_cuda_graphs_are_captured_once_per_bucket_and_replayed(kernel: str, tmp_path: Path) -> None:
     cases = build_cases("llama", "sdpa", tmp_path)
     loaded = tiny_loaded("llama")
     eager, _ = staggered_run(LLM(loaded, config(static=True, cuda_graphs=False)), cases)
-    llm = LLM(loaded, config(static=True))
+    llm = LLM(loaded, config(static=True, attention_kernel=kernel))
     graphed, log = staggered_run(llm, cases)
     assert graphed == eager
     graphs = llm.runner.static.graphs  # type: ignore[union-attr]

@@ -7,6 +7,7 @@ import torch
 
 from server.config import STEP_TOKENS, Settings
 from server.engine.config import EngineConfig, kv_bytes_per_token
+from server.engine.llm import LLM
 from tests.tiny import tiny_loaded
 
 
@@ -42,3 +43,15 @@ def test_a_budget_sizes_the_pool_and_too_small_a_one_is_refused() -> None:
         EngineConfig(max_len=64, kv_cache_bytes=per_block * 6).num_blocks(
             loaded.spec, torch.float32, torch.device("cpu")
         )
+
+
+def test_attention_reads_gathered_rows_unless_the_paged_kernel_is_chosen() -> None:
+    assert not Settings().engine_config().uses_paged_attention
+    assert Settings(attention_kernel="paged").engine_config().uses_paged_attention
+    assert not Settings(attention_kernel="gather").engine_config().uses_paged_attention
+
+
+def test_the_paged_kernel_is_refused_for_a_model_without_sdpa_attention() -> None:
+    config = EngineConfig(attention_kernel="paged")
+    with pytest.raises(ValueError, match="paged attention: expected a model loaded with sdpa"):
+        LLM(tiny_loaded("llama", attn="eager"), config)

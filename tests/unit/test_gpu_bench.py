@@ -13,7 +13,8 @@ def test_gpu_benchmark_dry_run_writes_every_section(tmp_path: Path) -> None:
     assert gpu_decode.main(["--device", "cpu", "--dry-run", "--out", str(tmp_path)]) == 0
 
     report = (tmp_path / gpu_decode.REPORT).read_text()
-    for section in ("env", "engine", "paths", "profile", "transformers", "peft", "targets"):
+    sections = ("env", "engine", "paths", "profile", "transformers", "peft", "kernels", "targets")
+    for section in sections:
         assert f"<!-- gpu_decode_{section}:start -->" in report, section
     assert "<!-- load_micro_4_slots:start -->" in report
     assert "failed" not in report
@@ -25,4 +26,6 @@ def test_gpu_benchmark_dry_run_writes_every_section(tmp_path: Path) -> None:
     assert results["transformers"]["micro/3"]["ms"] > 0
     assert "ms_per_token" in results["peft"]["micro/3"]
     assert len(results["load"]) == 2
+    kernels = results["kernels"]["micro/3"]
+    assert kernels["path"] == "static, eager" and set(kernels["ms"]) == {"gather", "paged"}
     assert "aten::" in (tmp_path / gpu_decode.PROFILE).read_text()

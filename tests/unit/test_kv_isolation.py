@@ -9,6 +9,7 @@ import torch
 
 from prefixes import CompiledPrefix, InvalidPrefix, PrefixKind, RawPrefix, compile_prefix
 from server.engine.blocks import ZERO_BLOCK
+from server.engine.config import EngineConfig
 from server.engine.kv_cache import PagedKVCache
 from server.engine.llm import LLM
 from server.engine.request import NonFiniteOutput, Request, SamplingParams
@@ -17,6 +18,12 @@ from tests.tiny import tiny_loaded
 
 GREEDY = SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True)
 POISONS = [3e38, float("inf"), float("nan")]
+KERNELS = ["gather", "paged"]  # attention on gathered rows, or on the pool in place
+
+
+def engine(model: LoadedModel, num_slots: int, kernel: str) -> LLM:
+    config = EngineConfig(max_running_per_tenant=0, attention_kernel=kernel)  # type: ignore[arg-type]
+    return LLM(model, config, num_slots=num_slots, max_len=64)
 
 
 def test_positions_past_a_rows_end_read_as_exact_zeros(loaded: LoadedModel) -> None:
@@ -67,16 +74,17 @@ def alone(loaded: LoadedModel, prompt: list[int], prefix: CompiledPrefix) -> lis
     return request.output_token_ids
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("poison", POISONS, ids=["3e38", "inf", "nan"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_rows_in_dirty_blocks_beside_longer_rows_get_their_solo_tokens(
-    loaded: LoadedModel, half_loaded: LoadedModel, dtype: str, poison: float
+    loaded: LoadedModel, half_loaded: LoadedModel, dtype: str, poison: float, kernel: str
 ) -> None:
     model = loaded if dtype == "float32" else half_loaded
     own = [model.compile(prefix_tuning(model, 3 + i, seed=i), 64) for i in range(3)]
     prompts = [[5, 6, 7], [9], [11, 12]]
     expected = [alone(model, p, x) for p, x in zip(prompts, own, strict=True)]
-    llm = LLM(model, num_slots=4, max_len=64)
+    llm = engine(model, 4, kernel)
     cache = llm.runner.cache  # every block as a hostile earlier request could leave it
     cache.keys[:, :, ZERO_BLOCK + 1 :].fill_(poison)
     cache.values[:, :, ZERO_BLOCK + 1 :].fill_(poison)
@@ -88,14 +96,15 @@ def test_rows_in_dirty_blocks_beside_longer_rows_get_their_solo_tokens(
     assert not cache.values[:, :, ZERO_BLOCK].any()
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_a_row_whose_own_values_overflow_fails_alone(
-    loaded: LoadedModel, half_loaded: LoadedModel, dtype: str
+    loaded: LoadedModel, half_loaded: LoadedModel, dtype: str, kernel: str
 ) -> None:
     model = loaded if dtype == "float32" else half_loaded
     huge = model.compile(prefix_tuning(model, 12, seed=9, value=3e38), 64)  # finite: accepted
     own = model.compile(prefix_tuning(model, 3, seed=1), 64)
-    llm = LLM(model, num_slots=3, max_len=64)
+    llm = engine(model, 3, kernel)
     victims = [Request([5, 6, 7], GREEDY, own), Request([8, 9], GREEDY, own)]
     attacker = Request(list(range(1, 30)), GREEDY, huge)
     llm.generate([attacker, *victims])
