@@ -94,8 +94,9 @@ def main() -> None:
     body = "\n".join(lines)
     print(body)
     if args.write:
-        section = f"Machine: {machine()}\n\nCommand: `{command()}`\n\n{body}\n"
-        write_section(args.write, "Prompt ensembles (CPU)", section)
+        title = f"## Prompt ensembles: {args.members} members against one request"
+        section = f"{title}\n\nMachine: {machine()}\n\nCommand: `{command()}`\n\n{body}\n"
+        write_section(args.write, "ensemble", section)
 
 
 if __name__ == "__main__":
