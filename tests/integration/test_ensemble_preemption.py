@@ -1,0 +1,100 @@
+"""Prompt ensembles when the KV pool is too small for everything at once: rows preempted and
+recomputed give the tokens (and, for a vote, the log-probabilities) they give unpreempted, greedy
+or seeded, and the other tenants' requests beside them stay exact."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from server.engine.llm import LLM
+from server.engine.request import Request, RequestGroup, SamplingParams
+from tests.integration.test_ensemble_engine import compiled, config, members
+from tests.tiny import peft_greedy, tiny_loaded
+
+
+def small_pool(**overrides) -> LLM:
+    """A pool of 41 blocks of 4 positions: a group of three rows and two long bystanders cannot
+    all hold their blocks at once, so someone is preempted."""
+    loaded = tiny_loaded("llama")
+    spec = loaded.spec
+    per_block = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * 4 * 4
+    return LLM(
+        loaded, config(max_len=48, max_step_tokens=13, kv_cache_bytes=41 * per_block, **overrides)
+    )
+
+
+def run(llm: LLM, group: RequestGroup, others: list[Request]) -> None:
+    llm.add(others[0])
+    llm.add(group.leader)
+    for other in others[1:]:
+        llm.add(other)
+    while llm.has_work:
+        llm.step()
+
+
+PROMPT = torch.randint(0, 384, (12,), generator=torch.Generator().manual_seed(3)).tolist()
+LONG_PROMPTS = [list(range(1, 21)), list(range(30, 50))]
+STEPS = 16
+
+
+def test_a_preempted_vote_keeps_every_members_tokens_and_logprobs(tmp_path: Path) -> None:
+    models, folders = members("llama", tmp_path, ["prefix", "prompt", "prefix"])
+    greedy = SamplingParams(max_new_tokens=STEPS, temperature=0)
+    reference = LLM(tiny_loaded("llama"), config())
+    rows = [Request(PROMPT, greedy, compiled(reference, f), logprobs=True) for f in folders]
+    reference.add(RequestGroup(rows, lockstep=False).leader)
+    while reference.has_work:
+        reference.step()
+
+    llm = small_pool()
+    voters = [Request(PROMPT, greedy, compiled(llm, f), tenant="v", logprobs=True) for f in folders]
+    others = [
+        Request(p, greedy, compiled(llm, folders[0]), tenant=f"other-{i}")
+        for i, p in enumerate(LONG_PROMPTS)
+    ]
+    run(llm, RequestGroup(voters, lockstep=False), others)
+    assert sum(r.num_preemptions for r in [*voters, *others]) > 0
+    for row, model, unpreempted in zip(voters, models, rows, strict=True):
+        assert row.output_token_ids == peft_greedy(model, PROMPT, STEPS)
+        assert len(row.output_logprobs) == STEPS
+        # The same log-probabilities, to float error (other rows shared the forwards).
+        assert row.output_logprobs == pytest.approx(unpreempted.output_logprobs, abs=1e-4)
+    for request, long_prompt in zip(others, LONG_PROMPTS, strict=True):
+        assert request.output_token_ids == peft_greedy(models[0], long_prompt, STEPS)
+
+
+def test_seeded_ensembles_sample_the_same_preempted_or_not(tmp_path: Path) -> None:
+    _, folders = members("llama", tmp_path, ["prefix", "prompt", "prefix"])
+    seeded = SamplingParams(max_new_tokens=STEPS, temperature=1.0, top_k=40, seed=11)
+    greedy = SamplingParams(max_new_tokens=STEPS, temperature=0)
+
+    def ensemble(llm: LLM, lockstep: bool, crowded: bool) -> list[list[int]]:
+        rows = [Request(PROMPT, seeded, compiled(llm, f), tenant="e") for f in folders]
+        group = RequestGroup(rows, lockstep=lockstep)
+        others = [
+            Request(p, greedy, compiled(llm, folders[1]), tenant=f"other-{i}")
+            for i, p in enumerate(LONG_PROMPTS if crowded else [])
+        ]
+        if others:
+            run(llm, group, others)
+            assert sum(r.num_preemptions for r in [*rows, *others]) > 0
+        else:
+            llm.add(group.leader)
+            while llm.has_work:
+                llm.step()
+        return [r.output_token_ids for r in rows]
+
+    for lockstep in (True, False):
+        alone = ensemble(LLM(tiny_loaded("llama"), config()), lockstep, crowded=False)
+        crowded = ensemble(small_pool(), lockstep, crowded=True)
+        assert crowded == alone, lockstep
+        if lockstep:
+            assert all(tokens == alone[0] for tokens in alone)
+        else:  # each member samples as it would alone, with the same seed
+            for folder, tokens in zip(folders, alone, strict=True):
+                llm = LLM(tiny_loaded("llama"), config())
+                (single,) = llm.generate([Request(PROMPT, seeded, compiled(llm, folder))])
+                assert single.output_token_ids == tokens
