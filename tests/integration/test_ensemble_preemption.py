@@ -98,3 +98,33 @@ def test_seeded_ensembles_sample_the_same_preempted_or_not(tmp_path: Path) -> No
                 llm = LLM(tiny_loaded("llama"), config())
                 (single,) = llm.generate([Request(PROMPT, seeded, compiled(llm, folder))])
                 assert single.output_token_ids == tokens
+
+
+def test_a_group_waiting_for_slots_is_not_starved_by_another_tenants_stream_of_requests() -> None:
+    """Bob always has a request waiting and his rows finish one at a time, so a slot frees now
+    and then but never two at once: a group of two must still get its turn."""
+    llm = LLM(tiny_loaded("llama"), config(num_slots=3))
+    rows = [Request([4, 5], SamplingParams(max_new_tokens=3, temperature=0), tenant="alice")]
+    rows.append(Request([4, 5], rows[0].sampling, tenant="alice"))
+    lengths = iter([5, 6, 7] + [3] * 1000)
+
+    def bobs_next() -> Request:
+        sampling = SamplingParams(max_new_tokens=next(lengths), temperature=0, ignore_eos=True)
+        return Request([1, 2, 3], sampling, tenant="bob")
+
+    bobs = [bobs_next() for _ in range(4)]
+    for request in bobs[:3]:
+        llm.add(request)
+    llm.step()  # bob holds every slot
+    assert len(llm.running) == 3
+    llm.add(RequestGroup(rows, lockstep=True).leader)
+    llm.add(bobs[3])
+    for _ in range(200):
+        if rows[0].finished:
+            break
+        llm.step()
+        waiting = sum(1 for r in bobs if r.status.value == "waiting")
+        if not waiting:  # bob keeps one request queued
+            bobs.append(bobs_next())
+            llm.add(bobs[-1])
+    assert rows[0].finish_reason == "length", "the group never got two slots at once"
