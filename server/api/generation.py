@@ -178,12 +178,16 @@ def sampling_params(
 # Running -------------------------------------------------------------------------------------
 
 
-async def pin(server: Ready, tenant: str, prefix_ref: str) -> tuple[CompiledPrefix, Release]:
-    """Pin the prefix's current version for one row; the engine calls the release."""
+async def pin(
+    server: Ready, tenant: str, prefix_ref: str, alongside: list[PrefixInfo] | None = None
+) -> tuple[CompiledPrefix, Release]:
+    """Pin the prefix's current version for one row; the engine calls the release.
+    `alongside`: the versions the same request pinned already (an ensemble's earlier members),
+    to which the one pinned here is added."""
     held: list[PrefixInfo] = []  # the tenant's budget counts a version before it is pinned
 
     def before_pin(info: PrefixInfo) -> None:
-        server.pins.hold(tenant, info)
+        server.pins.hold(tenant, info, alongside or ())
         held.append(info)
 
     try:
@@ -196,6 +200,8 @@ async def pin(server: Ready, tenant: str, prefix_ref: str) -> tuple[CompiledPref
         raise
     for replaced in held[:-1]:  # resolved again after a concurrent delete: only the last holds
         server.pins.forget(tenant, replaced)
+    if alongside is not None:
+        alongside.append(held[-1])
 
     def release() -> None:
         handle.release()
@@ -209,10 +215,11 @@ async def pin_members(
 ) -> list[tuple[CompiledPrefix | None, Release | None]]:
     """Pin every member, resolved and authorised like a single prefix; all or none."""
     pinned: list[tuple[CompiledPrefix | None, Release | None]] = []
+    versions: list[PrefixInfo] = []  # one request: its members count together (pins.py)
     try:
         for ref in ensemble.members:
             try:
-                pinned.append(await pin(server, tenant, ref))
+                pinned.append(await pin(server, tenant, ref, versions))
             except NotFound:
                 if ensemble.stored is None:
                     raise

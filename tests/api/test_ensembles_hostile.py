@@ -402,3 +402,49 @@ def test_a_mean_ends_at_the_context_of_its_longest_member(
         assert mean.json()["finish_reason"] == "length"
         assert len(mean.json()["token_ids"]) == min(lengths.values())
         assert_nothing_held(client)
+
+
+def test_an_ensemble_larger_than_the_tenants_pinned_share_still_runs_alone(
+    make_client: MakeClient,
+    adapters: dict[str, Path],
+    loaded: LoadedModel,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One request of a tenant that holds nothing else may always run, however large its prefix
+    (server/api/pins.py); an ensemble is one request, so the same holds for all its members
+    together. Otherwise an ensemble over the share would get a 429 that no retry ever clears."""
+    with make_client() as probe:
+        who = create_tenant(probe, "alice")
+        sizes = [
+            upload(probe, who, peft_files(adapters[kind]), name=name).json()["bytes"]
+            for name, kind in [("a", "prefix"), ("b", "prompt"), ("c", "p_tuning")]
+        ]
+    pool = 100 * sum(sizes)
+    share = 1.5 * max(sizes) / pool  # any one member fits, no two together
+    with make_client(device_pool_bytes=pool, max_pinned_share_per_tenant=share) as client:
+        alice, bob = create_tenant(client, "alice"), create_tenant(client, "bob")
+        upload_members(client, alice, adapters)
+        assert upload(client, bob, peft_files(adapters["prompt"]), name="own").status_code == 201
+        response = generate(client, alice, prefixes=["a", "b", "c"])
+        assert response.status_code == 200, response.text
+        mean = generate(client, alice, prefixes=["a", "b"], ensemble="mean")
+        assert mean.status_code == 200, mean.text
+        mine = generate(client, bob, prefix="own")
+        assert mine.json()["token_ids"] == alone(loaded, PROMPT, peft_files(adapters["prompt"]), 6)
+        assert_nothing_held(client)
+
+        # Beside another of alice's requests the share holds as before: 429, nothing left held.
+        assert sizes[2] + sizes[0] > 1.5 * max(sizes)  # "c" and "a" together are over
+        stalled = StalledEngine(services(client).engine, monkeypatch)
+        single = {"prompt": PROMPT, "max_new_tokens": 2, "temperature": 0, "prefix": "c"}
+        with in_background(client, "/v1/generate", single, alice.headers) as held:
+            try:
+                assert stalled.stepping.wait(20)
+                pinned = metric(client, "prefix_server_pool_pinned_bytes")
+                over = generate(client, alice, prefixes=["a", "b"])
+                assert_error(over, 429, "overloaded")
+                assert metric(client, "prefix_server_pool_pinned_bytes") == pinned
+            finally:
+                stalled.go()
+        assert held["response"].status_code == 200
+        assert_nothing_held(client)
