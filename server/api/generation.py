@@ -76,6 +76,8 @@ async def respond(
             "stream with ensemble 'mean', or ask without stream",
             field="stream",
         )
+    if job.ensemble is not None:
+        check_queue_room(server, job.ensemble, len(job.prompts))
     started = await start_all(server, tenant, job)
     if job.ensemble is not None:
         server.ensemble_metrics.requests.labels(job.ensemble.method).inc(len(job.prompts))
@@ -90,6 +92,24 @@ async def respond(
         events = sse_events(streams[0], encoder)
         return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
     return encoder.result(await collect_all(streams, http_request))
+
+
+def check_queue_room(server: Ready, ensemble: Ensemble, prompts: int) -> None:
+    """Each prompt queues one row per member, all before the answer: more rows than the
+    tenant may queue could never all be accepted, and a 429 would invite retries that can
+    never succeed (the engine refuses one group over the limit the same way)."""
+    settings = server.settings
+    limit = min(settings.max_waiting, settings.max_waiting_per_tenant)
+    members = len(ensemble.members)
+    if prompts > 1 and prompts * members > limit:
+        raise ApiError(
+            400,
+            "invalid_request",
+            f"prompt: expected at most {limit // members} prompts for an ensemble of "
+            f"{members} members (each prompt queues a row per member; a tenant may queue "
+            f"{limit}), found {prompts}",
+            field="prompt",
+        )
 
 
 async def with_stored_ensemble(server: Ready, tenant: str, job: Job) -> Job:

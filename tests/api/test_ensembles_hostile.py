@@ -448,3 +448,22 @@ def test_an_ensemble_larger_than_the_tenants_pinned_share_still_runs_alone(
                 stalled.go()
         assert held["response"].status_code == 200
         assert_nothing_held(client)
+
+
+def test_more_prompts_on_an_ensemble_than_the_tenant_may_queue_is_400(
+    make_client: MakeClient, adapters: dict[str, Path]
+) -> None:
+    """Each prompt queues one row per member: three prompts on three members are nine rows,
+    and a tenant that may queue four (one group of three running) could never have them all
+    accepted; a 429 would invite retries that can never succeed."""
+    with make_client(max_waiting_per_tenant=4) as client:
+        alice = create_tenant(client, "alice")
+        upload_members(client, alice, adapters)
+        stored = {"name": "panel", "prefixes": ["a", "b", "c"]}
+        assert client.post("/v1/ensembles", json=stored, headers=alice.headers).status_code == 201
+        body = {"model": "panel", "prompt": [[5, 6], [7, 8], [9, 10]], "max_tokens": 3}
+        response = client.post("/v1/completions", json=body, headers=alice.headers)
+        assert_error(response, 400, "prompt", "at most 1")
+        assert_nothing_held(client)
+        body["prompt"] = [[5, 6]]
+        assert client.post("/v1/completions", json=body, headers=alice.headers).status_code == 200
