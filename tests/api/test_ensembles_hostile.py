@@ -86,9 +86,13 @@ def test_a_mean_stream_dropped_after_its_first_event_releases_every_row_and_pin(
 
 
 def test_a_vote_whose_member_overflows_fails_alone_beside_another_tenant(
-    make_client: MakeClient, adapters: dict[str, Path], loaded: LoadedModel, tmp_path: Path
+    make_client: MakeClient,
+    adapters: dict[str, Path],
+    loaded: LoadedModel,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from tests.api.test_extreme_prefixes import extreme_adapter
+    from tests.api.test_extreme_prefixes import AdmitTogether, extreme_adapter
 
     huge = extreme_adapter(adapters["prefix"], tmp_path / "huge", 3e38)
     with make_client() as client:
@@ -99,11 +103,26 @@ def test_a_vote_whose_member_overflows_fails_alone_beside_another_tenant(
         assert upload(client, bob, own, name="own").status_code == 201
         for method in ("vote", "mean"):
             response = generate(client, mallory, prefixes=["fine", "huge"], ensemble=method)
-            if response.status_code != 200:
-                assert assert_error(response, 422, "NaN")["type"] == "numerical_overflow"
+            # The overflowing member fails its ensemble (a vote does not answer without it).
+            assert assert_error(response, 422, "NaN")["type"] == "numerical_overflow"
             mine = generate(client, bob, prefix="own")
             assert mine.status_code == 200, mine.text
             assert mine.json()["token_ids"] == alone(loaded, PROMPT, own, 6)
+        # In the same steps: the ensemble's rows and bob's admitted together.
+        gate = AdmitTogether(services(client).engine, monkeypatch)
+        for method in ("vote", "mean"):
+            ensemble = {"prompt": PROMPT, "max_new_tokens": 6, "temperature": 0,
+                        "prefixes": ["fine", "huge"], "ensemble": method}  # fmt: skip
+            single = {"prompt": PROMPT, "max_new_tokens": 6, "temperature": 0, "prefix": "own"}
+            gate.expected = 3  # rows: two members and bob's
+            with ThreadPoolExecutor(2) as pool:
+                theirs = pool.submit(
+                    client.post, "/v1/generate", json=ensemble, headers=mallory.headers
+                )
+                mine = pool.submit(client.post, "/v1/generate", json=single, headers=bob.headers)
+                assert_error(theirs.result(timeout=60), 422, "NaN")
+                assert mine.result(timeout=60).json()["token_ids"] == alone(loaded, PROMPT, own, 6)
+        assert "prefix_server_engine_failed_steps_total 0.0" in client.get("/metrics").text
         assert_nothing_held(client)
 
 
