@@ -4,11 +4,16 @@ or seeded, and the other tenants' requests beside them stay exact."""
 
 from __future__ import annotations
 
+import asyncio
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
+from prefixes import CompiledPrefix
+from server.engine.engine import Engine
 from server.engine.llm import LLM
 from server.engine.request import Request, RequestGroup, SamplingParams
 from tests.integration.test_ensemble_engine import compiled, config, members
@@ -128,3 +133,61 @@ def test_a_group_waiting_for_slots_is_not_starved_by_another_tenants_stream_of_r
             bobs.append(bobs_next())
             llm.add(bobs[-1])
     assert rows[0].finish_reason == "length", "the group never got two slots at once"
+
+
+def test_ensembles_cancelled_mid_decode_or_while_preempted_release_every_row(
+    tmp_path: Path,
+) -> None:
+    """A vote's streams dropped after their first tokens, and a mean dropped while the small
+    pool keeps preempting it: every row leaves, every member's release runs once, and the pool
+    holds nothing but unused resident prefixes."""
+    _, folders = members("llama", tmp_path, ["prefix", "prompt", "prefix"])
+    loaded = tiny_loaded("llama")
+    spec = loaded.spec
+    per_block = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * 4 * 4
+    engine = Engine(
+        loaded, config(max_len=48, max_step_tokens=13, kv_cache_bytes=41 * per_block)
+    ).start()
+    endless = SamplingParams(max_new_tokens=30, temperature=0, ignore_eos=True)
+    released: Counter[str] = Counter()
+    compiler = LLM(loaded, config())
+    prefixes = [compiled(compiler, f) for f in folders]
+
+    def member(name: str) -> tuple[CompiledPrefix, Callable[[], None]]:
+        return prefixes[int(name[-1])], lambda: released.update([name])
+
+    async def main() -> None:
+        others = [
+            engine.submit(p, endless, prefix=prefixes[0], tenant=f"other-{i}")
+            for i, p in enumerate(LONG_PROMPTS)
+        ]
+        votes = engine.submit_group(
+            PROMPT, endless, [member(f"vote{i}") for i in range(3)], tenant="v"
+        )
+        (mean,) = engine.submit_group(
+            PROMPT, endless, [member(f"mean{i}") for i in range(3)], lockstep=True, tenant="m"
+        )
+        for stream in votes:
+            async for _ in stream:
+                break  # walks away after its first token: the row is cancelled
+        got = 0
+        async for chunk in mean:
+            got += len(chunk.token_ids)
+            if got >= 3 and mean.request.num_preemptions + sum(
+                o.request.num_preemptions for o in others
+            ):
+                mean.cancel()
+        assert mean.request.finish_reason in ("cancelled", "length")
+        for other in others:
+            await other.result()
+
+    try:
+        asyncio.run(main())
+        assert released == Counter({f"{kind}{i}": 1 for kind in ("vote", "mean") for i in range(3)})
+        scheduler = engine.core.scheduler
+        assert engine.in_flight == 0 and not engine.core.running and scheduler.num_waiting == 0
+        assert engine.waiting_per_tenant() == {}
+        assert all(p.users == 0 for p in scheduler.prefixes.resident.values())
+        assert scheduler.blocks_in_use == scheduler.prefixes.num_blocks
+    finally:
+        engine.stop()
