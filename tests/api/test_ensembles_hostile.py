@@ -486,3 +486,46 @@ def test_more_prompts_on_an_ensemble_than_the_tenant_may_queue_is_400(
         assert_nothing_held(client)
         body["prompt"] = [[5, 6]]
         assert client.post("/v1/completions", json=body, headers=alice.headers).status_code == 200
+
+
+def test_one_name_raced_as_an_ensemble_and_as_a_prefix_is_one_or_the_other(
+    client: TestClient, tenant: TenantAuth, adapters: dict[str, Path]
+) -> None:
+    upload_members(client, tenant, adapters)
+    files = peft_files(adapters["prefix"])
+
+    def as_ensemble() -> int:
+        body = {"name": "x", "prefixes": ["a", "b"]}
+        return client.post("/v1/ensembles", json=body, headers=tenant.headers).status_code
+
+    def as_prefix() -> int:
+        return upload(client, tenant, files, name="x").status_code
+
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(as_ensemble if i % 2 else as_prefix) for i in range(8)]
+        statuses = [f.result(timeout=60) for f in futures]
+    assert statuses.count(201) == 1, statuses
+    assert set(statuses) == {201, 409}, statuses
+    ensembles = client.get("/v1/ensembles", headers=tenant.headers).json()["data"]
+    prefix = client.get("/v1/prefixes/alice/x", headers=tenant.headers)
+    assert (len(ensembles) == 1) != (prefix.status_code == 200)
+
+
+def test_the_ensemble_quota_holds_under_concurrent_creation(
+    make_client: MakeClient, adapters: dict[str, Path]
+) -> None:
+    with make_client(max_ensembles_per_tenant=2) as client:
+        alice = create_tenant(client, "alice")
+        upload_members(client, alice, adapters)
+
+        def create(i: int) -> Any:
+            body = {"name": f"e{i}", "prefixes": ["a", "b"]}
+            return client.post("/v1/ensembles", json=body, headers=alice.headers)
+
+        with ThreadPoolExecutor(4) as pool:
+            responses = list(pool.map(create, range(6)))
+        assert sorted(r.status_code for r in responses) == [201, 201, 422, 422, 422, 422]
+        for response in responses:
+            if response.status_code == 422:
+                assert response.json()["error"]["type"] == "quota_exceeded"
+        assert len(client.get("/v1/ensembles", headers=alice.headers).json()["data"]) == 2
