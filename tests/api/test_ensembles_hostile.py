@@ -529,3 +529,21 @@ def test_the_ensemble_quota_holds_under_concurrent_creation(
             if response.status_code == 422:
                 assert response.json()["error"]["type"] == "quota_exceeded"
         assert len(client.get("/v1/ensembles", headers=alice.headers).json()["data"]) == 2
+
+
+def test_a_stored_vote_streamed_through_openai_routes_is_400_naming_stream(words: Any) -> None:
+    client, alice, _ = words
+    stored = {"name": "panel", "prefixes": ["a", "b"], "method": "vote"}
+    assert client.post("/v1/ensembles", json=stored, headers=alice.headers).status_code == 201
+    for path, body in [
+        ("/v1/completions", {"prompt": "w5 w6"}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "w5"}]}),
+    ]:
+        request = {"model": "panel", "max_tokens": 3, "stream": True, **body}
+        error = assert_error(client.post(path, json=request, headers=alice.headers), 400, "mean")
+        assert error["field"] == "stream"
+        assert (
+            client.post(path, json={**request, "stream": False}, headers=alice.headers).status_code
+            == 200
+        )
+    assert_nothing_held(client)
