@@ -547,3 +547,21 @@ def test_a_stored_vote_streamed_through_openai_routes_is_400_naming_stream(words
             == 200
         )
     assert_nothing_held(client)
+
+
+def test_a_public_ensemble_whose_member_is_made_private_fails_for_others_only(
+    client: TestClient, tenant: TenantAuth, adapters: dict[str, Path]
+) -> None:
+    bob = create_tenant(client, "bob")
+    files = peft_files(adapters["prefix"])
+    for name in ("shared-a", "shared-b"):
+        assert upload(client, tenant, files, name=name, visibility="public").status_code == 201
+    stored = {"name": "open", "prefixes": ["shared-a", "shared-b"], "visibility": "public"}
+    assert client.post("/v1/ensembles", json=stored, headers=tenant.headers).status_code == 201
+    assert generate(client, bob, prefix="alice/open").status_code == 200
+    private = upload(client, tenant, files, name="shared-b", visibility="private", overwrite="true")
+    assert private.status_code in (200, 201), private.text
+    error = assert_error(generate(client, bob, prefix="alice/open"), 404, "alice/open", "shared-b")
+    assert error["type"] == "not_found"
+    assert generate(client, tenant, prefix="open").status_code == 200  # still hers to use
+    assert_nothing_held(client)
