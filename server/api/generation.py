@@ -76,6 +76,8 @@ async def respond(
             "stream with ensemble 'mean', or ask without stream",
             field="stream",
         )
+    if job.ensemble is not None:
+        check_queue_room(server, job.ensemble, len(job.prompts))
     started = await start_all(server, tenant, job)
     if job.ensemble is not None:
         server.ensemble_metrics.requests.labels(job.ensemble.method).inc(len(job.prompts))
@@ -90,6 +92,24 @@ async def respond(
         events = sse_events(streams[0], encoder)
         return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
     return encoder.result(await collect_all(streams, http_request))
+
+
+def check_queue_room(server: Ready, ensemble: Ensemble, prompts: int) -> None:
+    """Each prompt queues one row per member, all before the answer: more rows than the
+    tenant may queue could never all be accepted, and a 429 would invite retries that can
+    never succeed (the engine refuses one group over the limit the same way)."""
+    settings = server.settings
+    limit = min(settings.max_waiting, settings.max_waiting_per_tenant)
+    members = len(ensemble.members)
+    if prompts > 1 and prompts * members > limit:
+        raise ApiError(
+            400,
+            "invalid_request",
+            f"prompt: expected at most {limit // members} prompts for an ensemble of "
+            f"{members} members (each prompt queues a row per member; a tenant may queue "
+            f"{limit}), found {prompts}",
+            field="prompt",
+        )
 
 
 async def with_stored_ensemble(server: Ready, tenant: str, job: Job) -> Job:
@@ -178,12 +198,16 @@ def sampling_params(
 # Running -------------------------------------------------------------------------------------
 
 
-async def pin(server: Ready, tenant: str, prefix_ref: str) -> tuple[CompiledPrefix, Release]:
-    """Pin the prefix's current version for one row; the engine calls the release."""
+async def pin(
+    server: Ready, tenant: str, prefix_ref: str, alongside: list[PrefixInfo] | None = None
+) -> tuple[CompiledPrefix, Release]:
+    """Pin the prefix's current version for one row; the engine calls the release.
+    `alongside`: the versions the same request pinned already (an ensemble's earlier members),
+    to which the one pinned here is added."""
     held: list[PrefixInfo] = []  # the tenant's budget counts a version before it is pinned
 
     def before_pin(info: PrefixInfo) -> None:
-        server.pins.hold(tenant, info)
+        server.pins.hold(tenant, info, alongside or ())
         held.append(info)
 
     try:
@@ -196,6 +220,8 @@ async def pin(server: Ready, tenant: str, prefix_ref: str) -> tuple[CompiledPref
         raise
     for replaced in held[:-1]:  # resolved again after a concurrent delete: only the last holds
         server.pins.forget(tenant, replaced)
+    if alongside is not None:
+        alongside.append(held[-1])
 
     def release() -> None:
         handle.release()
@@ -209,10 +235,11 @@ async def pin_members(
 ) -> list[tuple[CompiledPrefix | None, Release | None]]:
     """Pin every member, resolved and authorised like a single prefix; all or none."""
     pinned: list[tuple[CompiledPrefix | None, Release | None]] = []
+    versions: list[PrefixInfo] = []  # one request: its members count together (pins.py)
     try:
         for ref in ensemble.members:
             try:
-                pinned.append(await pin(server, tenant, ref))
+                pinned.append(await pin(server, tenant, ref, versions))
             except NotFound:
                 if ensemble.stored is None:
                     raise

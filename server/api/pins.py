@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
+from collections.abc import Sequence
 
 from prefixes.records import PrefixInfo
 from server.api.errors import ApiError
@@ -25,14 +26,19 @@ class TenantPins:
         self._held: dict[str, Counter[str]] = {}  # tenant -> sha256 -> requests holding it
         self._bytes: Counter[str] = Counter()  # tenant -> distinct held bytes
 
-    def hold(self, tenant: str, info: PrefixInfo) -> None:
+    def hold(self, tenant: str, info: PrefixInfo, alongside: Sequence[PrefixInfo] = ()) -> None:
         """Count a version against its tenant before it is pinned, or raise 429 for this tenant
-        alone. Every hold is undone by exactly one `forget` of the same version."""
+        alone. Every hold is undone by exactly one `forget` of the same version. `alongside`:
+        what the same request holds already (an ensemble's earlier members)."""
         with self._lock:
             held = self._held.setdefault(tenant, Counter())
             new_bytes = 0 if info.sha256 in held else info.bytes
             pinned = self._bytes[tenant]
-            if held and new_bytes and pinned + new_bytes > self.budget_bytes:
+            # One request of a tenant that holds nothing else always runs, an ensemble's
+            # members together included: a 429 for it could never clear, however long the
+            # tenant waited (the budget bounds the rest of what it may hold).
+            others = held - Counter(i.sha256 for i in alongside)
+            if others and new_bytes and pinned + new_bytes > self.budget_bytes:
                 raise ApiError(
                     429,
                     "overloaded",

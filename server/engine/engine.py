@@ -24,6 +24,7 @@ from server.engine.core import EngineCore, StepOutput
 from server.engine.gate import AdmissionGate
 from server.engine.metrics import EngineMetrics
 from server.engine.request import (
+    InvalidRequest,
     Request,
     RequestFailed,
     RequestGroup,
@@ -162,6 +163,7 @@ class Engine:
                 )
             if len(requests) > 1:
                 self.core.check_group(len(requests))
+                self._check_group_queues(len(requests))
                 RequestGroup(requests, lockstep=lockstep)
             for request in requests:
                 self.core.check(request)
@@ -184,6 +186,17 @@ class Engine:
                     release()
             raise
         return streams
+
+    def _check_group_queues(self, size: int) -> None:
+        """A group's rows enter the queue together (each counts as a request waiting), so a
+        group larger than the queue or a tenant's share of it would be refused with 429 on
+        every try: it could never run, which is the caller's error, like too many slots."""
+        limit = min(self.gate.max_waiting, self.gate.max_waiting_per_tenant)
+        if size > limit:
+            raise InvalidRequest(
+                f"prefixes: expected at most {limit} members (the requests one tenant may "
+                f"queue), found {size}"
+            )
 
     def stop_accepting(self) -> None:
         with self._wake:

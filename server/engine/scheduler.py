@@ -18,7 +18,9 @@ first, which partial blocks to copy. Policy, in order:
 - A newcomer never preempts a running row: it waits until blocks free up.
 - The rows of a group (a prompt ensemble, request.RequestGroup) are admitted together or not at
   all, and count as that many rows against the slots and the tenant's cap (a group larger than
-  either is refused when submitted: it could never run). A lockstep group is also
+  either is refused when submitted: it could never run). A group short of slots keeps its turn
+  and nobody is admitted until enough rows finish (else others could take each slot as it
+  frees, forever). A lockstep group is also
   scheduled, fed and preempted as one: its rows always hold the same number of tokens.
 """
 
@@ -153,9 +155,17 @@ class Scheduler:
             and passes_without_admission < len(self.turns)
         ):
             tenant = self.turns[0]
-            self.turns.rotate(-1)
             request = self.queues[tenant][0]
             rows = request.rows
+            if len(self.running) + len(rows) > self.config.num_slots and self._within_cap(
+                tenant, len(rows)
+            ):
+                # A group needs several slots at once. Were the slots that free one at a time
+                # given to the tenants after it, a tenant that always has a request queued
+                # would keep the group waiting forever: it keeps its turn and nobody is
+                # admitted until enough running rows finish (each within its own length).
+                break
+            self.turns.rotate(-1)
             chunk = min(request.num_pending, budget // len(rows))
             if not (chunk > 0 and self._may_run(tenant, len(rows)) and self._start(rows, chunk)):
                 passes_without_admission += 1
@@ -176,6 +186,9 @@ class Scheduler:
         """Slots for `num_rows` more rows, within the tenant's cap."""
         if len(self.running) + num_rows > self.config.num_slots:
             return False
+        return self._within_cap(tenant, num_rows)
+
+    def _within_cap(self, tenant: str, num_rows: int) -> bool:
         cap = self.config.max_running_per_tenant
         return not (cap and self.running_per_tenant[tenant] + num_rows > cap)
 
