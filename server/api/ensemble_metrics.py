@@ -27,3 +27,10 @@ class EnsembleMetrics:
             buckets=(0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0),
             registry=registry,
         )
+
+    def started(self, method: str, members: int, prompts: int) -> None:
+        """One ensemble per prompt, each of `members` rows."""
+        self.requests.labels(method).inc(prompts)
+        histogram = self.members.labels(method)
+        for _ in range(prompts):
+            histogram.observe(members)

@@ -80,10 +80,9 @@ async def respond(
         check_queue_room(server, job.ensemble, len(job.prompts))
     started = await start_all(server, tenant, job)
     if job.ensemble is not None:
-        server.ensemble_metrics.requests.labels(job.ensemble.method).inc(len(job.prompts))
-        members = server.ensemble_metrics.members.labels(job.ensemble.method)
-        for _ in job.prompts:
-            members.observe(len(job.ensemble.members))
+        server.ensemble_metrics.started(
+            job.ensemble.method, len(job.ensemble.members), len(job.prompts)
+        )
     if voting:
         assert job.ensemble is not None
         return encoder.result(await collect_votes(server, job.ensemble, started, http_request))
@@ -98,8 +97,7 @@ def check_queue_room(server: Ready, ensemble: Ensemble, prompts: int) -> None:
     """Each prompt queues one row per member, all before the answer: more rows than the
     tenant may queue could never all be accepted, and a 429 would invite retries that can
     never succeed (the engine refuses one group over the limit the same way)."""
-    settings = server.settings
-    limit = min(settings.max_waiting, settings.max_waiting_per_tenant)
+    limit = server.engine.gate.tenant_queue_limit
     members = len(ensemble.members)
     if prompts > 1 and prompts * members > limit:
         raise ApiError(

@@ -191,7 +191,7 @@ class Engine:
         """A group's rows enter the queue together (each counts as a request waiting), so a
         group larger than the queue or a tenant's share of it would be refused with 429 on
         every try: it could never run, which is the caller's error, like too many slots."""
-        limit = min(self.gate.max_waiting, self.gate.max_waiting_per_tenant)
+        limit = self.gate.tenant_queue_limit
         if size > limit:
             raise InvalidRequest(
                 f"prefixes: expected at most {limit} members (the requests one tenant may "

@@ -61,6 +61,12 @@ class AdmissionGate:
             self._in_flight -= 1
 
     @property
+    def tenant_queue_limit(self) -> int:
+        """The most requests one tenant can ever have waiting: rows that must enter together
+        beyond it would be refused with 429 on every try."""
+        return min(self.max_waiting, self.max_waiting_per_tenant)
+
+    @property
     def in_flight(self) -> int:
         return self._in_flight
 

@@ -131,16 +131,16 @@ class ModelRunner:
             logits = [self._run(group) for group in groups]
         ordered = [row.request for group in groups for row in group if row.samples]
         next_ids: list[int] = []
-        logprobs: list[float] = []
+        logprobs: list[float | None] = []
         if ordered:
             next_ids, logprobs = self._choose(torch.cat(logits), ordered)
         # Only now, when nothing can raise any more: a step that raised advanced no row, so the
         # engine can run its rows again, alone, to find the one that fails.
         for row in rows:
             row.request.num_cached += row.num_tokens
-        wanting = [r for r, t in zip(ordered, next_ids, strict=True) if r.logprobs and t >= 0]
-        for request, logprob in zip(wanting, logprobs, strict=False):
-            request.output_logprobs.append(logprob)
+        for request, token, logprob in zip(ordered, next_ids, logprobs, strict=True):
+            if logprob is not None and token >= 0:
+                request.output_logprobs.append(logprob)
         by_request = {
             id(r): (t if t >= 0 else None) for r, t in zip(ordered, next_ids, strict=True)
         }
@@ -148,10 +148,10 @@ class ModelRunner:
 
     def _choose(
         self, logits: torch.Tensor, requests: list[Request]
-    ) -> tuple[list[int], list[float]]:
+    ) -> tuple[list[int], list[float | None]]:
         """Each row's next token id (-1 where its logits are not finite: its own values
-        overflowed) and, for rows that record them, the chosen tokens' log-probabilities; in
-        one device-to-host read."""
+        overflowed) and the chosen token's log-probability for each row that records them
+        (None for the others), in one device-to-host read."""
         combined, source = mean_of_groups(logits, requests)
         finite = torch.isfinite(combined).all(dim=-1)
         next_ids = torch.where(finite, sample(combined, requests), -1)
@@ -159,15 +159,16 @@ class ModelRunner:
             next_ids = next_ids[source]
         wanting = [i for i, r in enumerate(requests) if r.logprobs]
         if not wanting:
-            return next_ids.tolist(), []
+            return next_ids.tolist(), [None] * len(requests)
         rows = torch.tensor(wanting, device=logits.device)
         chosen = next_ids[rows].clamp(min=0)[:, None]
-        logprobs = logits[rows].log_softmax(dim=-1).gather(1, chosen)[:, 0]
+        picked = logits[rows].log_softmax(dim=-1).gather(1, chosen)[:, 0]
         # float64 holds every token id exactly.
-        both = torch.cat([next_ids.double(), logprobs.double()]).tolist()
-        ids = [int(t) for t in both[: len(requests)]]
-        kept = [lp for i, lp in zip(wanting, both[len(requests) :], strict=True) if ids[i] >= 0]
-        return ids, kept
+        both = torch.cat([next_ids.double(), picked.double()]).tolist()
+        logprobs: list[float | None] = [None] * len(requests)
+        for i, logprob in zip(wanting, both[len(requests) :], strict=True):
+            logprobs[i] = logprob
+        return [int(t) for t in both[: len(requests)]], logprobs
 
     def _run(self, rows: Sequence[ScheduledRow]) -> torch.Tensor:
         key = None if self.static is None else self.static.key(rows)
