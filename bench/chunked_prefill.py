@@ -1,13 +1,17 @@
 """What a long prompt arriving costs the rows already streaming: their gaps between tokens.
 
-    python bench/chunked_prefill.py [--model smollm2] [--budgets 32,64,128,2048] [--write FILE]
+    python bench/chunked_prefill.py [--model smollm2] [--targets 3] [--budgets 64,2048]
+                                    [--write FILE]
 
 Six rows stream (16-token prefix each, 32-token prompts, greedy, EOS ignored). After they have
 streamed for a while, a 1,900-token prompt arrives. Every step gives each streaming row one
-token, so a row's gap between tokens is the step's duration. For each per-step token budget
-(`max_step_tokens`; 2048 admits the whole prompt in one step, as an engine without chunked
-prefill does): the streaming rows' median and worst gap, their ratio, and the long prompt's
-time to first token. The engine is driven step by step (`LLM`), as its thread does.
+token, so a row's gap between tokens is the step's duration. For each gap target (`gap_target`:
+steps sized by the step cost measured at the engine's start, the server's default) and, for
+comparison, each fixed per-step token budget (`max_step_tokens` with no gap target; 2048 admits
+the whole prompt in one step, as an engine without chunked prefill does): the streaming rows'
+median and worst gap, their ratio, and the long prompt's time to first token, beside its time
+to first token alone on an idle engine. The engine is driven step by step (`LLM`), as its
+thread does.
 """
 
 from __future__ import annotations
@@ -33,12 +37,31 @@ WARM_STEPS = 20  # steps the rows stream before the long prompt arrives
 AFTER_STEPS = 20  # steps after its first token
 
 
-def measure(loaded: LoadedModel, budget: int) -> dict[str, float]:
+def engine_config(setting: str) -> EngineConfig:
+    """ "target 3": steps sized by the measured step cost; "64": 64 tokens per step, no target."""
+    kind, value = setting.split()
+    limits = {"gap_target": float(value)} if kind == "target" else {
+        "gap_target": None, "max_step_tokens": int(value)}  # fmt: skip
+    return EngineConfig(num_slots=STREAMING + 1, max_len=2048, max_running_per_tenant=0, **limits)
+
+
+def alone(loaded: LoadedModel) -> float:
+    """The long prompt's time to first token on an idle engine (default settings)."""
+    llm = LLM(loaded, engine_config("target 3"))
+    endless = SamplingParams(max_new_tokens=10_000, temperature=0, ignore_eos=True)
+    long = Request([(i * 13) % 1000 + 1 for i in range(LONG_PROMPT)], endless,
+                   random_prefix(loaded, 16, STREAMING))  # fmt: skip
+    start = time.perf_counter()
+    llm.add(long)
+    while not long.output_token_ids:
+        llm.step()
+    return time.perf_counter() - start
+
+
+def measure(loaded: LoadedModel, setting: str) -> dict[str, float]:
     prefixes = [random_prefix(loaded, 16, seed) for seed in range(STREAMING + 1)]
     endless = SamplingParams(max_new_tokens=10_000, temperature=0, ignore_eos=True)
-    config = EngineConfig(num_slots=STREAMING + 1, max_len=2048, max_step_tokens=budget,
-                          max_running_per_tenant=0)  # fmt: skip
-    llm = LLM(loaded, config)
+    llm = LLM(loaded, engine_config(setting))
     for row in range(STREAMING):
         llm.add(Request([(row * 7 + i) % 1000 + 1 for i in range(32)], endless, prefixes[row]))
     gaps: list[float] = []
@@ -73,21 +96,28 @@ def timed_step(llm: LLM) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2")
-    parser.add_argument("--budgets", default="32,64,128,2048")
+    parser.add_argument("--targets", default="3", help="gap targets (the server's default: 3)")
+    parser.add_argument("--budgets", default="64,2048", help="fixed tokens per step, no target")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--write", type=Path)
     args = parser.parse_args()
     loaded = load_named(args.model, args.device)
+    by_itself = alone(loaded)
     lines = [
-        "| tokens per step | streaming rows' median gap | worst gap while it prefills | "
-        "worst / median | its prefill steps | its time to first token |",
-        "|---|---|---|---|---|---|",
+        "| step budget | streaming rows' median gap | worst gap while it prefills | "
+        "worst / median | its prefill steps | its time to first token | / alone |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for budget in (int(b) for b in args.budgets.split(",")):
-        r = measure(loaded, budget)
+    settings = [f"target {t}" for t in args.targets.split(",") if t]
+    settings += [f"tokens {b}" for b in args.budgets.split(",") if b]
+    for setting in settings:
+        r = measure(loaded, setting)
+        label = setting.replace("target", "gap target").replace("tokens ", "") + (
+            " tokens per step" if setting.startswith("tokens") else "x"
+        )
         lines.append(
-            f"| {budget} | {r['median']:.0f} ms | {r['worst']:.0f} ms | {r['ratio']:.1f}x | "
-            f"{r['steps']} | {r['ttft']:.1f} s |"
+            f"| {label} | {r['median']:.0f} ms | {r['worst']:.0f} ms | {r['ratio']:.1f}x | "
+            f"{r['steps']} | {r['ttft']:.1f} s | {r['ttft'] / by_itself:.2f}x |"
         )
         print(lines[-1], flush=True)
     body = "\n".join(
@@ -101,7 +131,8 @@ def main() -> None:
             f"{WARM_STEPS} steps a {LONG_PROMPT}-token prompt arrives. Their median gap is over "
             f"the steps without it (from the 4th step to its arrival, and {AFTER_STEPS} steps "
             "after its first token, when it decodes beside them); the worst gap is over the "
-            "steps that prefill it; float32.",
+            "steps that prefill it; float32. Alone on an idle engine its first token took "
+            f"{by_itself:.1f} s.",
             "",
             *lines,
         ]

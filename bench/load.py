@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.decode_step import GEOMETRIES, load_named
 from bench.report import command, machine, write_section
 from prefixes import CompiledPrefix, read_upload
-from server.engine.config import STEP_TOKENS, EngineConfig
+from server.engine.config import MAX_STEP_TOKENS, EngineConfig
 from server.engine.engine import Engine
 from server.engine.request import SamplingParams
 from server.models import LoadedModel
@@ -193,7 +193,8 @@ def main(argv: list[str] | None = None) -> list[Outcome]:
     parser.add_argument(
         "--step-tokens",
         type=int,
-        help="tokens per engine step; default: the server's for the device",
+        help="tokens per engine step at most; default: the server's (steps sized by the "
+        "measured step cost)",
     )
     parser.add_argument("--skip-baselines", action="store_true", help="only (a) and (b)")
     parser.add_argument("--write", type=Path)
@@ -221,7 +222,7 @@ def main(argv: list[str] | None = None) -> list[Outcome]:
     peft.eval()
 
     new = args.new_tokens
-    step_tokens = args.step_tokens or STEP_TOKENS[args.device]
+    step_tokens = args.step_tokens or MAX_STEP_TOKENS
     shared = [prefixes[0]] * args.tenants
     outcomes = [
         run_engine(
@@ -264,7 +265,7 @@ def main(argv: list[str] | None = None) -> list[Outcome]:
             f"{args.requests} requests at {args.rate}/s, prompts of 16-48 tokens, "
             f"{args.new_tokens} new tokens each (greedy, EOS ignored), prefix tuning with "
             f"{args.virtual_tokens} virtual tokens per tenant; engine with {args.slots} slots and "
-            f"{step_tokens} tokens per step; "
+            f"at most {step_tokens} tokens per step, the server's gap target; "
             f"{args.dtype} on {args.device}. "
             "TTFT counts from arrival, time spent queued included; per-token latency is the "
             "mean gap between a request's tokens after its first.",

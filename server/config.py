@@ -9,7 +9,7 @@ from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from prefixes.pool import DEFAULT_DEVICE_POOL_BYTES, DEFAULT_HOST_POOL_BYTES
-from server.engine.config import STEP_TOKENS, EngineConfig
+from server.engine.config import GAP_TARGET, MAX_STEP_TOKENS, EngineConfig
 
 MiB = 1 << 20
 
@@ -66,10 +66,18 @@ class Settings(BaseSettings):
     max_waiting_per_tenant: int = Field(
         64, ge=1, description="queued requests of one tenant before that tenant gets 429"
     )
-    max_step_tokens: int | None = Field(
-        None,
+    max_step_tokens: int = Field(
+        MAX_STEP_TOKENS,
         ge=2,
-        description="tokens fed per step, long prompts in chunks; default: 64 on cpu, 2048 on cuda",
+        description="tokens fed per step at most (a bound on activation memory); how many a step "
+        "takes is set by --gap-target",
+    )
+    gap_target: float | None = Field(
+        GAP_TARGET,
+        ge=1,
+        description="while rows stream, a step prefilling prompts beside them may take this "
+        "multiple of what their decode alone costs (measured on the device at start-up); "
+        "unset: only --max-step-tokens bounds a step",
     )
     max_running_per_tenant: int = Field(8, ge=0, description="rows one tenant may hold; 0: no cap")
     static_decode: bool | None = Field(
@@ -167,11 +175,11 @@ class Settings(BaseSettings):
 
     def engine_config(self) -> EngineConfig:
         """The engine's configuration: the one place settings become engine knobs."""
-        step_tokens = self.max_step_tokens or STEP_TOKENS[self.device]
         return EngineConfig(
             num_slots=self.num_slots,
             max_len=self.max_len,
-            max_step_tokens=max(step_tokens, self.num_slots + 1),
+            max_step_tokens=max(self.max_step_tokens, self.num_slots + 1),
+            gap_target=self.gap_target,
             kv_cache_bytes=self.kv_cache_bytes,
             max_waiting=self.max_waiting,
             max_waiting_per_tenant=self.max_waiting_per_tenant,

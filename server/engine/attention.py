@@ -25,6 +25,7 @@ from torch.nn.attention.flex_attention import BlockMask
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from server.engine.kv_cache import GroupedRead
 from server.engine.paged_attention import paged_attention
 
 _transformers_sdpa = sdpa_attention_forward
@@ -40,7 +41,10 @@ def engine_sdpa(
     scaling: float | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    if not kwargs.get("engine_step") or attention_mask is None:
+    step = kwargs.get("engine_step")
+    if isinstance(step, GroupedRead):
+        return grouped_sdpa(query, key, value, step, scaling), None
+    if not step or attention_mask is None:
         return _transformers_sdpa(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
@@ -55,6 +59,33 @@ def engine_sdpa(
         enable_gqa=query.shape[1] != key.shape[1],
     )
     return output.transpose(1, 2).contiguous(), None
+
+
+def grouped_sdpa(
+    query: torch.Tensor,
+    key_pool: torch.Tensor,
+    value_pool: torch.Tensor,
+    read: GroupedRead,
+    scaling: float | None,
+) -> torch.Tensor:
+    """sdpa group by group: each group's rows against their own blocks only (kv_cache.py,
+    GroupedRead); `key_pool` and `value_pool` are the layer's whole pool. [B, q, H, D] out."""
+    batch, heads, q_len, head_dim = query.shape
+    output = query.new_empty((batch, q_len, heads, head_dim))
+    for group in read.groups:
+        keys = read.gather(key_pool, group)
+        values = read.gather(value_pool, group)
+        rows = query.index_select(0, group.rows)
+        out = F.scaled_dot_product_attention(
+            rows,
+            keys,
+            values,
+            attn_mask=group.mask,
+            scale=scaling,
+            enable_gqa=heads != keys.shape[1],
+        )
+        output.index_copy_(0, group.rows, out.transpose(1, 2))
+    return output
 
 
 AttentionInterface.register("sdpa", engine_sdpa)

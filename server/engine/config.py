@@ -14,10 +14,14 @@ from prefixes import ModelSpec
 # 15 positions, large enough that a block is one contiguous copy (16 x heads x dim) on a read.
 DEFAULT_BLOCK_SIZE = 16
 
-# Tokens per step when not set. A step's time is every running row's gap between tokens; on a
-# CPU it grows with every token fed (docs/scheduling.md has the measurements), on a GPU a
-# step of a few thousand tokens costs about what one of a few does.
-STEP_TOKENS = {"cpu": 64, "cuda": 2048}
+# Tokens fed in one forward at most: a bound on activation memory, not on time (the step cost
+# model sizes each step in time, step_cost.py). 8,192 tokens of SmolLM2 take about 60 MB of
+# activations at their widest (the MLP's), of Llama-3.2-1B in bf16 about 130 MB.
+MAX_STEP_TOKENS = 8192
+
+# A streaming row's gap between tokens may grow to this multiple of what the step's decoding
+# alone costs while prompts are prefilled beside it (docs/scheduling.md, "The step budget").
+GAP_TARGET = 3.0
 
 # On GPUs, without a budget, the KV pool takes this share of the memory free after the model
 # loaded, leaving room for activations and the prefix pool's own tensors.
@@ -28,7 +32,12 @@ GPU_KV_MEMORY_SHARE = 0.5
 class EngineConfig:
     num_slots: int = 16  # rows decoded together
     max_len: int = 2048  # positions per request: prefix + prompt + output
-    max_step_tokens: int = 512  # tokens fed per step, decode and prefill chunks together
+    # Tokens fed per step at most, decode and prefill chunks together: a memory bound.
+    max_step_tokens: int = MAX_STEP_TOKENS
+    # While rows decode, a step takes as many prompt tokens as the measured step cost says fit
+    # in gap_target x the decode-only step; with no row decoding, prompts take the whole step.
+    # None: no time limit, only max_step_tokens (and no calibration at start-up).
+    gap_target: float | None = GAP_TARGET
     block_size: int = DEFAULT_BLOCK_SIZE
     # Bytes of KV blocks (keys and values, every layer). None: on CPUs room for every row at
     # max_len plus one prefix per row (untouched pages cost nothing), on GPUs a share of what
@@ -56,11 +65,13 @@ class EngineConfig:
     def __post_init__(self) -> None:
         for item in fields(self):
             value = getattr(self, item.name)
-            if isinstance(value, bool | str):
+            if isinstance(value, bool | str | float):
                 continue
             floor = 0 if item.name == "max_running_per_tenant" else 1
             if value is not None and value < floor:
                 raise ValueError(f"{item.name}: expected >= {floor}, found {value}")
+        if self.gap_target is not None and not self.gap_target >= 1:
+            raise ValueError(f"gap_target: expected >= 1, found {self.gap_target}")
         if self.max_step_tokens <= self.num_slots:
             # Every running row may need one decode token; prefill must still get some.
             raise ValueError(

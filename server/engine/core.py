@@ -10,8 +10,10 @@ import time
 from dataclasses import dataclass
 
 from server.engine.blocks import RESERVED_BLOCKS
+from server.engine.calibrate import measure_step_cost
 from server.engine.config import EngineConfig
 from server.engine.gate import AdmissionGate
+from server.engine.host_allocator import keep_freed_memory
 from server.engine.metrics import EngineMetrics
 from server.engine.request import (
     InvalidRequest,
@@ -23,6 +25,7 @@ from server.engine.request import (
 )
 from server.engine.runner import ModelRunner
 from server.engine.scheduler import Schedule, ScheduledRow, Scheduler
+from server.engine.step_cost import RowShape, StepCost
 from server.engine.stopping import append_token, update_text
 from server.models import LoadedModel
 
@@ -52,6 +55,7 @@ class EngineCore:
     ) -> None:
         self.loaded = loaded
         self.config = config
+        keep_freed_memory()  # process-wide, once: activations reuse freed memory (CPUs)
         spec = loaded.spec
         self.max_len = min(config.max_len, spec.max_positions)
         num_blocks = config.num_blocks(spec, loaded.dtype, loaded.device)
@@ -68,6 +72,14 @@ class EngineCore:
             paged_attention=config.uses_paged_attention,
         )
         self.scheduler = Scheduler(config, num_blocks)
+        # The step's cost on this device, measured now and refitted from every step run: what
+        # sizes each step's prefill beside decoding rows (step_cost.py).
+        self.step_cost: StepCost | None = None
+        if config.gap_target is not None:
+            self.step_cost = measure_step_cost(
+                self.runner, self.scheduler.pool, config.num_slots, self.max_len
+            )
+            self.scheduler.cost = self.step_cost
         self.gate = gate
         self.eos_token_ids = loaded.eos_token_ids
         self.metrics = EngineMetrics()
@@ -156,11 +168,16 @@ class EngineCore:
             return outputs
         started = time.monotonic()
         sampling = [row.request for row in rows if row.samples]
+        shapes = [
+            RowShape(row.num_tokens, row.request.next_position + row.num_tokens) for row in rows
+        ]
         try:
             tokens = self.runner.step(rows)
             outcomes: dict[int, int | RequestFailed | None] = {
                 id(request): token for request, token in zip(sampling, tokens, strict=True)
             }
+            if self.step_cost is not None:
+                self.step_cost.observe(shapes, time.monotonic() - started)
         except Exception:  # never the engine, and never the whole batch for one bad row
             log.exception("engine step failed; running its %d rows alone", len(rows))
             self.metrics.failed_steps += 1

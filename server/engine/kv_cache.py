@@ -16,11 +16,43 @@ additive mask could not hide it (inf + -inf is NaN).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import torch
 from transformers.cache_utils import Cache
 
 from prefixes import CompiledPrefix, ModelSpec
 from server.engine.blocks import ZERO_BLOCK
+
+
+@dataclass(frozen=True, slots=True)
+class ReadGroup:
+    """Rows of one forward whose attention reads the same number of blocks."""
+
+    rows: torch.Tensor  # their indices in the batch
+    read_index: torch.Tensor  # their blocks in a layer's [heads * blocks, block] view
+    kv_len: int
+    mask: torch.Tensor  # [rows, 1, q, kv_len], additive
+
+
+@dataclass(frozen=True, slots=True)
+class GroupedRead:
+    """A forward whose rows read their blocks group by group (`engine_step` of the engine's
+    sdpa, attention.py): a row of 64 tokens beside one of 1,500 reads 64, not 1,500."""
+
+    groups: list[ReadGroup]
+    num_heads: int
+    block_size: int
+
+    def gather(
+        self, pool: torch.Tensor, group: ReadGroup
+    ) -> torch.Tensor:  # pool: a layer's [H, blocks, block, D]; returns [rows, H, kv_len, D]
+        heads, num_blocks, block_size, head_dim = pool.shape
+        per_block = pool.view(heads * num_blocks, block_size * head_dim)
+        rows = group.rows.numel()
+        read = per_block.index_select(0, group.read_index)
+        return read.view(heads, rows, group.kv_len, head_dim).transpose(0, 1)
 
 
 class PagedKVCache(Cache):
@@ -53,6 +85,7 @@ class PagedKVCache(Cache):
         self._read_index = torch.zeros(0, dtype=torch.long, device=device)
         self._read_rows = 0
         self._read_blocks = 0
+        self.grouped: GroupedRead | None = None
 
     def zero(self, blocks: list[int]) -> None:
         if blocks:
@@ -90,10 +123,29 @@ class PagedKVCache(Cache):
         Indices are made per head here, once per forward, not once per layer."""
         tokens_per_head = self.num_blocks * self.block_size
         self._write_index = (self._heads * tokens_per_head + write_slots.reshape(1, -1)).reshape(-1)
+        self.grouped = None
         if not self.read_in_place:
             heads = self._heads * self.num_blocks
             self._read_index = (heads + read_blocks.reshape(1, -1)).reshape(-1)
         self._read_rows, self._read_blocks = read_blocks.shape
+
+    def group_reads(
+        self, read_blocks: torch.Tensor, groups: Sequence[tuple[list[int], int]], mask: torch.Tensor
+    ) -> GroupedRead:
+        """After `bind`: read each group of rows (batch indices, blocks each reads) apart, with
+        its slice of the forward's additive mask; what `update` returns is then the layer's
+        pool, gathered group by group in attention."""
+        device = read_blocks.device
+        read_groups = []
+        for rows, blocks in groups:
+            index = torch.tensor(rows, device=device)
+            tables = read_blocks.index_select(0, index)[:, :blocks]
+            read_index = (self._heads * self.num_blocks + tables.reshape(1, -1)).reshape(-1)
+            kv_len = blocks * self.block_size
+            group_mask = mask.index_select(0, index)[..., :kv_len]
+            read_groups.append(ReadGroup(index, read_index, kv_len, group_mask))
+        self.grouped = GroupedRead(read_groups, int(self._heads.numel()), self.block_size)
+        return self.grouped
 
     @property
     def kv_len(self) -> int:
@@ -113,6 +165,8 @@ class PagedKVCache(Cache):
         values.view(-1, head_dim).index_copy_(
             0, self._write_index, value_states.transpose(0, 1).reshape(-1, head_dim)
         )
+        if self.grouped is not None:
+            return keys, values  # attention gathers each group's blocks (GroupedRead)
         if self.read_in_place:
             pool = (1, heads, num_blocks * block_size, head_dim)
             return keys.view(pool), values.view(pool)

@@ -29,12 +29,13 @@ from server.engine import attention  # noqa: F401  (registers the engine's sdpa)
 from server.engine.blocks import SCRATCH_BLOCK, ZERO_BLOCK
 from server.engine.cuda_graphs import CudaGraphs
 from server.engine.ensemble import mean_of_groups
-from server.engine.kv_cache import PagedKVCache
+from server.engine.kv_cache import GroupedRead, PagedKVCache
 from server.engine.paged_attention import PagedBlockMask
 from server.engine.request import Request
 from server.engine.sampler import sample
 from server.engine.scheduler import ScheduledRow
 from server.engine.static_decode import DecodeBuffers, StaticDecoder
+from server.engine.step_cost import FORWARD_OVERHEAD_TOKENS, plan_forwards
 from server.models import attention_kernels
 
 # On GPUs keys are read in lengths rounded up to this: attention kernels that plan per shape
@@ -42,23 +43,33 @@ from server.models import attention_kernels
 # shapes instead of one per token. On CPUs the padding costs more than it saves.
 GPU_KV_LEN_BUCKET = 64
 
-# A forward's fixed cost (Python, kernel launches, weight reads), in padded-token equivalents.
-FORWARD_OVERHEAD_TOKENS = 64
+
+# What reading one more group of rows apart costs (an index_select and an sdpa call per layer
+# and per keys and values), in positions read per row. On the CPU here, 8 rows at 64 tokens
+# beside one at 1,500 read 1,500 positions each as one group; as two they read 64 and 1,500.
+GROUP_OVERHEAD_POSITIONS = 256
 
 
-def plan_forwards(
-    rows: Sequence[ScheduledRow], overhead_tokens: int = FORWARD_OVERHEAD_TOKENS
-) -> list[list[ScheduledRow]]:
-    """One padded forward for all rows, or decode rows and prefill rows apart when padding
-    every decode row to the longest chunk would cost more than a second forward."""
-    decode = [row for row in rows if row.num_tokens == 1]
-    prefill = [row for row in rows if row.num_tokens > 1]
-    if not decode or not prefill:
-        return [list(rows)]
-    longest = max(row.num_tokens for row in prefill)
-    joint = len(rows) * longest
-    split = len(decode) + len(prefill) * longest + overhead_tokens
-    return [decode, prefill] if split < joint else [list(rows)]
+def group_by_length(blocks: Sequence[int], block_size: int) -> list[tuple[list[int], int]]:
+    """Rows (batch indices) in groups that each read their longest row's blocks, with the
+    fewest positions read plus GROUP_OVERHEAD_POSITIONS per group: rows sorted by length, cut
+    where it pays (dynamic programming, O(rows^2))."""
+    order = sorted(range(len(blocks)), key=blocks.__getitem__)
+    best = [0.0] + [float("inf")] * len(order)
+    cut = [0] * (len(order) + 1)
+    for end in range(1, len(order) + 1):
+        longest = blocks[order[end - 1]] * block_size
+        for start in range(end):
+            cost = best[start] + (end - start) * longest + GROUP_OVERHEAD_POSITIONS
+            if cost < best[end]:
+                best[end], cut[end] = cost, start
+    groups = []
+    end = len(order)
+    while end:
+        start = cut[end]
+        groups.append((order[start:end], blocks[order[end - 1]]))
+        end = start
+    return groups[::-1]
 
 
 class ModelRunner:
@@ -94,6 +105,9 @@ class ModelRunner:
         self.paged_mask = (
             PagedBlockMask(num_blocks, block_size, self.device) if paged_attention else None
         )
+        # Rows read their blocks group by group (by length) in the engine's sdpa; other
+        # kernels (eager) get every row gathered to the longest.
+        self.reads_by_group = not paged_attention and model.config._attn_implementation == "sdpa"
         self.cache = PagedKVCache(
             spec,
             num_blocks,
@@ -205,7 +219,16 @@ class ModelRunner:
         own_slots = tables.gather(1, positions // block_size) * block_size + positions % block_size
         scratch = SCRATCH_BLOCK * block_size + offsets % block_size
         self.cache.bind(torch.where(real, own_slots, scratch), tables)
-        hidden = self._hidden(input_ids, positions, tables)
+        mask = self._mask(positions, tables)
+        step: bool | GroupedRead = True
+        if self.reads_by_group and len(rows) > 1:
+            ends = [r.next_position + row.num_tokens for r, row in zip(requests, rows, strict=True)]
+            blocks = [-(-e // bucket) * bucket // block_size for e in ends]
+            groups = group_by_length(blocks, block_size)
+            if len(groups) > 1:
+                assert isinstance(mask, torch.Tensor)
+                step = self.cache.group_reads(tables, groups, mask)
+        hidden = self._hidden(input_ids, positions, mask, step)
         picked = [i for i, row in enumerate(rows) if row.samples]
         if not picked:
             return hidden.new_zeros((0, self.spec.vocab_size), dtype=torch.float32)
@@ -217,7 +240,8 @@ class ModelRunner:
         never syncs with the host: the static path's forward, which a CUDA graph captures as
         is. The same arithmetic as `forward`'s."""
         self.cache.bind(buffers.write_slots, buffers.tables)
-        hidden = self._hidden(buffers.input_ids, buffers.positions, buffers.tables)
+        mask = self._mask(buffers.positions, buffers.tables)
+        hidden = self._hidden(buffers.input_ids, buffers.positions, mask)
         logits = buffers.logits
         logits.copy_(self.lm_head(hidden[:, 0]))  # the cast to float32, into the static output
         if self.softcap:
@@ -225,16 +249,21 @@ class ModelRunner:
         return logits
 
     def _hidden(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, tables: torch.Tensor
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        mask: torch.Tensor | BlockMask,
+        step: bool | GroupedRead = True,
     ) -> torch.Tensor:
-        """The decoder over the bound cache: each row at its own positions, under its mask."""
+        """The decoder over the bound cache: each row at its own positions, under its mask
+        (`step`: the engine's sdpa reads rows group by group, kv_cache.GroupedRead)."""
         return self.decoder(
             input_ids=input_ids,
             position_ids=positions,
-            attention_mask=self._mask(positions, tables),
+            attention_mask=mask,
             past_key_values=self.cache,
             use_cache=True,
-            engine_step=True,
+            engine_step=step,
         ).last_hidden_state
 
     def _logits(self, last_hidden: torch.Tensor) -> torch.Tensor:

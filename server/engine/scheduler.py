@@ -5,9 +5,12 @@ runner a `Schedule`: which rows are fed how many tokens, which prefixes to write
 first, which partial blocks to copy. Policy, in order:
 
 - Running rows first, in the order they were admitted: a decoding row is fed its one token, a row
-  still prefilling a chunk of its prompt. Tokens per step are capped by `max_step_tokens`, so a
-  long prompt is prefilled over several steps (chunked prefill) and the running rows keep
-  decoding meanwhile; decode tokens are reserved before any prefill chunk is cut.
+  still prefilling a chunk of its prompt; decode tokens are reserved before any chunk is cut.
+- How much prompt a step takes is a matter of time (step_cost.py): while some rows decode, a
+  step may cost at most `gap_target` times what their decode alone costs, so prompts are
+  prefilled in chunks beside them (chunked prefill) and they keep streaming; with no row
+  decoding, prompts take the whole step, several prompts in one forward. `max_step_tokens`
+  bounds the tokens of any step (activation memory).
 - When the pool runs out of blocks mid-generation, resident prefixes no row uses are evicted
   first; then the most recently admitted row is preempted: its blocks are freed and it goes
   back to the front of its tenant's queue, to be prefilled again from its prompt and the tokens
@@ -34,6 +37,7 @@ from prefixes import CompiledPrefix
 from server.engine.blocks import RESERVED_BLOCKS, BlockPool, PrefixBlocks, ResidentPrefix
 from server.engine.config import EngineConfig
 from server.engine.request import Request, RequestStatus
+from server.engine.step_cost import RowShape, StepCostModel, max_chunk
 
 
 @dataclass(slots=True)
@@ -59,9 +63,43 @@ class Schedule:
     preempted: list[Request] = field(default_factory=list)
 
 
+@dataclass
+class StepBudget:
+    """What the step being planned may still take: tokens (memory) and, while rows decode,
+    time (the cost model's seconds for everything planned so far must stay within `limit`)."""
+
+    tokens: int
+    cost: StepCostModel | None = None
+    limit: float | None = None  # seconds; None: tokens alone bound the step
+    planned: list[RowShape] = field(default_factory=list)
+    has_prefill: bool = False
+    min_chunk: int = 1
+
+    def chunk(self, starts: list[int], pending: int) -> int:
+        """Tokens each row of a unit starting at `starts` may be fed (a prompt chunk)."""
+        most = min(pending, self.tokens // len(starts))
+        if most <= 0 or self.cost is None or self.limit is None:
+            return max(0, most)
+        fits = max_chunk(self.cost, self.planned, starts, most, self.limit)
+        if fits == 0 and not self.has_prefill:
+            # Whatever the model says, prompts always advance: a step with decoding rows
+            # feeds at least one block of prompt.
+            fits = min(most, self.min_chunk)
+        return fits
+
+    def take(self, starts: list[int], tokens: int) -> None:
+        self.tokens -= tokens * len(starts)
+        self.planned += [RowShape(tokens, start + tokens) for start in starts]
+        self.has_prefill = self.has_prefill or tokens > 1
+
+
 class Scheduler:
-    def __init__(self, config: EngineConfig, num_blocks: int) -> None:
+    def __init__(
+        self, config: EngineConfig, num_blocks: int, cost: StepCostModel | None = None
+    ) -> None:
         self.config = config
+        # The measured step cost (calibrate.py); None: steps are bounded by tokens alone.
+        self.cost = cost
         self.block_size = config.block_size
         self.pool = BlockPool(num_blocks)
         self.prefixes = PrefixBlocks(self.pool, config.block_size)
@@ -117,22 +155,44 @@ class Scheduler:
         self.running.remove(request)
         self._free(request)
 
+    def step_budget(self) -> StepBudget:
+        """This step's budget, with every decoding row's token already in it: while rows
+        decode, the step may cost `gap_target` times what their decode alone costs (times the
+        prefill pressure, below)."""
+        decoding = [RowShape(1, r.next_position + 1) for r in self.running if r.num_pending == 1]
+        budget = StepBudget(
+            self.config.max_step_tokens - len(decoding),
+            planned=decoding,
+            min_chunk=self.block_size,
+        )
+        target = self.config.gap_target
+        if self.cost is not None and target is not None and decoding:
+            budget.cost = self.cost
+            budget.limit = target * self.cost.seconds(decoding) * self._prefill_pressure(decoding)
+        return budget
+
+    def _prefill_pressure(self, decoding: list[RowShape]) -> float:
+        """How many more rows wait for their first token than stream (at least 1): the step's
+        time target grows by it. Holding eight arrivals' prompts to what suits the one row that
+        happened to arrive first would make all eight wait longer to spare that one's gap."""
+        prefilling = sum(1 for r in self.running if r.num_pending > 1)
+        free_slots = max(0, self.config.num_slots - len(self.running))
+        prefilling += min(self.num_waiting, free_slots)
+        return max(1.0, prefilling / len(decoding))
+
     def schedule(self) -> Schedule:
         plan = Schedule()
-        budget = self.config.max_step_tokens
-        # In admission order, so a row that needs a block preempts only rows admitted after
-        # it; decode tokens of the rows still ahead are reserved before any chunk is cut.
-        decode_left = sum(1 for r in self.running if r.num_pending == 1)
+        budget = self.step_budget()
+        # In admission order, so a row that needs a block preempts only rows admitted after it.
         scheduled: set[int] = set()
         for request in list(self.running):
             if request.status is not RequestStatus.RUNNING or id(request) in scheduled:
                 continue  # preempted by a row before it in this loop, or fed with its group
             unit = request.rows  # a lockstep group's rows hold the same number of tokens
-            if request.num_pending == 1:
-                decode_left -= len(unit)
-                tokens = 1
-            else:
-                tokens = min(request.num_pending, (budget - decode_left) // len(unit))
+            decoding = request.num_pending == 1
+            tokens = 1
+            if not decoding:
+                tokens = budget.chunk([r.next_position for r in unit], request.num_pending)
                 if tokens <= 0:
                     continue
             if not self._grow_or_preempt(unit, tokens, scheduled, plan):
@@ -140,16 +200,17 @@ class Scheduler:
             for row in unit:
                 plan.rows.append(ScheduledRow(row, tokens))
                 scheduled.add(id(row))
-            budget -= tokens * len(unit)
+            if not decoding:  # decode tokens are in the budget from the start
+                budget.take([r.next_position for r in unit], tokens)
         if not plan.preempted:  # blocks are short: let the running rows finish first
             self._admit(plan, budget)
         plan.zero_blocks, self.pool.to_zero = self.pool.to_zero, []
         return plan
 
-    def _admit(self, plan: Schedule, budget: int) -> None:
+    def _admit(self, plan: Schedule, budget: StepBudget) -> None:
         passes_without_admission = 0
         while (
-            budget > 0
+            budget.tokens > 0
             and len(self.running) < self.config.num_slots
             and self.turns
             and passes_without_admission < len(self.turns)
@@ -166,7 +227,8 @@ class Scheduler:
                 # admitted until enough running rows finish (each within its own length).
                 break
             self.turns.rotate(-1)
-            chunk = min(request.num_pending, budget // len(rows))
+            starts = [row.next_position for row in rows]
+            chunk = budget.chunk(starts, request.num_pending)
             if not (chunk > 0 and self._may_run(tenant, len(rows)) and self._start(rows, chunk)):
                 passes_without_admission += 1
                 continue
@@ -180,7 +242,7 @@ class Scheduler:
                 self._attach_prefix(row, plan)
                 plan.rows.append(ScheduledRow(row, chunk))
                 plan.admitted.append(row)
-            budget -= chunk * len(rows)
+            budget.take(starts, chunk)
 
     def _may_run(self, tenant: str, num_rows: int) -> bool:
         """Slots for `num_rows` more rows, within the tenant's cap."""

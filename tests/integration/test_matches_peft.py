@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from prefixes import CompiledPrefix, read_upload
+from server.engine import runner as runner_module
 from server.engine.config import EngineConfig
 from server.engine.llm import LLM
 from server.engine.request import Request, SamplingParams
@@ -119,6 +120,33 @@ def test_requests_joining_mid_decode_into_reused_slots_match_peft(
     assert {True, False} in phases_per_step  # some forwards held prefill and decode rows
     scheduler = llm.core.scheduler  # every block came back, but the resident prefixes'
     assert not llm.running and scheduler.blocks_in_use == scheduler.prefixes.num_blocks
+    for case, request in zip(cases, requests, strict=True):
+        assert request.output_token_ids == case.expected, case.kind
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_rows_that_read_their_blocks_group_by_group_match_peft(
+    arch: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows of different lengths read only their own blocks, group by group (free groups:
+    each length its own), in prefill and decode alike, and stay exact."""
+    monkeypatch.setattr(runner_module, "GROUP_OVERHEAD_POSITIONS", 0)
+    cases = build_cases(arch, "sdpa", tmp_path)
+    config = EngineConfig(max_running_per_tenant=0, block_size=4)
+    llm = LLM(tiny_loaded(arch), config, num_slots=len(cases), max_len=128)
+    groups_per_forward: list[int] = []
+    group_reads = llm.runner.cache.group_reads
+
+    def recording(*args, **kwargs):
+        read = group_reads(*args, **kwargs)
+        groups_per_forward.append(len(read.groups))
+        return read
+
+    llm.runner.cache.group_reads = recording  # type: ignore[method-assign]
+    requests = [greedy(case, load(llm, case)) for case in cases]
+    llm.generate(requests)
+
+    assert max(groups_per_forward) >= 4
     for case, request in zip(cases, requests, strict=True):
         assert request.output_token_ids == case.expected, case.kind
 

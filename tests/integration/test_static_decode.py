@@ -26,9 +26,11 @@ BLOCK = 4  # small blocks: contexts of 5 to 40 tokens cross several width bucket
 
 
 def config(static: bool, **overrides) -> EngineConfig:
+    # No gap target: both runs schedule by tokens alone, so they run the same steps (with a
+    # measured step cost each engine's would differ by its own timings).
     return EngineConfig(
         **{"num_slots": 8, "max_len": 128, "block_size": BLOCK, "max_running_per_tenant": 0,
-           "static_decode": static, **overrides}
+           "static_decode": static, "gap_target": None, **overrides}
     )  # fmt: skip
 
 

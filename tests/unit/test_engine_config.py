@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from server.config import STEP_TOKENS, Settings
-from server.engine.config import EngineConfig, kv_bytes_per_token
+from server.config import Settings
+from server.engine.config import GAP_TARGET, MAX_STEP_TOKENS, EngineConfig, kv_bytes_per_token
 from server.engine.llm import LLM
 from tests.tiny import tiny_loaded
 
@@ -18,7 +18,13 @@ def test_settings_build_the_engine_config() -> None:
     assert (config.num_slots, config.max_len, config.max_waiting) == (3, 96, 7)
     assert (config.max_waiting_per_tenant, config.max_running_per_tenant) == (2, 1)
     assert config.kv_cache_bytes == 1 << 20
-    assert config.max_step_tokens == STEP_TOKENS["cpu"]
+    assert (config.max_step_tokens, config.gap_target) == (MAX_STEP_TOKENS, GAP_TARGET)
+    assert Settings(gap_target=2).engine_config().gap_target == 2
+
+
+def test_a_gap_target_below_one_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"gap_target: expected >= 1, found 0\.5"):
+        EngineConfig(gap_target=0.5)
 
 
 def test_a_step_budget_below_the_rows_is_raised_so_prefill_always_progresses() -> None:

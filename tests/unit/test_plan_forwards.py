@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from server.engine.request import Request
-from server.engine.runner import plan_forwards
 from server.engine.scheduler import ScheduledRow
+from server.engine.step_cost import plan_forwards
 
 
 def row(tenant: str, num_tokens: int) -> ScheduledRow:
