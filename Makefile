@@ -42,14 +42,19 @@ bench: install
 	$(PY) bench/decode_step.py --write docs/benchmarks.md
 	$(PY) bench/long_context.py --write docs/benchmarks.md
 	$(PY) bench/chunked_prefill.py --write docs/benchmarks.md
+	$(PY) bench/batch_arrival.py --write docs/benchmarks.md
+	$(PY) bench/mixed_lengths.py --write docs/benchmarks.md
 	$(PY) bench/load.py --write docs/benchmarks.md
 	$(PY) bench/registry.py --write docs/benchmarks.md
 	$(PY) bench/finetune.py --write docs/benchmarks.md
 
 # Not in CI: 10 minutes of tenants uploading, overwriting, deleting and generating against a
-# real server; reports errors and the server's memory over time (SOAK_ARGS="--minutes 3").
+# real server, reporting errors and the server's memory over time; then 10 minutes of the
+# engine at the server's default size (SmolLM2's geometry) under churn, reporting its resident
+# memory (SOAK_ARGS="--minutes 3" shortens both).
 soak: install
 	$(PY) bench/soak.py $(SOAK_ARGS)
+	$(PY) bench/pool_memory.py $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -9,6 +9,10 @@
 #   bash bench/gpu.sh kernels there, about 5 minutes: the paged attention kernel's tests on
 #                             CUDA, then the decode step with each attention kernel
 #                             (--attention-kernel gather / paged) on both geometries
+#   bash bench/gpu.sh scheduler there, about 6 minutes: the step budget on the GPU (batch
+#                             arrival against transformers, the stall probe, mixed lengths) on
+#                             Llama-3.2-1B's geometry; `scheduler-dry-run` runs it here on a
+#                             micro model
 #
 # Every part runs in its own process under its own time limit, and a part that fails or runs
 # out of time costs only its own figures (each part writes them as it goes). Everything lands
@@ -29,7 +33,7 @@ mkdir -p "$out"
 log="$out/gpu_run.log"
 export PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-if [ "${1:-}" != dry-run ] && ls .whl/*.whl >/dev/null 2>&1; then
+if [[ "${1:-}" != *dry-run ]] && ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site .whl/*.whl && export PYTHONPATH="/tmp/site:$PYTHONPATH"
 fi
@@ -49,9 +53,9 @@ part() {
 }
 
 python=python3
-[ -x .venv/bin/python ] && [ "${1:-}" = dry-run ] && python=.venv/bin/python
+[ -x .venv/bin/python ] && [[ "${1:-}" == *dry-run ]] && python=.venv/bin/python
 mode=${1:-all}
-if [ "$mode" = dry-run ]; then
+if [[ "$mode" == *dry-run ]]; then
     bench=("$python" bench/gpu_decode.py --device cpu --dry-run --out "$out")
     test_device=cpu
 else
@@ -61,6 +65,24 @@ else
 fi
 "$python" -c "import torch, transformers, peft; print('torch', torch.__version__, \
 'transformers', transformers.__version__, 'peft', peft.__version__)" 2>&1 | tee -a "$log"
+if [ "$mode" = scheduler ] || [ "$mode" = scheduler-dry-run ]; then
+    # The step cost is measured on the device at each engine's start; these are the CPU's
+    # scheduler benchmarks (docs/benchmarks.md) on the GPU.
+    device=cuda model=llama-1b-geometry dtype=bfloat16 rows=1,8,16 prompt=512 long=1900
+    if [ "$mode" = scheduler-dry-run ]; then
+        device=cpu model=micro dtype=float32 rows=1,2 prompt=64 long=300
+    fi
+    md="$out/gpu_bench.md"
+    part batch_arrival 240 "$python" bench/batch_arrival.py --device $device --model $model \
+        --dtype $dtype --rows $rows --prompt $prompt --write "$md"
+    part stall_probe 150 "$python" bench/chunked_prefill.py --device $device --model $model \
+        --targets 2.8 --budgets 8192 --long-prompt $long --write "$md"
+    part mixed_lengths 60 "$python" bench/mixed_lengths.py --device $device --model $model \
+        --long-context $long --write "$md"
+    grep -h "^=== .*after" "$log"
+    cat "$md"
+    exit
+fi
 if [ "$mode" = kernels ]; then
     # The compiled FlexAttention kernel equals the CPU reference, and the paged engine's static
     # decode (eager and replayed from CUDA graphs) gives the gather path's and PEFT's tokens.

@@ -36,7 +36,10 @@ def decoding(loaded: LoadedModel, contexts: list[int], max_len: int) -> LLM:
     llm = LLM(loaded, EngineConfig(num_slots=len(contexts), max_len=max_len,
                                    max_running_per_tenant=0))  # fmt: skip
     for row, context in enumerate(contexts):
-        prompt = [(row * 7 + i) % 1000 + 1 for i in range(context - PREFIX_TOKENS)]
+        prompt = [
+            (row * 7 + i) % min(1000, loaded.spec.vocab_size - 1) + 1
+            for i in range(context - PREFIX_TOKENS)
+        ]
         llm.add(Request(prompt, greedy, random_prefix(loaded, PREFIX_TOKENS, row)))
     while any(not r.output_token_ids for r in llm.running) or len(llm.running) < len(contexts):
         llm.step()

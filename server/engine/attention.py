@@ -68,24 +68,26 @@ def grouped_sdpa(
     read: GroupedRead,
     scaling: float | None,
 ) -> torch.Tensor:
-    """sdpa group by group: each group's rows against their own blocks only (kv_cache.py,
-    GroupedRead); `key_pool` and `value_pool` are the layer's whole pool. [B, q, H, D] out."""
-    batch, heads, q_len, head_dim = query.shape
-    output = query.new_empty((batch, q_len, heads, head_dim))
+    """Attention of a packed forward (packed.py): `query` is `[1, H, tokens, D]`, the keys and
+    values a layer's whole pool; each group's tokens against its own rows' blocks only.
+    Returns `[1, tokens, H, D]`."""
+    _, heads, num_tokens, head_dim = query.shape
+    output = query.new_empty((num_tokens, heads, head_dim))
     for group in read.groups:
+        rows, q_len = group.num_rows, group.q_len
         keys = read.gather(key_pool, group)
         values = read.gather(value_pool, group)
-        rows = query.index_select(0, group.rows)
+        queries = query[0].index_select(1, group.tokens).view(heads, rows, q_len, head_dim)
         out = F.scaled_dot_product_attention(
-            rows,
+            queries.transpose(0, 1),
             keys,
             values,
             attn_mask=group.mask,
             scale=scaling,
             enable_gqa=heads != keys.shape[1],
-        )
-        output.index_copy_(0, group.rows, out.transpose(1, 2))
-    return output
+        )  # [rows, H, q_len, D]
+        output.index_copy_(0, group.tokens, out.transpose(1, 2).reshape(-1, heads, head_dim))
+    return output[None]
 
 
 AttentionInterface.register("sdpa", engine_sdpa)

@@ -4,8 +4,9 @@ A handful of synthetic steps span the cost model's features (step_cost.py): deco
 row and of every slot at short and long contexts, prompt chunks short and long, at the start of
 a row and deep into it, and a decode step beside a chunk. Each runs through the engine's own
 runner on real blocks of the pool (the pool's blocks are free at start-up and given back
-after), first to warm up (allocations, kernel choices, CUDA graphs), then timed. The fit's
-forward cost over its token cost becomes the runner's split rule (`forward_overhead_tokens`).
+after), first to warm up (allocations, kernel choices, CUDA graphs), then timed. Where forwards
+are padded (eager attention, the paged kernel), the fit's forward cost over its token cost
+becomes the runner's rule for running decode rows apart (`forward_overhead_tokens`).
 On the embedded model on a 2-core CPU this takes about three seconds.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 
 import torch
 
@@ -32,7 +34,9 @@ def probe_shapes(num_slots: int, max_len: int) -> list[list[RowShape]]:
     """Steps that tell the four costs apart, within the engine's slots and lengths."""
     short = min(32, max_len // 4)
     deep = max_len // 2
+    deepest = max_len * 7 // 8
     chunk = max(2, min(256, max_len // 4))
+    small = max(2, chunk // 4)
     half = max(1, num_slots // 2)
     return [
         [RowShape(1, short)],
@@ -40,22 +44,37 @@ def probe_shapes(num_slots: int, max_len: int) -> list[list[RowShape]]:
         [RowShape(1, deep)] * half,
         [RowShape(chunk, chunk)],
         [RowShape(chunk, deep)],
-        [RowShape(max(2, chunk // 4), chunk // 4)] * min(4, num_slots),
+        [RowShape(small, deepest)],
+        [RowShape(small, small)] * min(4, num_slots),
         [RowShape(1, short)] * max(1, half - 1) + [RowShape(chunk, chunk)],
+        [RowShape(1, short)] * max(1, half - 1) + [RowShape(small, deepest)],
     ]
+
+
+# What the probes measured, per model and engine shape: an engine started again in the same
+# process on the same model (scripts, tests, a restarted engine) fits its cost from these and
+# refits online as usual, instead of running the probes again.
+_measured: weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple, list]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def measure_step_cost(
     runner: ModelRunner, pool: BlockPool, num_slots: int, max_len: int
 ) -> StepCost:
-    samples: list[tuple[list[RowShape], float]] = []
-    for shape in probe_shapes(num_slots, max_len):
-        seconds = _time_step(runner, pool, shape)
-        if seconds is not None:
-            samples.append((shape, seconds))
-    cost = StepCost(samples, overhead_tokens=runner.forward_overhead_tokens)
+    key = (runner.packs, runner.block_size, runner.kv_len_bucket, num_slots, max_len)
+    known = _measured.setdefault(runner.model, {})
+    if key not in known:
+        samples: list[tuple[list[RowShape], float]] = []
+        for shape in probe_shapes(num_slots, max_len):
+            seconds = _time_step(runner, pool, shape)
+            if seconds is not None:
+                samples.append((shape, seconds))
+        known[key] = samples
+    samples = known[key]
+    cost = StepCost(samples, overhead_tokens=runner.forward_overhead_tokens, packed=runner.packs)
     per_forward, per_token = cost.coefficients[:2]
-    if per_forward > 0 and per_token > 0:
+    if not runner.packs and per_forward > 0 and per_token > 0:
         overhead = round(per_forward / per_token)
         runner.forward_overhead_tokens = cost.overhead_tokens = max(1, min(overhead, 4096))
     log.info("step cost on %s: %s", runner.device, cost.describe())

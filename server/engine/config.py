@@ -15,13 +15,14 @@ from prefixes import ModelSpec
 DEFAULT_BLOCK_SIZE = 16
 
 # Tokens fed in one forward at most: a bound on activation memory, not on time (the step cost
-# model sizes each step in time, step_cost.py). 8,192 tokens of SmolLM2 take about 60 MB of
-# activations at their widest (the MLP's), of Llama-3.2-1B in bf16 about 130 MB.
+# model sizes each step in time, step_cost.py). 8,192 tokens of SmolLM2 take about 50 MB of
+# activations at their widest (the MLP's), of Llama-3.2-1B in bf16 about 130 MB: sixteen
+# prompts of 512 tokens arriving together are prefilled in one forward.
 MAX_STEP_TOKENS = 8192
 
 # A streaming row's gap between tokens may grow to this multiple of what the step's decoding
 # alone costs while prompts are prefilled beside it (docs/scheduling.md, "The step budget").
-GAP_TARGET = 3.0
+GAP_TARGET = 2.8
 
 # On GPUs, without a budget, the KV pool takes this share of the memory free after the model
 # loaded, leaving room for activations and the prefix pool's own tensors.

@@ -16,7 +16,6 @@ additive mask could not hide it (inf + -inf is NaN).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -28,31 +27,37 @@ from server.engine.blocks import ZERO_BLOCK
 
 @dataclass(frozen=True, slots=True)
 class ReadGroup:
-    """Rows of one forward whose attention reads the same number of blocks."""
+    """Rows of a packed forward (packed.py) that attention reads together: the same number of
+    fed tokens each, the same number of blocks read."""
 
-    rows: torch.Tensor  # their indices in the batch
+    tokens: torch.Tensor  # their tokens' indices in the packed sequence, row by row
+    q_len: int  # tokens fed per row
     read_index: torch.Tensor  # their blocks in a layer's [heads * blocks, block] view
-    kv_len: int
-    mask: torch.Tensor  # [rows, 1, q, kv_len], additive
+    mask: torch.Tensor  # [rows, 1, q_len, kv_len], additive
+
+    @property
+    def num_rows(self) -> int:
+        return self.mask.shape[0]
+
+    @property
+    def kv_len(self) -> int:
+        return self.mask.shape[-1]
 
 
 @dataclass(frozen=True, slots=True)
 class GroupedRead:
-    """A forward whose rows read their blocks group by group (`engine_step` of the engine's
+    """How attention reads a packed forward, group by group (`engine_step` of the engine's
     sdpa, attention.py): a row of 64 tokens beside one of 1,500 reads 64, not 1,500."""
 
     groups: list[ReadGroup]
-    num_heads: int
-    block_size: int
 
-    def gather(
-        self, pool: torch.Tensor, group: ReadGroup
-    ) -> torch.Tensor:  # pool: a layer's [H, blocks, block, D]; returns [rows, H, kv_len, D]
+    @staticmethod
+    def gather(pool: torch.Tensor, group: ReadGroup) -> torch.Tensor:
+        """The group's rows of a layer's pool `[H, blocks, block, D]`: `[rows, H, kv_len, D]`."""
         heads, num_blocks, block_size, head_dim = pool.shape
         per_block = pool.view(heads * num_blocks, block_size * head_dim)
-        rows = group.rows.numel()
         read = per_block.index_select(0, group.read_index)
-        return read.view(heads, rows, group.kv_len, head_dim).transpose(0, 1)
+        return read.view(heads, group.num_rows, group.kv_len, head_dim).transpose(0, 1)
 
 
 class PagedKVCache(Cache):
@@ -129,23 +134,15 @@ class PagedKVCache(Cache):
             self._read_index = (heads + read_blocks.reshape(1, -1)).reshape(-1)
         self._read_rows, self._read_blocks = read_blocks.shape
 
-    def group_reads(
-        self, read_blocks: torch.Tensor, groups: Sequence[tuple[list[int], int]], mask: torch.Tensor
-    ) -> GroupedRead:
-        """After `bind`: read each group of rows (batch indices, blocks each reads) apart, with
-        its slice of the forward's additive mask; what `update` returns is then the layer's
-        pool, gathered group by group in attention."""
-        device = read_blocks.device
-        read_groups = []
-        for rows, blocks in groups:
-            index = torch.tensor(rows, device=device)
-            tables = read_blocks.index_select(0, index)[:, :blocks]
-            read_index = (self._heads * self.num_blocks + tables.reshape(1, -1)).reshape(-1)
-            kv_len = blocks * self.block_size
-            group_mask = mask.index_select(0, index)[..., :kv_len]
-            read_groups.append(ReadGroup(index, read_index, kv_len, group_mask))
-        self.grouped = GroupedRead(read_groups, int(self._heads.numel()), self.block_size)
-        return self.grouped
+    def read_index(self, tables: torch.Tensor) -> torch.Tensor:
+        """Blocks `[rows, blocks]` as rows of a layer's `[heads * blocks, block]` view, head by
+        head: what GroupedRead.gather selects."""
+        return (self._heads * self.num_blocks + tables.reshape(1, -1)).reshape(-1)
+
+    def read_grouped(self, read: GroupedRead) -> None:
+        """After `bind`: the next forward is packed, and `update` returns each layer's whole
+        pool for attention to gather group by group."""
+        self.grouped = read
 
     @property
     def kv_len(self) -> int:

@@ -1,19 +1,22 @@
 """Run one forward for rows that carry different prefixes and are in different phases.
 
 Each scheduled row feeds `num_tokens` of its own tokens (a prompt chunk in prefill, one token in
-decode) at positions prefix_len + num_cached onwards. Rows are right-padded to the longest; a
-padding token gets position 0 and writes its K/V into the scratch block, so it never disturbs a
-real row. The model gets explicit per-row position ids and a 4D mask in which query (b, j) sees
-key k of its own row iff k <= position(b, j): the prefix at 0..T-1 and the row's earlier tokens.
-Logits are computed only for rows whose pending tokens are all fed this step.
+decode) at positions prefix_len + num_cached onwards. Logits are computed only for rows whose
+pending tokens are all fed this step.
 
-Attention reads the rows' K/V either gathered into contiguous rows under that additive mask
-(`attention_kernel="gather"`) or in place from the pool under a FlexAttention block mask built
-from the same tables and positions (`"paged"`, paged_attention.py).
+With sdpa (every model loaded the default way) a step's rows are packed into one sequence of
+exactly the fed tokens, each at its own position (packed.py), and the engine's sdpa runs
+attention group by group, each group reading only its rows' blocks under their own mask. With
+eager attention or the paged kernel rows are right-padded to the longest: a padding token gets
+position 0 and writes its K/V into the scratch block, so it never disturbs a real row, and the
+model gets a 4D mask in which query (b, j) sees key k of its own row iff k <= position(b, j);
+attention reads the rows' K/V gathered into contiguous rows (eager) or in place from the pool
+under a FlexAttention block mask built from the same tables and positions (`"paged"`,
+paged_attention.py).
 
 A forward whose rows all decode one token can run on static shapes instead (static_decode.py:
 batch and block-table buckets, inputs in preallocated buffers, on CUDA replayed from a CUDA
-graph); it computes the same thing, and the tests hold the two paths token-equal.
+graph); it computes the same thing, and the tests hold the paths token-equal.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from server.engine.blocks import SCRATCH_BLOCK, ZERO_BLOCK
 from server.engine.cuda_graphs import CudaGraphs
 from server.engine.ensemble import mean_of_groups
 from server.engine.kv_cache import GroupedRead, PagedKVCache
+from server.engine.packed import pack
 from server.engine.paged_attention import PagedBlockMask
 from server.engine.request import Request
 from server.engine.sampler import sample
@@ -42,34 +46,6 @@ from server.models import attention_kernels
 # (cuDNN's sdpa in bf16 spent ~1.4 ms of CPU on each new shape on an H100) then see a few
 # shapes instead of one per token. On CPUs the padding costs more than it saves.
 GPU_KV_LEN_BUCKET = 64
-
-
-# What reading one more group of rows apart costs (an index_select and an sdpa call per layer
-# and per keys and values), in positions read per row. On the CPU here, 8 rows at 64 tokens
-# beside one at 1,500 read 1,500 positions each as one group; as two they read 64 and 1,500.
-GROUP_OVERHEAD_POSITIONS = 256
-
-
-def group_by_length(blocks: Sequence[int], block_size: int) -> list[tuple[list[int], int]]:
-    """Rows (batch indices) in groups that each read their longest row's blocks, with the
-    fewest positions read plus GROUP_OVERHEAD_POSITIONS per group: rows sorted by length, cut
-    where it pays (dynamic programming, O(rows^2))."""
-    order = sorted(range(len(blocks)), key=blocks.__getitem__)
-    best = [0.0] + [float("inf")] * len(order)
-    cut = [0] * (len(order) + 1)
-    for end in range(1, len(order) + 1):
-        longest = blocks[order[end - 1]] * block_size
-        for start in range(end):
-            cost = best[start] + (end - start) * longest + GROUP_OVERHEAD_POSITIONS
-            if cost < best[end]:
-                best[end], cut[end] = cost, start
-    groups = []
-    end = len(order)
-    while end:
-        start = cut[end]
-        groups.append((order[start:end], blocks[order[end - 1]]))
-        end = start
-    return groups[::-1]
 
 
 class ModelRunner:
@@ -105,9 +81,10 @@ class ModelRunner:
         self.paged_mask = (
             PagedBlockMask(num_blocks, block_size, self.device) if paged_attention else None
         )
-        # Rows read their blocks group by group (by length) in the engine's sdpa; other
-        # kernels (eager) get every row gathered to the longest.
-        self.reads_by_group = not paged_attention and model.config._attn_implementation == "sdpa"
+        # Forwards are packed (packed.py) where the engine's sdpa runs attention; eager
+        # attention and the paged kernel take rows padded to the longest.
+        self.packs = not paged_attention and model.config._attn_implementation == "sdpa"
+        self._no_mask = torch.zeros((1, 1, 1, 1), dtype=self.dtype, device=self.device)
         self.cache = PagedKVCache(
             spec,
             num_blocks,
@@ -140,7 +117,7 @@ class ModelRunner:
         """Feed every row its tokens; return the next token id of each row that samples (in
         order), or None for one whose logits are not finite (its own values overflowed)."""
         sampling = [row.request for row in rows if row.samples]
-        groups = plan_forwards(rows, self.forward_overhead_tokens)
+        groups = [list(rows)] if self.packs else plan_forwards(rows, self.forward_overhead_tokens)
         with attention_kernels(self.device, self.dtype):
             logits = [self._run(group) for group in groups]
         ordered = [row.request for group in groups for row in group if row.samples]
@@ -194,6 +171,23 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, rows: Sequence[ScheduledRow]) -> torch.Tensor:
         """Logits `[S, vocab]` (float32) at the last fed token of each row that samples."""
+        if self.packs:
+            return self._packed_forward(rows)
+        return self._padded_forward(rows)
+
+    def _packed_forward(self, rows: Sequence[ScheduledRow]) -> torch.Tensor:
+        """Every fed token once, in one sequence (packed.py)."""
+        batch = pack(rows, self.cache, self.dtype, self.kv_len_bucket)
+        self.cache.read_grouped(batch.read)
+        # A 4D mask is what makes transformers pass it through untouched; attention reads the
+        # groups' own masks instead.
+        hidden = self._hidden(batch.input_ids, batch.positions, self._no_mask, batch.read)
+        if not batch.last_tokens.numel():
+            return hidden.new_zeros((0, self.spec.vocab_size), dtype=torch.float32)
+        return self._logits(hidden[0, batch.last_tokens])
+
+    def _padded_forward(self, rows: Sequence[ScheduledRow]) -> torch.Tensor:
+        """Rows right-padded to the longest chunk, each read up to the longest row."""
         device, block_size = self.device, self.block_size
         requests = [row.request for row in rows]
         fed = [row.request.token_ids(row.request.num_cached, row.num_tokens) for row in rows]
@@ -219,16 +213,7 @@ class ModelRunner:
         own_slots = tables.gather(1, positions // block_size) * block_size + positions % block_size
         scratch = SCRATCH_BLOCK * block_size + offsets % block_size
         self.cache.bind(torch.where(real, own_slots, scratch), tables)
-        mask = self._mask(positions, tables)
-        step: bool | GroupedRead = True
-        if self.reads_by_group and len(rows) > 1:
-            ends = [r.next_position + row.num_tokens for r, row in zip(requests, rows, strict=True)]
-            blocks = [-(-e // bucket) * bucket // block_size for e in ends]
-            groups = group_by_length(blocks, block_size)
-            if len(groups) > 1:
-                assert isinstance(mask, torch.Tensor)
-                step = self.cache.group_reads(tables, groups, mask)
-        hidden = self._hidden(input_ids, positions, mask, step)
+        hidden = self._hidden(input_ids, positions, self._mask(positions, tables))
         picked = [i for i, row in enumerate(rows) if row.samples]
         if not picked:
             return hidden.new_zeros((0, self.spec.vocab_size), dtype=torch.float32)

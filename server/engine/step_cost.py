@@ -2,8 +2,9 @@
 
 A step's time on a device is close to linear in four things the scheduler knows before it runs:
 the forwards it takes (each reads every weight once and pays launches and Python), the tokens
-fed (padded: every row of a forward is fed its longest chunk's length), the query x key pairs
-attention computes, and the cached positions attention reads. `StepCost` holds the seconds each
+fed (where forwards are padded, every row of one is fed its longest chunk's length; packed,
+each token once), the query x key pairs attention computes, and the cached positions attention
+reads. `StepCost` holds the seconds each
 costs. The engine fits it to steps measured on its own device at start-up (calibrate.py) and
 refits it online from the steps it runs (`observe`), so the budget follows the machine and its
 load instead of a constant.
@@ -64,12 +65,20 @@ FEATURES = ("forwards", "tokens", "pairs", "kv_read")
 
 
 def step_features(
-    rows: Sequence[RowShape], overhead_tokens: int = FORWARD_OVERHEAD_TOKENS
+    rows: Sequence[RowShape],
+    overhead_tokens: int = FORWARD_OVERHEAD_TOKENS,
+    *,
+    packed: bool = False,
 ) -> tuple[float, float, float, float]:
-    """(forwards, padded tokens fed, query x key pairs, cached positions read) of one step, as
-    the runner will run it (plan_forwards)."""
+    """(forwards, tokens fed, query x key pairs, cached positions read) of one step, as the
+    runner will run it: packed (packed.py: every token once, each row against its own
+    positions) or padded (plan_forwards: rows padded to the longest chunk)."""
     if not rows:
         return (0.0, 0.0, 0.0, 0.0)
+    if packed:
+        tokens = sum(n for n, _ in rows)
+        pairs = sum(n * kv_len for n, kv_len in rows)
+        return (1.0, float(tokens), float(pairs), float(sum(kv_len for _, kv_len in rows)))
     num_decode = decode_kv = num_prefill = prefill_kv = longest = 0
     for num_tokens, kv_len in rows:
         if num_tokens == 1:
@@ -108,33 +117,30 @@ class StepCost:
         samples: Sequence[tuple[Sequence[RowShape], float]],
         *,
         overhead_tokens: int = FORWARD_OVERHEAD_TOKENS,
+        packed: bool = False,
         window: int = 512,
-        refit_every: int = 32,
+        refit_every: int = 8,
     ) -> None:
         self.overhead_tokens = overhead_tokens
-        self._calibration = [(step_features(r, overhead_tokens), s) for r, s in samples]
+        self.packed = packed  # the runner packs its forwards (packed.py)
+        self._calibration = [(self.features(r), s) for r, s in samples]
         self._recent: deque[tuple[tuple[float, ...], float]] = deque(maxlen=window)
         self._refit_every = refit_every
         self._since_fit = 0
         self.coefficients = fit(self._calibration)
 
-    @classmethod
-    def from_coefficients(
-        cls, coefficients: Sequence[float], overhead_tokens: int = FORWARD_OVERHEAD_TOKENS
-    ) -> StepCost:
-        cost = cls([], overhead_tokens=overhead_tokens)
-        cost.coefficients = tuple(float(c) for c in coefficients)
-        return cost
+    def features(self, rows: Sequence[RowShape]) -> tuple[float, float, float, float]:
+        return step_features(rows, self.overhead_tokens, packed=self.packed)
 
     def seconds(self, rows: Sequence[RowShape]) -> float:
-        features = step_features(rows, self.overhead_tokens)
+        features = self.features(rows)
         return sum(c * f for c, f in zip(self.coefficients, features, strict=True))
 
     def observe(self, rows: Sequence[RowShape], seconds: float) -> None:
         """A step the engine ran: it joins the window; every `refit_every` of them, refit."""
         if seconds <= 0 or not rows:
             return
-        self._recent.append((step_features(rows, self.overhead_tokens), seconds))
+        self._recent.append((self.features(rows), seconds))
         self._since_fit += 1
         if self._since_fit >= self._refit_every:
             self._since_fit = 0

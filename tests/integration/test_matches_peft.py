@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from prefixes import CompiledPrefix, read_upload
-from server.engine import runner as runner_module
+from server.engine import packed
 from server.engine.config import EngineConfig
+from server.engine.kv_cache import GroupedRead
 from server.engine.llm import LLM
 from server.engine.request import Request, SamplingParams
 from server.engine.scheduler import ScheduledRow
@@ -130,19 +131,18 @@ def test_rows_that_read_their_blocks_group_by_group_match_peft(
 ) -> None:
     """Rows of different lengths read only their own blocks, group by group (free groups:
     each length its own), in prefill and decode alike, and stay exact."""
-    monkeypatch.setattr(runner_module, "GROUP_OVERHEAD_POSITIONS", 0)
+    monkeypatch.setattr(packed, "GROUP_OVERHEAD_POSITIONS", 0)
     cases = build_cases(arch, "sdpa", tmp_path)
     config = EngineConfig(max_running_per_tenant=0, block_size=4)
     llm = LLM(tiny_loaded(arch), config, num_slots=len(cases), max_len=128)
     groups_per_forward: list[int] = []
-    group_reads = llm.runner.cache.group_reads
+    read_grouped = llm.runner.cache.read_grouped
 
-    def recording(*args, **kwargs):
-        read = group_reads(*args, **kwargs)
+    def recording(read: GroupedRead) -> None:
         groups_per_forward.append(len(read.groups))
-        return read
+        read_grouped(read)
 
-    llm.runner.cache.group_reads = recording  # type: ignore[method-assign]
+    llm.runner.cache.read_grouped = recording  # type: ignore[method-assign]
     requests = [greedy(case, load(llm, case)) for case in cases]
     llm.generate(requests)
 

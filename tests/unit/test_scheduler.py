@@ -156,6 +156,20 @@ def test_when_blocks_run_out_the_latest_row_is_preempted_and_recomputed_later() 
     assert row.num_tokens == 3 + 6 and len(second.output_token_ids) == 7  # then sampled
 
 
+def test_blocks_freed_last_are_handed_out_first_so_memory_follows_use() -> None:
+    """Rows come and go one or two at a time in a large pool: they keep reusing the same few
+    blocks (whose pages are already resident) instead of walking through the whole pool."""
+    scheduler = make(num_slots=2)
+    touched: set[int] = set()
+    for _ in range(50):
+        request = req("a", prompt_len=8)
+        scheduler.add(request)
+        plan = run_step(scheduler)
+        touched.update(plan.zero_blocks)
+        scheduler.retire(request)
+    assert len(touched) <= 3  # 8 tokens of prompt + 1: three 4-token blocks, 50 times over
+
+
 def test_a_newcomer_waits_for_blocks_instead_of_preempting() -> None:
     scheduler = make(num_blocks=2 + 2, num_slots=2)
     running = req("a", 2 * BLOCK - 1)

@@ -169,6 +169,17 @@ def test_no_coefficient_is_ever_negative() -> None:
     assert cost.seconds([RowShape(100, 100)]) >= cost.seconds([RowShape(50, 50)])
 
 
+def test_a_packed_step_counts_each_token_once_in_one_forward() -> None:
+    """Six decoding rows beside a 54-token chunk: packed, one forward of 60 tokens; padded,
+    either 7 x 54 tokens or a second forward."""
+    rows = [RowShape(1, 40)] * 6 + [RowShape(54, 500)]
+    assert step_features(rows, packed=True) == (1.0, 60.0, 6 * 40 + 54 * 500, 6 * 40 + 500)
+    forwards, tokens, _, _ = step_features(rows, overhead_tokens=64)
+    assert (forwards, tokens) == (2.0, 6 + 54)  # split: 60 + 64 overhead < 7 * 54
+    forwards, tokens, _, _ = step_features(rows, overhead_tokens=1000)
+    assert (forwards, tokens) == (1.0, 7 * 54)
+
+
 def test_max_chunk_is_the_largest_that_fits() -> None:
     cost = FakeCost()
     planned = [RowShape(1, 10)] * 2
