@@ -177,8 +177,18 @@ class Scheduler:
         happened to arrive first would make all eight wait longer to spare that one's gap."""
         prefilling = sum(1 for r in self.running if r.num_pending > 1)
         free_slots = max(0, self.config.num_slots - len(self.running))
-        prefilling += min(self.num_waiting, free_slots)
+        prefilling += min(self._admissible_waiting(), free_slots)
         return max(1.0, prefilling / len(decoding))
+
+    def _admissible_waiting(self) -> int:
+        """Waiting requests their tenants' caps would let in: a tenant queueing hundreds counts
+        for no more rows than it may run, so it cannot stretch other tenants' steps."""
+        cap = self.config.max_running_per_tenant
+        admissible = 0
+        for tenant, queue in self.queues.items():
+            room = max(0, cap - self.running_per_tenant[tenant]) if cap else len(queue)
+            admissible += min(len(queue), room)
+        return admissible
 
     def schedule(self) -> Schedule:
         plan = Schedule()

@@ -116,6 +116,22 @@ def test_many_rows_waiting_for_a_first_token_widen_the_step() -> None:
     assert chunks[7] > 4 * chunks[1]
 
 
+def test_a_flooding_tenant_widens_the_step_no_more_than_its_cap_allows() -> None:
+    """Another tenant streams; a tenant queues 200 prompts but may run 2 rows: the step widens
+    as for 2 waiting rows, not 200."""
+    chunks = {}
+    for flood in (2, 200):
+        scheduler = make(FakeCost(), gap_target=3.0, max_running_per_tenant=2)
+        streaming = [Request([1] * 8, tenant="victim") for _ in range(2)]
+        for request in streaming:
+            scheduler.add(request)
+        run_step(scheduler)
+        for _ in range(flood):
+            scheduler.add(Request([1] * 1000, tenant="flood"))
+        chunks[flood] = sum(n for n in fed(run_step(scheduler)).values() if n > 1)
+    assert chunks[200] == chunks[2]
+
+
 def test_without_a_cost_model_tokens_alone_bound_a_step() -> None:
     scheduler = make(None, max_step_tokens=50)
     scheduler.add(Request([1] * 8, tenant="streaming"))
