@@ -77,7 +77,10 @@ def main() -> None:
     args = parser.parse_args()
     loaded = load_named(args.model, args.device)
     core = EngineCore(loaded, EngineConfig(gap_target=None))
-    lines = ["| step | time | operators, self time per step (share) |", "|---|---|---|"]
+    lines = [
+        "| step | time under the profiler | operators, self time per step (share) |",
+        "|---|---|---|",
+    ]
     for name, shape in STEPS.items():
         seconds, top = profile_step(core, shape)
         lines.append(f"| {name} | {seconds * 1000:.0f} ms | {'; '.join(top)} |")
