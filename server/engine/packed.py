@@ -79,8 +79,10 @@ def pack(
         [(row.request.block_table + [ZERO_BLOCK] * width)[:width] for row in rows], device=device
     )
     position_tensor = torch.tensor(positions, device=device)
-    row_of_token = torch.repeat_interleave(
-        torch.arange(len(rows), device=device), torch.tensor(lengths, device=device)
+    row_of_token = torch.repeat_interleave(  # output_size: no device-to-host read on GPUs
+        torch.arange(len(rows), device=device),
+        torch.tensor(lengths, device=device),
+        output_size=len(positions),
     )
     slots = tables[row_of_token, position_tensor // block_size] * block_size
     cache.bind((slots + position_tensor % block_size)[None, :], tables)
