@@ -22,43 +22,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.decode_step import load_named
 from bench.report import command, machine, write_section
+from server.engine.calibrate import synthetic_step
 from server.engine.config import EngineConfig
 from server.engine.core import EngineCore
-from server.engine.request import Request, SamplingParams
-from server.engine.scheduler import ScheduledRow
+from server.engine.step_cost import RowShape
 
 RUNS = 3
 TOP = 6
-STEPS = {
-    "decode, 8 rows at 528 tokens": [(528, 1)] * 8,
-    "a 64-token chunk at 464 tokens": [(464, 64)],
-    "8 prompts of 528 tokens": [(0, 528)] * 8,
+STEPS = {  # (tokens fed, positions attended: the fed ones included)
+    "decode, 8 rows at 528 tokens": [RowShape(1, 529)] * 8,
+    "a 64-token chunk at 464 tokens": [RowShape(64, 528)],
+    "8 prompts of 528 tokens": [RowShape(528, 528)] * 8,
 }
 
 
-def profile_step(core: EngineCore, shape: list[tuple[int, int]]) -> tuple[float, list[str]]:
-    runner, pool = core.runner, core.scheduler.pool
-    greedy = SamplingParams(max_new_tokens=1, temperature=0)
-    requests = [Request([1] * (cached + fed), greedy) for cached, fed in shape]
-    for request in requests:
-        request.block_table = pool.allocate(-(-len(request.prompt_token_ids) // runner.block_size))
-    runner.cache.zero(pool.to_zero)
-    pool.to_zero = []
-    rows = [ScheduledRow(r, fed) for r, (_, fed) in zip(requests, shape, strict=True)]
-
-    def run() -> None:
-        for request, (cached, _) in zip(requests, shape, strict=True):
-            request.num_cached = cached
-        runner.step(rows)
-
-    run()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        start = time.perf_counter()
-        for _ in range(RUNS):
-            run()
-        seconds = (time.perf_counter() - start) / RUNS
-    for request in requests:
-        pool.release(request.block_table)
+def profile_step(core: EngineCore, shape: list[RowShape]) -> tuple[float, list[str]]:
+    with synthetic_step(core.runner, core.scheduler.pool, shape) as run:
+        run()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            start = time.perf_counter()
+            for _ in range(RUNS):
+                run()
+            seconds = (time.perf_counter() - start) / RUNS
     events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     total = sum(e.self_cpu_time_total for e in events)
     top = [

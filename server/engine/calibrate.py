@@ -15,6 +15,8 @@ from __future__ import annotations
 import logging
 import time
 import weakref
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 
@@ -84,28 +86,41 @@ def measure_step_cost(
 def _time_step(runner: ModelRunner, pool: BlockPool, shape: list[RowShape]) -> float | None:
     """Seconds of the fastest timed run of one synthetic step, or None when the pool is too
     small to hold it (a tiny test pool)."""
-    block_size = runner.block_size
-    needed = sum(-(-kv_len // block_size) for _, kv_len in shape)
+    needed = sum(-(-kv_len // runner.block_size) for _, kv_len in shape)
     if needed > pool.num_free:
         return None
+    with synthetic_step(runner, pool, shape) as run:
+        best = float("inf")
+        for attempt in range(TIMED_RUNS + 1):
+            _synchronize(runner.device)
+            started = time.perf_counter()
+            run()  # reads its sampled tokens back: the device has finished
+            if attempt:
+                best = min(best, time.perf_counter() - started)
+        return best
+
+
+@contextmanager
+def synthetic_step(
+    runner: ModelRunner, pool: BlockPool, shape: Sequence[RowShape]
+) -> Iterator[Callable[[], None]]:
+    """A step of this shape on real blocks of the pool (zeroed first, given back after): yields
+    a callable that runs it through the runner, as often as asked."""
     greedy = SamplingParams(max_new_tokens=1, temperature=0)
     requests = [Request([1] * kv_len, greedy) for _, kv_len in shape]
     try:
         for request, (_, kv_len) in zip(requests, shape, strict=True):
-            request.block_table = pool.allocate(-(-kv_len // block_size))
+            request.block_table = pool.allocate(-(-kv_len // runner.block_size))
         runner.cache.zero(pool.to_zero)
         pool.to_zero = []
         rows = [ScheduledRow(r, n) for r, (n, _) in zip(requests, shape, strict=True)]
-        best = float("inf")
-        for run in range(TIMED_RUNS + 1):
+
+        def run() -> None:
             for request, (num_tokens, kv_len) in zip(requests, shape, strict=True):
                 request.num_cached = kv_len - num_tokens
-            _synchronize(runner.device)
-            started = time.perf_counter()
-            runner.step(rows)  # reads its sampled tokens back: the device has finished
-            if run:
-                best = min(best, time.perf_counter() - started)
-        return best
+            runner.step(rows)
+
+        yield run
     finally:
         for request in requests:
             pool.release(request.block_table)
