@@ -7,6 +7,7 @@ every other request stays exact."""
 from __future__ import annotations
 
 import json
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
@@ -66,13 +67,37 @@ def upload_members(client: TestClient, who: TenantAuth, adapters: dict[str, Path
         assert upload(client, who, peft_files(adapters[kind]), name=name).status_code == 201
 
 
+def hold_after_first_token_until_cancelled(engine: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once a running row has a token, the engine's next step waits until a cancellation is
+    posted: on a fast machine the rows could otherwise finish before the dropped stream is
+    noticed, and nothing would be left to cancel."""
+    posted = threading.Event()
+    post_cancel, prepare = engine._post_cancel, engine.core._prepare
+
+    def noted_post_cancel(request: Any) -> None:
+        post_cancel(request)
+        posted.set()
+
+    def held_prepare(plan: Any) -> Any:
+        if any(r.output_token_ids for r in engine.core.running):
+            assert posted.wait(30), "the dropped stream was never cancelled"
+        return prepare(plan)
+
+    monkeypatch.setattr(engine, "_post_cancel", noted_post_cancel)
+    monkeypatch.setattr(engine.core, "_prepare", held_prepare)
+
+
 def test_a_mean_stream_dropped_after_its_first_event_releases_every_row_and_pin(
-    client: TestClient, tenant: TenantAuth, adapters: dict[str, Path]
+    client: TestClient,
+    tenant: TenantAuth,
+    adapters: dict[str, Path],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     upload_members(client, tenant, adapters)
     # Once, to the end: the members' prefixes are resident afterwards, as they are below.
     assert generate(client, tenant, prefixes=["a", "b", "c"], ensemble="mean").status_code == 200
     cancelled = metric(client, "prefix_server_requests_finished_total", 'reason="cancelled"')
+    hold_after_first_token_until_cancelled(services(client).engine, monkeypatch)
     body = {"prompt": PROMPT, "max_new_tokens": 64, "temperature": 0, "ignore_eos": True,
             "stream": True, "prefixes": ["a", "b", "c"], "ensemble": "mean"}  # fmt: skip
     with client.stream("POST", "/v1/generate", json=body, headers=tenant.headers) as response:
