@@ -70,6 +70,7 @@ class EngineCore:
             static_decode=config.uses_static_decode(device),
             cuda_graphs=config.uses_cuda_graphs(device),
             paged_attention=config.uses_paged_attention,
+            eos_token_ids=loaded.eos_token_ids,
         )
         self.scheduler = Scheduler(config, num_blocks)
         # The step's cost on this device, measured now and refitted from every step run: what
@@ -171,6 +172,10 @@ class EngineCore:
         shapes = [
             RowShape(row.num_tokens, row.request.next_position + row.num_tokens) for row in rows
         ]
+        self.metrics.prefill_tokens += sum(
+            min(row.num_tokens, max(0, len(row.request.prompt_token_ids) - row.request.num_cached))
+            for row in rows
+        )
         try:
             tokens = self.runner.step(rows)
             outcomes: dict[int, int | RequestFailed | None] = {
@@ -182,6 +187,7 @@ class EngineCore:
             log.exception("engine step failed; running its %d rows alone", len(rows))
             self.metrics.failed_steps += 1
             outcomes = self._step_rows_alone(rows)
+        self._fork_shared_prompts(rows, outcomes)
         now = time.monotonic()
         self.metrics.steps += 1
         self.metrics.step_seconds.observe(now - started)
@@ -194,6 +200,10 @@ class EngineCore:
             if isinstance(outcome, int) and group is not None:
                 if request is group.leader:  # one token for the whole group, once
                     outputs += self._postprocess_group(group, outcome, now)
+                continue
+            if isinstance(outcome, int) and request.sampling.max_new_tokens == 0:
+                request.finish("length")  # its prompt is scored: nothing to generate
+                outputs.append(StepOutput(request, [], ""))
                 continue
             if isinstance(outcome, int):
                 outputs.append(self._postprocess(request, outcome, now))
@@ -235,13 +245,25 @@ class EngineCore:
             self.scheduler.prefixes.forget(key)
         return outputs
 
+    def _fork_shared_prompts(
+        self, rows: list[ScheduledRow], outcomes: dict[int, int | RequestFailed | None]
+    ) -> None:
+        """The `n` choices whose leader just fed its prompt's last token take its blocks (a
+        leader whose step failed fed nothing: its group fails together, unforked)."""
+        leaders = {id(r.logits_of): r.logits_of for r in rows if r.logits_of is not None}
+        for leader in leaders.values():
+            if isinstance(outcomes.get(id(leader)), RequestFailed) or leader.group is None:
+                continue
+            for source, target in self.scheduler.fork(leader.group):
+                self.runner.cache.copy_block(source, target)
+
     def _step_rows_alone(self, rows: list[ScheduledRow]) -> dict[int, int | RequestFailed | None]:
         """After a failed step: each row once more on its own (a lockstep group's rows
         together), so only the row that makes the step fail fails. A failed forward advanced
         nobody, so a retry rewrites the same places."""
         units: dict[int, list[ScheduledRow]] = {}
         for row in rows:
-            owner = row.request.lockstep_group or row.request
+            owner = row.logits_of or row.request.lockstep_group or row.request
             units.setdefault(id(owner), []).append(row)
         outcomes: dict[int, int | RequestFailed | None] = {}
         for unit in units.values():

@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from prefixes import CompiledPrefix
 from server.device_share import UNSHARED, DeviceShare
@@ -139,32 +139,41 @@ class Engine:
         lockstep: bool = False,
         tenant: str = "default",
         stream_text: bool = True,
+        choices: int = 1,
     ) -> list[RequestStream]:
         """Queue one prompt under each member's prefix, the rows admitted together (a prompt
         ensemble; one member is a plain request). Lockstep: the rows decode as one (see
         RequestGroup) and the one stream is the group's output; otherwise each member's row has
         its own stream and records its tokens' log-probabilities. Each member's release is
         called once when its row leaves the engine, also when this raises.
+
+        `choices` > 1 (one member only): that many rows of the one prompt, prefilled once
+        (RequestGroup.shares_prompt), each with its own stream; with a seed, choice i samples
+        with seed + i. The member's release is called when the last of them leaves.
         """
         requests: list[Request] = []
         entered: list[Request] = []
+        sampling = sampling or SamplingParams()
         try:
-            for prefix, release in members:
+            if choices > 1:
+                members = self._choices(members, choices)
+            for index, (prefix, release) in enumerate(members):
+                seed = None if sampling.seed is None or choices == 1 else sampling.seed + index
                 requests.append(
                     Request(
                         prompt_token_ids,
-                        sampling or SamplingParams(),
+                        sampling if seed is None else replace(sampling, seed=seed),
                         prefix,
                         tenant=tenant,
                         release=release,
                         stream_text=stream_text,
-                        logprobs=len(members) > 1 and not lockstep,
+                        logprobs=len(members) > 1 and not lockstep and choices == 1,
                     )
                 )
             if len(requests) > 1:
                 self.core.check_group(len(requests))
                 self._check_group_queues(len(requests))
-                RequestGroup(requests, lockstep=lockstep)
+                RequestGroup(requests, lockstep=lockstep, shares_prompt=choices > 1)
             for request in requests:
                 self.core.check(request)
             loop = asyncio.get_running_loop()
@@ -186,6 +195,28 @@ class Engine:
                     release()
             raise
         return streams
+
+    @staticmethod
+    def _choices(
+        members: Sequence[tuple[CompiledPrefix | None, Callable[[], None] | None]], count: int
+    ) -> list[tuple[CompiledPrefix | None, Callable[[], None] | None]]:
+        """`count` rows of the one member, its release called once, by the last to leave."""
+        if len(members) != 1:
+            raise InvalidRequest("n: several choices of an ensemble are not supported")
+        ((prefix, release),) = members
+        if release is None:
+            return [(prefix, None)] * count
+        left = [count]
+        lock = threading.Lock()
+
+        def release_last() -> None:
+            with lock:
+                left[0] -= 1
+                last = left[0] == 0
+            if last:
+                release()
+
+        return [(prefix, release_last)] * count
 
     def _check_group_queues(self, size: int) -> None:
         """A group's rows enter the queue together (each counts as a request waiting), so a

@@ -36,6 +36,7 @@ class EngineMetrics:
     preemptions: int = 0  # rows whose blocks were taken back, to be recomputed
     non_finite_rows: int = 0  # rows failed alone because their own values overflowed
     prompt_tokens: int = 0
+    prefill_tokens: int = 0  # prompt tokens fed to the model (a recompute feeds them again)
     generated_tokens: int = 0
     requests_finished: Counter[str] = field(default_factory=Counter)  # by finish reason
     time_to_first_token: Histogram = field(default_factory=Histogram)

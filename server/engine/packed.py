@@ -54,6 +54,7 @@ class PackedBatch:
     positions: torch.Tensor  # [1, tokens]
     last_tokens: torch.Tensor  # index of each sampling row's last fed token
     read: GroupedRead
+    firsts: list[int]  # index of each row's first fed token (and the end, last)
 
 
 def pack(
@@ -94,6 +95,7 @@ def pack(
         positions=position_tensor[None, :],
         last_tokens=torch.tensor(sampling, device=device, dtype=torch.long),
         read=GroupedRead(groups),
+        firsts=firsts,
     )
 
 

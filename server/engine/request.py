@@ -19,6 +19,8 @@ if TYPE_CHECKING:
 
 _ids = itertools.count()
 
+MAX_LOGPROBS = 20  # top log-probabilities per token, as OpenAI and vLLM allow
+
 
 class InvalidRequest(ValueError):
     """A request this engine can never run (the message names the field): the caller's error."""
@@ -43,10 +45,39 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    # Log-probabilities (logprobs.py): None asks for none; k >= 0 records each chosen (or prompt)
+    # token's and the k most likely ones'. The model's own distribution, with the prefix, before
+    # any penalty, bias or temperature.
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    # Logits processing (logits_processing.py), in this order: logit_bias, min_tokens,
+    # repetition_penalty (transformers'), then frequency and presence penalties (OpenAI's).
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    min_tokens: int = 0  # EOS and stop_token_ids are masked until this many tokens exist
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise InvalidRequest(f"max_new_tokens: expected >= 1, found {self.max_new_tokens}")
+        if self.max_new_tokens < 0:
+            raise InvalidRequest(f"max_new_tokens: expected >= 0, found {self.max_new_tokens}")
+        if self.max_new_tokens == 0 and self.prompt_logprobs is None:
+            raise InvalidRequest(
+                "max_new_tokens: 0 only scores the prompt; ask for its log-probabilities"
+            )
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= MAX_LOGPROBS:
+                raise InvalidRequest(f"{name}: expected 0 to {MAX_LOGPROBS}, found {value}")
+        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
+            raise InvalidRequest(
+                f"repetition_penalty: expected a number > 0, found {self.repetition_penalty}"
+            )
+        for name in ("frequency_penalty", "presence_penalty"):
+            if not math.isfinite(getattr(self, name)):
+                raise InvalidRequest(f"{name}: expected a finite number")
+        if self.min_tokens < 0:
+            raise InvalidRequest(f"min_tokens: expected >= 0, found {self.min_tokens}")
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
             raise InvalidRequest(
                 f"temperature: expected a finite number >= 0, found {self.temperature}"
@@ -62,6 +93,17 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    @property
+    def processes_logits(self) -> bool:
+        """Anything between the model's logits and sampling besides temperature and cuts."""
+        return bool(
+            self.logit_bias
+            or self.min_tokens
+            or self.repetition_penalty != 1.0
+            or self.frequency_penalty
+            or self.presence_penalty
+        )
+
 
 @dataclass(eq=False)
 class RequestGroup:
@@ -76,10 +118,22 @@ class RequestGroup:
     members: list[Request]
     lockstep: bool
     admitted: bool = False  # once admitted, the rows of a group that is not lockstep go alone
+    # `n` choices of one prompt under one prefix: only the leader is fed the prompt; the
+    # others wait (holding their slots) and, in the step the leader samples its first token,
+    # sample theirs from the same logits and take its prompt's blocks (shared, the partial last
+    # one copied). Until then the group is admitted, preempted and cancelled as one.
+    shares_prompt: bool = False
+    forked: bool = False
 
     def __post_init__(self) -> None:
+        if self.lockstep and self.shares_prompt:
+            raise ValueError("a lockstep group feeds every row: it cannot share one prompt")
         for member in self.members:
             member.group = self
+
+    @property
+    def waits_for_fork(self) -> bool:
+        return self.shares_prompt and not self.forked
 
     @property
     def leader(self) -> Request:
@@ -116,7 +170,12 @@ class Request:
     num_cached: int = 0  # own tokens whose K/V are in the cache
     num_preemptions: int = 0
     output_token_ids: list[int] = field(default_factory=list)
-    output_logprobs: list[float] = field(default_factory=list)  # with `logprobs`
+    output_logprobs: list[float] = field(default_factory=list)  # with `records_logprobs`
+    # With sampling.logprobs: each output token's most likely alternatives, (id, log-prob).
+    output_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    # With sampling.prompt_logprobs: prompt token i (i >= 1) given what precedes it, at index
+    # i - 1, as (its log-prob, its top alternatives); filled chunk by chunk during prefill.
+    prompt_logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
     group: RequestGroup | None = field(default=None, repr=False)  # set by RequestGroup
     finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
     error: RequestFailed | None = None  # why it failed, when finish_reason is "error"
@@ -175,15 +234,25 @@ class Request:
         return self.prefix_len + self.num_cached
 
     @property
+    def records_logprobs(self) -> bool:
+        """Each chosen token's log-probability is kept (asked for, or an ensemble's vote)."""
+        return self.logprobs or self.sampling.logprobs is not None
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        return self.sampling.prompt_logprobs is not None
+
+    @property
     def lockstep_group(self) -> RequestGroup | None:
         return self.group if self.group is not None and self.group.lockstep else None
 
     @property
     def rows(self) -> list[Request]:
         """The rows admitted, preempted and cancelled with this one: all of its group's while
-        the group waits for admission, and ever after for a lockstep group; else itself."""
+        the group waits for admission or for its prompt (`shares_prompt`), and ever after for a
+        lockstep group; else itself."""
         group = self.group
-        if group is not None and (group.lockstep or not group.admitted):
+        if group is not None and (group.lockstep or not group.admitted or group.waits_for_fork):
             return list(group.members)
         return [self]
 

@@ -21,7 +21,7 @@ graph); it computes the same thing, and the tests hold the paths token-equal.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch.nn.attention.flex_attention import BlockMask
@@ -33,6 +33,8 @@ from server.engine.blocks import SCRATCH_BLOCK, ZERO_BLOCK
 from server.engine.cuda_graphs import CudaGraphs
 from server.engine.ensemble import mean_of_groups
 from server.engine.kv_cache import GroupedRead, PagedKVCache
+from server.engine.logits_processing import process_logits
+from server.engine.logprobs import ChosenLogprobs, chosen_tensor, score_tokens, unpack_chosen
 from server.engine.packed import pack
 from server.engine.paged_attention import PagedBlockMask
 from server.engine.request import Request
@@ -61,12 +63,14 @@ class ModelRunner:
         static_decode: bool = False,
         cuda_graphs: bool = False,
         paged_attention: bool = False,
+        eos_token_ids: frozenset[int] = frozenset(),
     ) -> None:
         """`max_rows` and `max_len` bound the static decode path's buckets (rows per step,
         positions per row); `cuda_graphs` replays that path from CUDA graphs;
         `paged_attention` reads K/V in place through the block tables instead of gathering."""
         self.model = model
         self.spec = spec
+        self.eos_token_ids = eos_token_ids  # masked for rows short of their min_tokens
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.block_size = block_size
@@ -115,23 +119,35 @@ class ModelRunner:
     @torch.inference_mode()
     def step(self, rows: Sequence[ScheduledRow]) -> list[int | None]:
         """Feed every row its tokens; return the next token id of each row that samples (in
-        order), or None for one whose logits are not finite (its own values overflowed)."""
+        order), or None for one whose logits are not finite (its own values overflowed).
+
+        A row fed nothing that takes its logits from another row (`logits_of`: one of `n`
+        choices that share a prompt) samples its own token from that row's distribution."""
         sampling = [row.request for row in rows if row.samples]
-        groups = [list(rows)] if self.packs else plan_forwards(rows, self.forward_overhead_tokens)
+        fed = [row for row in rows if row.num_tokens > 0]
+        groups = [fed] if self.packs else plan_forwards(fed, self.forward_overhead_tokens)
         with attention_kernels(self.device, self.dtype):
-            logits = [self._run(group) for group in groups]
+            logits = [self._run(group) for group in groups if group]
         ordered = [row.request for group in groups for row in group if row.samples]
+        sharing = [row for row in rows if row.logits_of is not None]
+        if sharing:
+            index_of = {id(request): i for i, request in enumerate(ordered)}
+            shared = torch.tensor([index_of[id(row.logits_of)] for row in sharing])
+            logits.append(torch.cat(logits)[shared.to(self.device)])
+            ordered += [row.request for row in sharing]
         next_ids: list[int] = []
-        logprobs: list[float | None] = []
+        chosen: list[ChosenLogprobs | None] = []
         if ordered:
-            next_ids, logprobs = self._choose(torch.cat(logits), ordered)
+            next_ids, chosen = self._choose(torch.cat(logits), ordered)
         # Only now, when nothing can raise any more: a step that raised advanced no row, so the
         # engine can run its rows again, alone, to find the one that fails.
         for row in rows:
             row.request.num_cached += row.num_tokens
-        for request, token, logprob in zip(ordered, next_ids, logprobs, strict=True):
-            if logprob is not None and token >= 0:
-                request.output_logprobs.append(logprob)
+        for request, token, logprobs in zip(ordered, next_ids, chosen, strict=True):
+            if logprobs is not None and token >= 0:
+                request.output_logprobs.append(logprobs[0])
+                if request.sampling.logprobs is not None:
+                    request.output_top_logprobs.append(logprobs[1])
         by_request = {
             id(r): (t if t >= 0 else None) for r, t in zip(ordered, next_ids, strict=True)
         }
@@ -139,27 +155,52 @@ class ModelRunner:
 
     def _choose(
         self, logits: torch.Tensor, requests: list[Request]
-    ) -> tuple[list[int], list[float | None]]:
+    ) -> tuple[list[int], list[ChosenLogprobs | None]]:
         """Each row's next token id (-1 where its logits are not finite: its own values
-        overflowed) and the chosen token's log-probability for each row that records them
-        (None for the others), in one device-to-host read."""
+        overflowed) and, for each row that records them, the chosen token's log-probability
+        and its most likely alternatives (None for the others), in one device-to-host read."""
         combined, source = mean_of_groups(logits, requests)
         finite = torch.isfinite(combined).all(dim=-1)
-        next_ids = torch.where(finite, sample(combined, requests), -1)
+        processed = process_logits(combined, requests, self.eos_token_ids)
+        next_ids = torch.where(finite, sample(processed, requests), -1)
         if source is not None:  # a lockstep group's rows take their leader's token
             next_ids = next_ids[source]
-        wanting = [i for i, r in enumerate(requests) if r.logprobs]
+        wanting = [i for i, r in enumerate(requests) if r.records_logprobs]
         if not wanting:
             return next_ids.tolist(), [None] * len(requests)
         rows = torch.tensor(wanting, device=logits.device)
-        chosen = next_ids[rows].clamp(min=0)[:, None]
-        picked = logits[rows].log_softmax(dim=-1).gather(1, chosen)[:, 0]
-        # float64 holds every token id exactly.
-        both = torch.cat([next_ids.double(), picked.double()]).tolist()
-        logprobs: list[float | None] = [None] * len(requests)
-        for i, logprob in zip(wanting, both[len(requests) :], strict=True):
-            logprobs[i] = logprob
-        return [int(t) for t in both[: len(requests)]], logprobs
+        top = [requests[i].sampling.logprobs or 0 for i in wanting]
+        log_probs = combined[rows].log_softmax(dim=-1)
+        read = chosen_tensor(log_probs, next_ids[rows], max(top))
+        # float64 holds every token id exactly: the ids and the log-probs in one read.
+        host = torch.cat([next_ids.double(), read]).tolist()
+        found = unpack_chosen(host[len(requests) :], top)
+        chosen: list[ChosenLogprobs | None] = [None] * len(requests)
+        for i, logprobs in zip(wanting, found, strict=True):
+            chosen[i] = logprobs
+        return [int(t) for t in host[: len(requests)]], chosen
+
+    def _score_prompts(
+        self, rows: Sequence[ScheduledRow], hidden_of: Callable[[int, int, int], torch.Tensor]
+    ) -> None:
+        """Record the log-probs of the prompt tokens that this step's fed tokens predict, for
+        the rows that ask (`hidden_of(row, start, end)`: the hidden states of the row's fed
+        tokens start..end-1, counted from its first fed one). Positions already scored (a row
+        recomputed after a preemption, or a step retried) are not scored again."""
+        for i, row in enumerate(rows):
+            request = row.request
+            if not request.wants_prompt_logprobs:
+                continue
+            first = request.num_cached  # own index of the row's first fed token
+            # Own token j predicts prompt token j + 1, recorded at prompt_logprobs[j].
+            begin = max(first, len(request.prompt_logprobs))
+            end = min(first + row.num_tokens, len(request.prompt_token_ids) - 1)
+            if begin >= end:
+                continue
+            targets = request.prompt_token_ids[begin + 1 : end + 1]
+            top = request.sampling.prompt_logprobs or 0
+            hidden = hidden_of(i, begin - first, end - first)
+            request.prompt_logprobs += score_tokens(hidden, targets, top, self._logits)
 
     def _run(self, rows: Sequence[ScheduledRow]) -> torch.Tensor:
         key = None if self.static is None else self.static.key(rows)
@@ -182,6 +223,8 @@ class ModelRunner:
         # A 4D mask is what makes transformers pass it through untouched; attention reads the
         # groups' own masks instead.
         hidden = self._hidden(batch.input_ids, batch.positions, self._no_mask, batch.read)
+        firsts = batch.firsts
+        self._score_prompts(rows, lambda i, lo, hi: hidden[0, firsts[i] + lo : firsts[i] + hi])
         if not batch.last_tokens.numel():
             return hidden.new_zeros((0, self.spec.vocab_size), dtype=torch.float32)
         return self._logits(hidden[0, batch.last_tokens])
@@ -214,6 +257,7 @@ class ModelRunner:
         scratch = SCRATCH_BLOCK * block_size + offsets % block_size
         self.cache.bind(torch.where(real, own_slots, scratch), tables)
         hidden = self._hidden(input_ids, positions, self._mask(positions, tables))
+        self._score_prompts(rows, lambda i, lo, hi: hidden[i, lo:hi])
         picked = [i for i, row in enumerate(rows) if row.samples]
         if not picked:
             return hidden.new_zeros((0, self.spec.vocab_size), dtype=torch.float32)

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from prefixes import CompiledPrefix
 from server.engine.blocks import RESERVED_BLOCKS, BlockPool, PrefixBlocks, ResidentPrefix
 from server.engine.config import EngineConfig
-from server.engine.request import Request, RequestStatus
+from server.engine.request import Request, RequestGroup, RequestStatus
 from server.engine.step_cost import RowShape, StepCostModel, max_chunk
 
 
@@ -44,11 +44,14 @@ from server.engine.step_cost import RowShape, StepCostModel, max_chunk
 class ScheduledRow:
     request: Request
     num_tokens: int  # fed this step, from request.num_cached on
+    # One of `n` choices sharing a prompt (request.RequestGroup.shares_prompt), fed nothing:
+    # it samples its first token from this row's logits.
+    logits_of: Request | None = None
 
     @property
     def samples(self) -> bool:
         """This step feeds the row's last pending token, so its next token is sampled."""
-        return self.num_tokens == self.request.num_pending
+        return self.logits_of is not None or self.num_tokens == self.request.num_pending
 
 
 @dataclass
@@ -199,19 +202,19 @@ class Scheduler:
             if request.status is not RequestStatus.RUNNING or id(request) in scheduled:
                 continue  # preempted by a row before it in this loop, or fed with its group
             unit = request.rows  # a lockstep group's rows hold the same number of tokens
-            decoding = request.num_pending == 1
+            fed = fed_rows(unit)
+            decoding = fed[0].num_pending == 1
             tokens = 1
             if not decoding:
-                tokens = budget.chunk([r.next_position for r in unit], request.num_pending)
+                tokens = budget.chunk([r.next_position for r in fed], fed[0].num_pending)
                 if tokens <= 0:
                     continue
-            if not self._grow_or_preempt(unit, tokens, scheduled, plan):
+            if not self._grow_or_preempt(unit, tokens, scheduled, plan, fed):
                 continue
-            for row in unit:
-                plan.rows.append(ScheduledRow(row, tokens))
-                scheduled.add(id(row))
+            plan.rows += scheduled_rows(unit, fed, tokens)
+            scheduled.update(id(row) for row in unit)
             if not decoding:  # decode tokens are in the budget from the start
-                budget.take([r.next_position for r in unit], tokens)
+                budget.take([r.next_position for r in fed], tokens)
         if not plan.preempted:  # blocks are short: let the running rows finish first
             self._admit(plan, budget)
         plan.zero_blocks, self.pool.to_zero = self.pool.to_zero, []
@@ -237,7 +240,8 @@ class Scheduler:
                 # admitted until enough running rows finish (each within its own length).
                 break
             self.turns.rotate(-1)
-            starts = [row.next_position for row in rows]
+            fed = fed_rows(rows)
+            starts = [row.next_position for row in fed]
             chunk = budget.chunk(starts, request.num_pending)
             if not (chunk > 0 and self._may_run(tenant, len(rows)) and self._start(rows, chunk)):
                 passes_without_admission += 1
@@ -250,8 +254,8 @@ class Scheduler:
                 request.group.admitted = True
             for row in rows:
                 self._attach_prefix(row, plan)
-                plan.rows.append(ScheduledRow(row, chunk))
                 plan.admitted.append(row)
+            plan.rows += scheduled_rows(rows, fed, chunk)
             budget.take(starts, chunk)
 
     def _may_run(self, tenant: str, num_rows: int) -> bool:
@@ -268,7 +272,11 @@ class Scheduler:
         """Give newcomers their prefixes' blocks and room for their first chunk, all or none;
         False (and nothing changed) if the pool cannot, even after evicting unused prefixes."""
         needed, keep = 0, set()
+        waiting = [r for r in rows if waits_for_prompt(r)]
+        needed += len(waiting)  # a block each for its copy of the prompt's partial last block
         for request in rows:
+            if waits_for_prompt(request):
+                continue
             prefix = request.prefix
             needed += -(-(request.next_position + chunk) // self.block_size)
             if prefix is not None:
@@ -280,6 +288,10 @@ class Scheduler:
         if not self._ensure_free(needed, keep=keep):
             return False
         for request in rows:
+            if waits_for_prompt(request):
+                request.block_table = self.pool.allocate(1)
+                self._run(request)
+                continue
             end_blocks = -(-(request.next_position + chunk) // self.block_size)
             table: list[int] = []
             if request.prefix is not None:
@@ -288,14 +300,47 @@ class Scheduler:
                 )
                 self._resident[request.request_id] = resident
             request.block_table = table + self.pool.allocate(end_blocks - len(table))
-            request.status = RequestStatus.RUNNING
-            self.running.append(request)
-            self.running_per_tenant[request.tenant] += 1
+            self._run(request)
         return True
+
+    def _run(self, request: Request) -> None:
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
+        self.running_per_tenant[request.tenant] += 1
+
+    def fork(self, group: RequestGroup) -> list[tuple[int, int]]:
+        """The step that fed a shared prompt's last token ran: every other choice takes the
+        leader's blocks (its full ones shared; the partial last one into the block each
+        reserved) and its place. Returns the (source, target) block copies to make now,
+        before the leader's next token is written into that partial block."""
+        leader = group.leader
+        end = leader.next_position
+        full = leader.block_table[: end // self.block_size]
+        partial = leader.block_table[end // self.block_size] if end % self.block_size else None
+        resident = self._resident.get(leader.request_id)
+        copies = []
+        for follower in group.members[1:]:
+            (reserved,) = follower.block_table
+            self.pool.share(full)
+            if partial is None:
+                self.pool.release([reserved])
+                follower.block_table = list(full)
+            else:
+                follower.block_table = [*full, reserved]
+                copies.append((partial, reserved))
+            follower.num_cached = leader.num_cached
+            follower.prompt_logprobs = list(leader.prompt_logprobs)
+            if resident is not None:
+                resident.users += 1
+                self._resident[follower.request_id] = resident
+        group.forked = True
+        return copies
 
     def _attach_prefix(self, request: Request, plan: Schedule) -> None:
         """Plan what the row's prefix needs before the forward: its KV written into the pool
         (the first row to attach it), a copy of its partial block into the row's own."""
+        if waits_for_prompt(request):
+            return  # takes the leader's blocks, prefix included, at the fork
         resident = self._resident.get(request.request_id)
         if resident is None or request.prefix is None:
             return
@@ -307,19 +352,24 @@ class Scheduler:
             plan.block_copies.append((partial, request.block_table[len(resident.blocks) - 1]))
 
     def _grow_or_preempt(
-        self, unit: list[Request], tokens: int, scheduled: set[int], plan: Schedule
+        self,
+        unit: list[Request],
+        tokens: int,
+        scheduled: set[int],
+        plan: Schedule,
+        fed: list[Request],
     ) -> bool:
-        """Blocks for `tokens` more positions of each running row of `unit`, preempting the
+        """Blocks for `tokens` more positions of each `fed` row of `unit`, preempting the
         most recently admitted unscheduled rows (or the unit itself, last) when the pool is dry.
         False if the unit itself was preempted."""
-        needed = sum(max(0, self._blocks_short(request, tokens)) for request in unit)
+        needed = sum(max(0, self._blocks_short(request, tokens)) for request in fed)
         while not self._ensure_free(needed):
             victims = [r for r in self.running if id(r) not in scheduled and r not in unit]
             victim = victims[-1] if victims else unit[0]
             self._preempt(victim, plan)
             if victim in unit:
                 return False
-        for request in unit:
+        for request in fed:
             short = self._blocks_short(request, tokens)
             if short > 0:
                 request.block_table += self.pool.allocate(short)
@@ -356,3 +406,24 @@ class Scheduler:
     def _drop_tenant(self, tenant: str) -> None:
         del self.queues[tenant]
         self.turns.remove(tenant)
+
+
+def waits_for_prompt(request: Request) -> bool:
+    """One of `n` choices, not the leader, before the leader's prompt is in (fork)."""
+    group = request.group
+    return group is not None and group.waits_for_fork and request is not group.leader
+
+
+def fed_rows(unit: list[Request]) -> list[Request]:
+    """The rows of a unit fed tokens this step: a shared prompt's leader alone, else all."""
+    return [row for row in unit if not waits_for_prompt(row)]
+
+
+def scheduled_rows(unit: list[Request], fed: list[Request], tokens: int) -> list[ScheduledRow]:
+    """`fed` rows get `tokens` each; the choices waiting for a shared prompt join the step in
+    which its leader samples, to sample from the leader's logits."""
+    rows = [ScheduledRow(row, tokens) for row in fed]
+    leader = fed[0]
+    if len(fed) < len(unit) and tokens == leader.num_pending:
+        rows += [ScheduledRow(row, 0, logits_of=leader) for row in unit if row not in fed]
+    return rows
