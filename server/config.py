@@ -96,6 +96,9 @@ class Settings(BaseSettings):
     max_virtual_tokens: int = Field(256, ge=1, description="largest prefix length accepted")
     max_new_tokens_limit: int = Field(4096, ge=1, description="largest max_new_tokens accepted")
     max_prompts_per_call: int = Field(16, ge=1, description="prompts in one /v1/completions call")
+    max_choices: int = Field(
+        16, ge=1, le=128, description="n: choices of one prompt (rows decoded together)"
+    )
     max_ensemble_members: int = Field(
         16, ge=2, le=256, description="prefixes in one prompt ensemble (rows decoded together)"
     )

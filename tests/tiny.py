@@ -130,6 +130,16 @@ def peft_greedy(peft_model: PeftModel, prompt: list[int], max_new_tokens: int) -
     return out[0, len(prompt) :].tolist()
 
 
+def log_probs_of(model: torch.nn.Module, tokens: list[int]) -> torch.Tensor:
+    """The model's (a PEFT model's, or the base model's) log-softmax at every position of
+    `tokens`, `[len, V]`: position i is the distribution of token i + 1. Prompt tuning and
+    P-tuning put their virtual tokens' logits first: they are cut off."""
+    ids = torch.tensor([tokens], device=model.device)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0]
+    return logits[-len(tokens) :].float().log_softmax(dim=-1)
+
+
 def base_greedy(model: PreTrainedModel, prompt: list[int], max_new_tokens: int) -> list[int]:
     ids = torch.tensor([prompt], device=model.device)
     with torch.no_grad():

@@ -49,16 +49,20 @@ class Job:
     sampling: SamplingParams
     stream: bool
     ensemble: Ensemble | None = None  # set instead of `prefix`
+    choices: int = 1  # n: rows per prompt, prefilled once (RequestGroup.shares_prompt)
 
 
 class Encoder(Protocol):
-    """A protocol's response shapes. One encoder per HTTP request, so it may keep state."""
+    """A protocol's response shapes. One encoder per HTTP request, so it may keep state.
+    A streamed choice's `index` is its place among the request's streams."""
 
     def result(self, results: list[Result]) -> Any: ...
 
-    def opening(self) -> list[dict[str, Any]]: ...
+    def opening(self, choices: int) -> list[dict[str, Any]]: ...
 
-    def chunk(self, chunk: Chunk, stream: RequestStream) -> dict[str, Any]: ...
+    def chunk(self, chunk: Chunk, stream: RequestStream, index: int) -> dict[str, Any]: ...
+
+    def closing(self, streams: list[RequestStream]) -> list[dict[str, Any]]: ...
 
 
 async def respond(
@@ -67,6 +71,13 @@ async def respond(
     """Run a job whose prefix reference is resolved already (`with_stored_ensemble`)."""
     if job.stream and len(job.prompts) > 1:
         raise ApiError(400, "invalid_request", "prompt: streaming takes one prompt")
+    if job.choices > 1 and job.ensemble is not None:
+        raise ApiError(
+            400,
+            "invalid_request",
+            "n: an ensemble answers one choice per prompt; ask for n = 1",
+            field="n",
+        )
     voting = job.ensemble is not None and job.ensemble.method is EnsembleMethod.VOTE
     if voting and job.stream:
         raise ApiError(
@@ -88,7 +99,7 @@ async def respond(
         return encoder.result(await collect_votes(server, job.ensemble, started, http_request))
     streams = [stream for streams in started for stream in streams]
     if job.stream:
-        events = sse_events(streams[0], encoder)
+        events = sse_events(streams, encoder)
         return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
     return encoder.result(await collect_all(streams, http_request))
 
@@ -164,7 +175,13 @@ async def chat_prompt(server: Ready, messages: list[dict[str, Any]]) -> list[int
 
 
 def sampling_params(
-    server: Ready, fields: SamplingFields, *, max_new_tokens: int, ignore_eos: bool = False
+    server: Ready,
+    fields: SamplingFields,
+    *,
+    max_new_tokens: int,
+    ignore_eos: bool = False,
+    logprobs: int | None = None,
+    prompt_logprobs: int | None = None,
 ) -> SamplingParams:
     """The schema bounds every field; what depends on this server and model is checked here."""
     limit = server.settings.max_new_tokens_limit
@@ -182,6 +199,15 @@ def sampling_params(
             f"top_k: expected at most the vocabulary size {vocab}, found {fields.top_k}",
             field="top_k",
         )
+    bias = tuple((int(token), value) for token, value in (fields.logit_bias or {}).items())
+    outside = [token for token, _ in bias if token >= vocab]
+    if outside:
+        raise ApiError(
+            400,
+            "invalid_request",
+            f"logit_bias: expected token ids in [0, {vocab}), found {outside[0]}",
+            field="logit_bias",
+        )
     return SamplingParams(
         max_new_tokens=max_new_tokens,
         temperature=fields.temperature,
@@ -190,7 +216,30 @@ def sampling_params(
         seed=fields.seed,
         stop=tuple(fields.stop or ()),
         ignore_eos=ignore_eos,
+        logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
+        logit_bias=bias,
+        min_tokens=fields.min_tokens,
+        repetition_penalty=fields.repetition_penalty,
+        frequency_penalty=fields.frequency_penalty,
+        presence_penalty=fields.presence_penalty,
     )
+
+
+def check_choices(server: Ready, n: int) -> int:
+    """`n` within the server's limit and what one tenant may run at once."""
+    config = server.engine.core.config
+    limits = [server.settings.max_choices, config.num_slots]
+    if config.max_running_per_tenant:
+        limits.append(config.max_running_per_tenant)
+    if n > min(limits):
+        raise ApiError(
+            400,
+            "invalid_request",
+            f"n: expected at most {min(limits)} (choices decoded together), found {n}",
+            field="n",
+        )
+    return n
 
 
 # Running -------------------------------------------------------------------------------------
@@ -269,14 +318,17 @@ async def start(server: Ready, tenant: str, prompt: list[int], job: Job) -> list
             tenant=tenant,
             stream_text=job.stream,
         )
-    if job.prefix is None:
-        return [server.engine.submit(prompt, job.sampling, tenant=tenant, stream_text=job.stream)]
-    # "" is a reference too (an invalid one), not the base model.
-    prefix, release = await pin(server, tenant, job.prefix)
-    stream = server.engine.submit(
-        prompt, job.sampling, prefix=prefix, release=release, tenant=tenant, stream_text=job.stream
+    member: tuple[CompiledPrefix | None, Release | None] = (None, None)
+    if job.prefix is not None:  # "" is a reference too (an invalid one), not the base model
+        member = await pin(server, tenant, job.prefix)
+    return server.engine.submit_group(
+        prompt,
+        job.sampling,
+        [member],
+        tenant=tenant,
+        stream_text=job.stream,
+        choices=job.choices,
     )
-    return [stream]
 
 
 async def start_all(server: Ready, tenant: str, job: Job) -> list[list[RequestStream]]:
@@ -338,17 +390,56 @@ async def collect_all(streams: list[RequestStream], http_request: Request) -> li
 # Streaming -----------------------------------------------------------------------------------
 
 
-async def sse_events(stream: RequestStream, encoder: Encoder) -> AsyncIterator[str]:
-    """The one SSE writer: the protocol's events, a failure as an error event, then [DONE]."""
-    for event in encoder.opening():
+async def sse_events(streams: list[RequestStream], encoder: Encoder) -> AsyncIterator[str]:
+    """The one SSE writer: the protocol's events (the choices' chunks as they come), a failure
+    as an error event, then [DONE]."""
+    for event in encoder.opening(len(streams)):
         yield sse(event)
     try:
-        async for chunk in stream:
-            yield sse(encoder.chunk(chunk, stream))
+        async for index, chunk in interleaved(streams):
+            yield sse(encoder.chunk(chunk, streams[index], index))
+        for event in encoder.closing(streams):
+            yield sse(event)
     except RequestFailed as exc:
         error = to_api_error(exc)
         yield sse(error_body(error.type, error.message))
     yield sse("[DONE]")
+
+
+async def interleaved(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Chunk]]:
+    """Every stream's chunks, each as soon as it comes, with its stream's index; the first
+    failure ends it (the others are then cancelled by the caller's cleanup)."""
+    if len(streams) == 1:
+        async for chunk in streams[0]:
+            yield 0, chunk
+        return
+    queue: asyncio.Queue[tuple[int, Chunk | BaseException | None]] = asyncio.Queue()
+
+    async def pump(index: int, stream: RequestStream) -> None:
+        try:
+            async for chunk in stream:
+                queue.put_nowait((index, chunk))
+        except BaseException as exc:  # handed to the reader, which raises it
+            queue.put_nowait((index, exc))
+            return
+        queue.put_nowait((index, None))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        running = len(streams)
+        while running:
+            index, item = await queue.get()
+            if item is None:
+                running -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        for stream in streams:
+            stream.cancel()
 
 
 def sse(data: dict[str, Any] | str) -> str:

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    field_validator,
+    model_validator,
+)
 
 from prefixes.records import QUOTA_LIMITS
 
@@ -16,6 +23,14 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256  # every stop string is searched for after every token
 MAX_TOKENS_FIELD = 1 << 20  # max_tokens, max_new_tokens: the server's own limit is lower
 MAX_ENSEMBLE_FIELD = 256  # prefixes in an ensemble: the server's own limit is lower
+MAX_LOGPROBS = 20  # top log-probabilities per token, as OpenAI and vLLM allow
+MAX_LOGIT_BIAS = 300  # entries, as OpenAI allows
+MAX_BIAS = 100.0
+MAX_PENALTY = 2.0  # presence and frequency penalties, OpenAI's range
+MAX_REPETITION_PENALTY = 10.0
+MAX_CHOICES_FIELD = 128  # n: the server's own limit is lower
+MAX_TOKENIZE_CHARS = 1 << 20  # a text to tokenize (/tokenize); the body limit is lower by default
+MAX_CHAT_MESSAGES = 4096  # messages in one conversation to tokenize (/tokenize)
 
 # Ids past the vocabulary are refused against the model (400), before any tensor is built.
 TokenIds = list[Annotated[int, Field(ge=0)]]
@@ -70,6 +85,15 @@ class SamplingFields(BaseModel):
     top_k: int = Field(0, ge=0, le=MAX_TOP_K)
     seed: int | None = Field(None, ge=0, lt=2**63)
     stop: list[str] | str | None = None
+    # Logits processing (docs/api.md, "Penalties and bias"), per request, before sampling.
+    presence_penalty: float = Field(0.0, ge=-MAX_PENALTY, le=MAX_PENALTY)
+    frequency_penalty: float = Field(0.0, ge=-MAX_PENALTY, le=MAX_PENALTY)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=MAX_REPETITION_PENALTY)
+    # token id (as a string, as OpenAI sends it) -> a value added to its logit
+    logit_bias: dict[str, Annotated[float, Field(ge=-MAX_BIAS, le=MAX_BIAS)]] | None = Field(
+        None, max_length=MAX_LOGIT_BIAS
+    )
+    min_tokens: int = Field(0, ge=0, le=MAX_TOKENS_FIELD)
 
     @field_validator("temperature")
     @classmethod
@@ -93,6 +117,14 @@ class SamplingFields(BaseModel):
             )
         return stops
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_ids(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for key in value or {}:
+            if not key.isdigit():
+                raise ValueError(f"expected token ids as keys, found {key!r}")
+        return value
+
 
 class GenerateRequest(SamplingFields, Strict):
     prompt: str | TokenIds
@@ -100,9 +132,14 @@ class GenerateRequest(SamplingFields, Strict):
     # A prompt ensemble: these prefixes instead of `prefix`, combined by `ensemble`.
     prefixes: list[str] | None = Field(None, max_length=MAX_ENSEMBLE_FIELD)
     ensemble: Literal["vote", "mean"] | None = None
-    max_new_tokens: int = Field(64, ge=1, le=MAX_TOKENS_FIELD)
+    # 0 only scores the prompt (with prompt_logprobs)
+    max_new_tokens: int = Field(64, ge=0, le=MAX_TOKENS_FIELD)
     ignore_eos: bool = False
     stream: bool = False
+    # Log-probs of each generated token and of each prompt token, each with this many most
+    # likely alternatives (docs/api.md, "Log-probabilities").
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
 
 class Usage(BaseModel):
@@ -128,12 +165,26 @@ class EnsembleOutcome(BaseModel):
     votes: dict[str, int] | None = None  # vote: how many members gave each text
 
 
+class TopLogprob(BaseModel):
+    token_id: int
+    logprob: float
+
+
+class TokenLogprob(BaseModel):
+    token_id: int
+    logprob: float
+    top_logprobs: list[TopLogprob]
+
+
 class GenerateResponse(BaseModel):
     text: str
     token_ids: list[int]
     finish_reason: str
     usage: Usage
     ensemble: EnsembleOutcome | None = None
+    logprobs: list[TokenLogprob] | None = None  # with `logprobs`: one per token_ids
+    # with `prompt_logprobs`: one per prompt token, the first null (nothing precedes it)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 class EnsembleCreate(Strict):
@@ -189,22 +240,26 @@ class PrefixPage(BaseModel):
     next: str | None
 
 
+class StreamOptions(Strict):
+    include_usage: bool = False  # a last chunk with the usage and no choices
+
+
 # OpenAI-compatible bodies. Unknown fields are accepted (clients send many); fields we cannot
 # honour are refused with a clear 400 when set to anything but their default.
 class OpenAIBase(SamplingFields):
     model_config = ConfigDict(extra="allow")
 
     model: str
-    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_FIELD)
-    n: int = Field(1, ge=1)
+    n: int = Field(1, ge=1, le=MAX_CHOICES_FIELD)
     stream: bool = False
-    logprobs: bool | int | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    stream_options: StreamOptions | None = None
 
 
 class CompletionRequest(OpenAIBase):
     prompt: str | list[str] | TokenIds | list[TokenIds]
+    # 0 only with echo: the prompt scored, nothing generated
+    max_tokens: int | None = Field(None, ge=0, le=MAX_TOKENS_FIELD)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     best_of: int | None = None
 
@@ -218,7 +273,10 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(OpenAIBase):
     messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_FIELD)
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_FIELD)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # with logprobs only
 
 
 # Tenant administration: keys and quotas (docs/api.md).
@@ -425,3 +483,57 @@ class EventList(BaseModel):
     object: Literal["list"] = "list"
     data: list[EventObject]
     has_more: bool
+
+
+# vLLM's tokenizer routes: /tokenize, /detokenize, /tokenizer_info (docs/api.md). `model` is
+# accepted and ignored: tokenization is the base model's, whatever prefix a request names.
+class TokenizeRequest(Strict):
+    """vLLM's two bodies in one: a text `prompt`, or chat `messages` (through the model's chat
+    template); exactly one of them."""
+
+    model: str | None = None
+    prompt: str | None = Field(None, max_length=MAX_TOKENIZE_CHARS)
+    messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=MAX_CHAT_MESSAGES)
+    # messages only; default true
+    add_generation_prompt: StrictBool | None = None
+    # default: true for a prompt, false for messages (the chat template writes its own)
+    add_special_tokens: StrictBool | None = None
+    return_token_strs: StrictBool = False
+
+    @model_validator(mode="after")
+    def _prompt_or_messages(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("expected exactly one of prompt and messages")
+        if self.prompt is not None and self.add_generation_prompt is not None:
+            raise ValueError("add_generation_prompt: only with messages")
+        return self
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int  # positions per request on this server: prefix + prompt + output
+    tokens: list[int]
+    token_strs: list[str] | None = None  # with return_token_strs only
+
+
+class DetokenizeRequest(Strict):
+    model: str | None = None
+    # JSON integers only: "5", 5.5 and true are refused, not read as ids
+    tokens: list[Annotated[int, Field(ge=0, strict=True)]] = Field(max_length=MAX_TOKENS_FIELD)
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class TokenizerInfo(BaseModel):
+    """What lm-evaluation-harness's remote tokenizer reads (tokenizer_config.json's names)."""
+
+    tokenizer_class: str
+    bos_token: str | None
+    eos_token: str | None
+    pad_token: str | None
+    unk_token: str | None
+    model_max_length: int  # this server's, as max_model_len on /tokenize
+    chat_template: str | None
+    vocab_size: int  # the tokenizer's, with its added tokens

@@ -22,6 +22,7 @@ from server.engine.blocks import RESERVED_BLOCKS
 from server.engine.config import EngineConfig
 from server.engine.core import EngineCore, StepOutput
 from server.engine.gate import AdmissionGate
+from server.engine.logprobs import ChosenLogprobs
 from server.engine.metrics import EngineMetrics
 from server.engine.request import (
     InvalidRequest,
@@ -320,4 +321,14 @@ class Engine:
             else:
                 stream = self._streams.get(request.request_id)
             if stream is not None and (out.token_ids or out.text or request.finished):
-                stream.push(Chunk(out.token_ids, out.text, request.finish_reason))
+                logprobs = chunk_logprobs(request, len(out.token_ids))
+                stream.push(Chunk(out.token_ids, out.text, request.finish_reason, logprobs))
+
+
+def chunk_logprobs(request: Request, new_tokens: int) -> list[ChosenLogprobs]:
+    """The log-probs of a request's `new_tokens` last tokens, when it asked for them."""
+    if request.sampling.logprobs is None or not new_tokens:
+        return []
+    chosen = request.output_logprobs[-new_tokens:]
+    top = request.output_top_logprobs[-new_tokens:]
+    return list(zip(chosen, top, strict=True))

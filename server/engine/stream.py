@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from server.engine.logprobs import ChosenLogprobs
 from server.engine.request import NonFiniteOutput, Request, RequestFailed
 
 __all__ = ["Chunk", "NonFiniteOutput", "RequestFailed", "RequestStream", "Result"]
@@ -16,6 +17,8 @@ class Chunk:
     token_ids: list[int]
     text: str
     finish_reason: str | None = None  # set on the last chunk
+    # With sampling.logprobs: each of token_ids' log-prob and top alternatives.
+    logprobs: list[ChosenLogprobs] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +28,9 @@ class Result:
     finish_reason: str
     prompt_tokens: int
     prefix_tokens: int
+    logprobs: list[ChosenLogprobs] = field(default_factory=list)  # with sampling.logprobs
+    # With sampling.prompt_logprobs: prompt token i's at index i - 1 (the first has none).
+    prompt_logprobs: list[ChosenLogprobs] = field(default_factory=list)
 
 
 class RequestStream:
@@ -92,10 +98,12 @@ class RequestStream:
     async def result(self) -> Result:
         token_ids: list[int] = []
         text: list[str] = []
+        logprobs: list[ChosenLogprobs] = []
         reason = "stop"
         async for chunk in self:
             token_ids += chunk.token_ids
             text.append(chunk.text)
+            logprobs += chunk.logprobs
             reason = chunk.finish_reason or reason
         return Result(
             text="".join(text),
@@ -103,7 +111,14 @@ class RequestStream:
             finish_reason=reason,
             prompt_tokens=self.prompt_tokens,
             prefix_tokens=self.prefix_tokens,
+            logprobs=logprobs,
+            prompt_logprobs=self.prompt_logprobs,
         )
+
+    @property
+    def prompt_logprobs(self) -> list[ChosenLogprobs]:
+        """Complete once the first chunk has come (the prompt is scored before any token)."""
+        return list(self.request.prompt_logprobs)
 
     async def text(self) -> str:
         return (await self.result()).text

@@ -134,16 +134,23 @@ def test_chat_without_a_chat_template_is_400(worded: tuple[TestClient, LoadedMod
 
 
 REFUSED: list[tuple[dict[str, Any], int, tuple[str, ...]]] = [
-    ({"n": 2}, 400, ("n:", "not supported")),
+    ({"n": 5}, 400, ("n:", "at most 4")),  # the test server's slots
     ({"n": 0}, 422, ("n",)),
-    ({"logprobs": 1}, 400, ("logprobs",)),
-    ({"logprobs": True}, 400, ("logprobs",)),
-    ({"echo": True}, 400, ("echo",)),
+    ({"logprobs": 21}, 422, ("logprobs",)),
+    ({"logprobs": -1}, 422, ("logprobs",)),
+    ({"max_tokens": 0}, 400, ("max_tokens", "echo")),
     ({"best_of": 3}, 400, ("best_of",)),
-    ({"presence_penalty": 0.5}, 400, ("presence_penalty",)),
-    ({"frequency_penalty": -1}, 400, ("frequency_penalty",)),
+    ({"presence_penalty": 2.5}, 422, ("presence_penalty",)),
+    ({"frequency_penalty": -3}, 422, ("frequency_penalty",)),
+    ({"repetition_penalty": 0}, 422, ("repetition_penalty",)),
+    ({"min_tokens": -1}, 422, ("min_tokens",)),
+    ({"logit_bias": {"384": 1}}, 400, ("logit_bias", "384")),
+    ({"logit_bias": {"5": 101}}, 422, ("logit_bias",)),
+    ({"logit_bias": {"five": 1}}, 422, ("logit_bias", "five")),
+    ({"logit_bias": {str(i): 1 for i in range(301)}}, 422, ("logit_bias",)),
+    ({"stream_options": {"include_usage": True}}, 400, ("stream_options", "stream")),
+    ({"stream": True, "stream_options": {"include_usagee": True}}, 422, ("include_usagee",)),
     ({"max_tokens": 65}, 400, ("max_new_tokens", "64")),
-    ({"max_tokens": 0}, 422, ("max_tokens",)),
     ({"temperature": -1}, 422, ("temperature",)),
     ({"top_p": 0}, 422, ("top_p",)),
     ({"model": "nobody/nothing"}, 404, ("nobody/nothing", "not found")),
@@ -190,7 +197,7 @@ def test_chat_on_the_tiny_model_is_400(client: TestClient, tenant: TenantAuth) -
         "chat template",
     )
     assert_error(
-        client.post("/v1/chat/completions", json={**body, "n": 3}, headers=tenant.headers),
+        client.post("/v1/chat/completions", json={**body, "n": 9}, headers=tenant.headers),
         400,
         "n:",
     )

@@ -23,7 +23,7 @@ from server.engine.config import EngineConfig
 from server.engine.llm import LLM
 from server.engine.request import Request, RequestGroup, SamplingParams
 from server.engine.scheduler import Schedule
-from tests.tiny import ADAPTER_KINDS, make_adapter, tiny_loaded
+from tests.tiny import ADAPTER_KINDS, log_probs_of, make_adapter, tiny_loaded
 
 TOLERANCE = 1e-4
 TOP = 5
@@ -62,14 +62,7 @@ def compiled(llm: LLM, row: Row) -> CompiledPrefix | None:
 
 
 def reference_log_probs(row: Row, tokens: list[int]) -> torch.Tensor:
-    """The reference model's log-softmax at every position of `tokens` (`[len, V]`): position i
-    is the distribution of token i + 1. Prompt tuning and P-tuning put their virtual tokens'
-    logits first: they are cut off."""
-    ids = torch.tensor([tokens])
-    with torch.no_grad():
-        logits = row.model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0]
-    logits = logits[-len(tokens) :]
-    return logits.float().log_softmax(dim=-1)
+    return log_probs_of(row.model, tokens)
 
 
 def assert_top(found: list[tuple[int, float]], expected: torch.Tensor) -> None:

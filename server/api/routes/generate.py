@@ -18,6 +18,7 @@ from server.api.generation import (
     tokenize,
     with_stored_ensemble,
 )
+from server.api.logprob_shapes import native, scored_output, scored_prompt
 from server.api.query import reject_unknown_query
 from server.api.schemas import (
     ERROR_RESPONSES,
@@ -26,10 +27,12 @@ from server.api.schemas import (
     EnsembleOutcome,
     GenerateRequest,
     GenerateResponse,
+    TokenLogprob,
     Usage,
 )
 from server.api.services import Ready
 from server.api.voting import VotedResult
+from server.engine.request import SamplingParams
 from server.engine.stream import Chunk, RequestStream, Result
 
 router = APIRouter(responses=ERROR_RESPONSES, dependencies=[Depends(reject_unknown_query)])
@@ -44,14 +47,27 @@ router = APIRouter(responses=ERROR_RESPONSES, dependencies=[Depends(reject_unkno
 async def generate(
     body: GenerateRequest, http_request: Request, server: Server, tenant: Tenant
 ) -> GenerateResponse | StreamingResponse:
+    if body.max_new_tokens == 0 and body.prompt_logprobs is None:
+        raise ApiError(
+            400,
+            "invalid_request",
+            "max_new_tokens: 0 generates nothing; it only scores the prompt, with prompt_logprobs",
+            field="max_new_tokens",
+        )
     sampling = sampling_params(
-        server, body, max_new_tokens=body.max_new_tokens, ignore_eos=body.ignore_eos
+        server,
+        body,
+        max_new_tokens=body.max_new_tokens,
+        ignore_eos=body.ignore_eos,
+        logprobs=body.logprobs,
+        prompt_logprobs=body.prompt_logprobs,
     )
     prompt = await tokenize(server, body.prompt)
     job = Job([prompt], body.prefix, sampling, body.stream, ensemble_of(server, tenant, body))
     job = await with_stored_ensemble(server, tenant, job)
+    encoder = NativeEncoder(job.ensemble, prompt, sampling)
     response: GenerateResponse | StreamingResponse = await respond(
-        server, tenant, job, NativeEncoder(job.ensemble), http_request
+        server, tenant, job, encoder, http_request
     )
     return response
 
@@ -89,19 +105,34 @@ def usage(prompt_tokens: int, prefix_tokens: int, completion_tokens: int) -> Usa
 
 
 class NativeEncoder:
-    def __init__(self, ensemble: Ensemble | None = None) -> None:
+    def __init__(
+        self, ensemble: Ensemble | None, prompt: list[int], sampling: SamplingParams
+    ) -> None:
         self.generated = 0
         self.ensemble = ensemble
+        self.prompt = prompt
+        self.logprobs = sampling.logprobs is not None
+        self.prompt_logprobs = sampling.prompt_logprobs is not None
+        self.started = False  # a chunk was sent: the prompt's log-probs went with the first
 
     def result(self, results: list[Result]) -> GenerateResponse:
         (result,) = results
-        return GenerateResponse(
+        response = GenerateResponse(
             text=result.text,
             token_ids=result.token_ids,
             finish_reason=result.finish_reason,
             usage=usage(result.prompt_tokens, result.prefix_tokens, len(result.token_ids)),
             ensemble=self._outcome(result),
         )
+        if self.logprobs:
+            entries = native(scored_output(result.token_ids, result.logprobs))
+            response.logprobs = [TokenLogprob.model_validate(e) for e in entries]
+        if self.prompt_logprobs:
+            entries = native(scored_prompt(self.prompt, result.prompt_logprobs))
+            response.prompt_logprobs = [
+                None if e is None else TokenLogprob.model_validate(e) for e in entries
+            ]
+        return response
 
     def _outcome(self, result: Result) -> EnsembleOutcome | None:
         ensemble = self.ensemble
@@ -125,16 +156,24 @@ class NativeEncoder:
             outcome.votes = vote.counts
         return outcome
 
-    def opening(self) -> list[dict[str, Any]]:
+    def opening(self, choices: int) -> list[dict[str, Any]]:
         return []
 
-    def chunk(self, chunk: Chunk, stream: RequestStream) -> dict[str, Any]:
+    def closing(self, streams: list[RequestStream]) -> list[dict[str, Any]]:
+        return []  # the last chunk carries the usage
+
+    def chunk(self, chunk: Chunk, stream: RequestStream, index: int) -> dict[str, Any]:
+        first, self.started = not self.started, True
         self.generated += len(chunk.token_ids)
         event: dict[str, Any] = {
             "text": chunk.text,
             "token_ids": chunk.token_ids,
             "finish_reason": chunk.finish_reason,
         }
+        if self.logprobs:
+            event["logprobs"] = native(scored_output(chunk.token_ids, chunk.logprobs))
+        if self.prompt_logprobs and first:
+            event["prompt_logprobs"] = native(scored_prompt(self.prompt, stream.prompt_logprobs))
         if chunk.finish_reason is not None:
             counts = (stream.prompt_tokens, stream.prefix_tokens, self.generated)
             event["usage"] = usage(*counts).model_dump()
