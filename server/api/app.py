@@ -34,6 +34,7 @@ from server.api.routes import (
     openai,
     prefixes,
     tenants,
+    tokenizer,
 )
 from server.api.services import Services
 from server.config import Settings
@@ -72,6 +73,7 @@ def create_app(
     install_error_handlers(app)
     for module in (health, tenants, prefixes, ensembles, generate, openai, files, fine_tuning):
         app.include_router(module.router)
+    app.include_router(tokenizer.router)  # vLLM's /tokenize, /detokenize, /tokenizer_info
 
     metrics_registry = CollectorRegistry()
     http_metrics = HttpMetrics(metrics_registry)

@@ -18,7 +18,6 @@ from peft import PeftModel
 from server.models import LoadedModel, wrap_model
 from tests.api.conftest import (
     MakeClient,
-    TenantAuth,
     alone,
     assert_error,
     create_tenant,
@@ -65,8 +64,15 @@ def test_echo_with_logprobs_as_lm_eval_sends_it_equals_the_peft_model(
     assert upload(client, bob, peft_files(adapters["prefix"]), name="mine").status_code == 201
     victim_prompt = [9, 8, 7, 6]
     victim = {"prompt": victim_prompt, "prefix": "mine", "max_new_tokens": 12, "temperature": 0}
-    body = {"model": "alice/task", "prompt": [PROMPT], "echo": True, "logprobs": 1,
-            "max_tokens": 1, "temperature": 0, "seed": 1234}  # fmt: skip
+    body = {
+        "model": "alice/task",
+        "prompt": [PROMPT],
+        "echo": True,
+        "logprobs": 1,
+        "max_tokens": 1,
+        "temperature": 0,
+        "seed": 1234,
+    }
     with in_background(client, "/v1/generate", victim, bob.headers) as other:
         response = client.post("/v1/completions", json=body, headers=alice.headers)
     assert response.status_code == 200, response.text
@@ -101,8 +107,13 @@ def test_max_tokens_0_with_echo_scores_without_generating(
 ) -> None:
     client, model = worded
     alice = create_tenant(client, "alice")
-    body = {"model": "tiny-words", "prompt": words(PROMPT), "echo": True, "logprobs": 0,
-            "max_tokens": 0}  # fmt: skip
+    body = {
+        "model": "tiny-words",
+        "prompt": words(PROMPT),
+        "echo": True,
+        "logprobs": 0,
+        "max_tokens": 0,
+    }
     response = client.post("/v1/completions", json=body, headers=alice.headers)
     assert response.status_code == 200, response.text
     (choice,) = response.json()["choices"]
@@ -125,8 +136,14 @@ def test_chat_logprobs_in_the_chat_shape_equal_the_model(
 ) -> None:
     client, model = worded
     alice = create_tenant(client, "alice")
-    body = {"model": "tiny-words", "messages": [{"role": "user", "content": words(PROMPT)}],
-            "logprobs": True, "top_logprobs": 3, "max_tokens": 4, "temperature": 0}  # fmt: skip
+    body = {
+        "model": "tiny-words",
+        "messages": [{"role": "user", "content": words(PROMPT)}],
+        "logprobs": True,
+        "top_logprobs": 3,
+        "max_tokens": 4,
+        "temperature": 0,
+    }
     response = client.post("/v1/chat/completions", json=body, headers=alice.headers)
     assert response.status_code == 200, response.text
     (choice,) = response.json()["choices"]
@@ -147,7 +164,7 @@ def test_chat_logprobs_in_the_chat_shape_equal_the_model(
     assert_error(
         client.post(
             "/v1/chat/completions", json={**body, "logprobs": False}, headers=alice.headers
-        ),  # fmt: skip
+        ),
         400,
         "top_logprobs",
         "logprobs",
@@ -155,7 +172,7 @@ def test_chat_logprobs_in_the_chat_shape_equal_the_model(
     assert_error(
         client.post(
             "/v1/chat/completions", json={**body, "top_logprobs": 21}, headers=alice.headers
-        ),  # fmt: skip
+        ),
         422,
         "top_logprobs",
     )
@@ -171,8 +188,14 @@ def test_n_choices_prefill_once_greedy_identical_seeded_reproducible(
     client, _ = worded
     alice = create_tenant(client, "alice")
     assert upload(client, alice, peft_files(adapters["prefix"]), name="task").status_code == 201
-    body = {"model": "task", "prompt": [PROMPT], "n": 3, "max_tokens": 6, "temperature": 0,
-            "logprobs": 2}  # fmt: skip
+    body = {
+        "model": "task",
+        "prompt": [PROMPT],
+        "n": 3,
+        "max_tokens": 6,
+        "temperature": 0,
+        "logprobs": 2,
+    }
     before = engine_metrics(client).prefill_tokens
     response = client.post("/v1/completions", json=body, headers=alice.headers).json()
     assert engine_metrics(client).prefill_tokens - before == len(PROMPT)  # once for 3
@@ -181,8 +204,11 @@ def test_n_choices_prefill_once_greedy_identical_seeded_reproducible(
     assert len({c["text"] for c in choices}) == 1
     assert len({json.dumps(c["logprobs"]["tokens"]) for c in choices}) == 1
     for choice in choices[1:]:  # the same distribution, up to the batch's rounding
-        pairs = zip(choice["logprobs"]["token_logprobs"],
-                    choices[0]["logprobs"]["token_logprobs"], strict=True)  # fmt: skip
+        pairs = zip(
+            choice["logprobs"]["token_logprobs"],
+            choices[0]["logprobs"]["token_logprobs"],
+            strict=True,
+        )
         assert all(abs(a - b) < TOLERANCE for a, b in pairs)
     assert response["usage"]["prompt_tokens"] == len(PROMPT)  # a prompt counts once
     assert response["usage"]["completion_tokens"] == 18
@@ -209,8 +235,14 @@ def test_streams_carry_each_chunks_logprobs_the_echo_and_the_usage_last(
 ) -> None:
     client, _ = worded
     alice = create_tenant(client, "alice")
-    body = {"model": "tiny-words", "prompt": PROMPT, "echo": True, "logprobs": 2,
-            "max_tokens": 5, "temperature": 0}  # fmt: skip
+    body = {
+        "model": "tiny-words",
+        "prompt": PROMPT,
+        "echo": True,
+        "logprobs": 2,
+        "max_tokens": 5,
+        "temperature": 0,
+    }
     whole = client.post("/v1/completions", json=body, headers=alice.headers).json()
     streamed = {**body, "stream": True, "stream_options": {"include_usage": True}}
     with client.stream("POST", "/v1/completions", json=streamed, headers=alice.headers) as r:
@@ -219,8 +251,12 @@ def test_streams_carry_each_chunks_logprobs_the_echo_and_the_usage_last(
     assert last["choices"] == [] and last["usage"] == whole["usage"]
     assert all(e["usage"] is None for e in chunks)
     text = "".join(e["choices"][0]["text"] for e in chunks)
-    joined: dict[str, list[Any]] = {"tokens": [], "token_logprobs": [], "top_logprobs": [],
-                                    "text_offset": []}  # fmt: skip
+    joined: dict[str, list[Any]] = {
+        "tokens": [],
+        "token_logprobs": [],
+        "top_logprobs": [],
+        "text_offset": [],
+    }
     for event in chunks:
         for key in joined:
             joined[key] += event["choices"][0]["logprobs"][key]
@@ -241,11 +277,22 @@ def test_native_logprobs_match_the_openai_ones(
 ) -> None:
     client, _ = worded
     alice = create_tenant(client, "alice")
-    native = {"prompt": PROMPT, "max_new_tokens": 3, "temperature": 0, "logprobs": 2,
-              "prompt_logprobs": 2}  # fmt: skip
+    native = {
+        "prompt": PROMPT,
+        "max_new_tokens": 3,
+        "temperature": 0,
+        "logprobs": 2,
+        "prompt_logprobs": 2,
+    }
     result = client.post("/v1/generate", json=native, headers=alice.headers).json()
-    openai = {"model": "tiny-words", "prompt": PROMPT, "max_tokens": 3, "temperature": 0,
-              "logprobs": 2, "echo": True}  # fmt: skip
+    openai = {
+        "model": "tiny-words",
+        "prompt": PROMPT,
+        "max_tokens": 3,
+        "temperature": 0,
+        "logprobs": 2,
+        "echo": True,
+    }
     legacy = client.post("/v1/completions", json=openai, headers=alice.headers).json()
     legacy = legacy["choices"][0]["logprobs"]
     entries = result["prompt_logprobs"] + result["logprobs"]
@@ -254,8 +301,9 @@ def test_native_logprobs_match_the_openai_ones(
     assert [e["token_id"] for e in result["logprobs"]] == result["token_ids"]
     tops = [{f"w{t['token_id']}": t["logprob"] for t in e["top_logprobs"]} for e in entries[1:]]
     assert tops == legacy["top_logprobs"][1:]
-    scored = client.post("/v1/generate", json={**native, "max_new_tokens": 0},
-                         headers=alice.headers).json()  # fmt: skip
+    scored = client.post(
+        "/v1/generate", json={**native, "max_new_tokens": 0}, headers=alice.headers
+    ).json()
     assert scored["token_ids"] == [] and scored["prompt_logprobs"] == result["prompt_logprobs"]
 
 
@@ -266,12 +314,26 @@ def test_penalties_and_bias_over_http_change_the_tokens_as_the_engine_does(
     alice = create_tenant(client, "alice")
     plain = {"prompt": PROMPT, "max_new_tokens": 8, "temperature": 0}
     first = client.post("/v1/generate", json=plain, headers=alice.headers).json()["token_ids"]
-    banned = {**plain, "logit_bias": {str(first[0]): -100}, "repetition_penalty": 1.5,
-              "frequency_penalty": 0.5, "presence_penalty": 0.5, "min_tokens": 2}  # fmt: skip
+    banned = {
+        **plain,
+        "logit_bias": {str(first[0]): -100},
+        "repetition_penalty": 1.5,
+        "frequency_penalty": 0.5,
+        "presence_penalty": 0.5,
+        "min_tokens": 2,
+    }
     tokens = client.post("/v1/generate", json=banned, headers=alice.headers).json()["token_ids"]
-    expected = alone(model, PROMPT, None, 8, logit_bias=((first[0], -100.0),),
-                     repetition_penalty=1.5, frequency_penalty=0.5, presence_penalty=0.5,
-                     min_tokens=2)  # fmt: skip
+    expected = alone(
+        model,
+        PROMPT,
+        None,
+        8,
+        logit_bias=((first[0], -100.0),),
+        repetition_penalty=1.5,
+        frequency_penalty=0.5,
+        presence_penalty=0.5,
+        min_tokens=2,
+    )
     assert tokens == expected and tokens[0] != first[0]
 
 

@@ -91,8 +91,10 @@ def test_prompt_and_generated_log_probs_equal_the_peft_models_own(
     sampling = SamplingParams(max_new_tokens=4, temperature=0, logprobs=TOP, prompt_logprobs=TOP)
     requests = [Request(row.prompt, sampling, compiled(llm, row)) for row in rows]
     # Beside them, rows that ask for nothing, with the same prefixes.
-    plain = [Request(row.prompt[:5], SamplingParams(max_new_tokens=6), compiled(llm, row))
-             for row in rows]  # fmt: skip
+    plain = [
+        Request(row.prompt[:5], SamplingParams(max_new_tokens=6), compiled(llm, row))
+        for row in rows
+    ]
     llm.generate(requests + plain)
 
     for row, request in zip(rows, requests, strict=True):
@@ -194,13 +196,13 @@ def test_penalties_bias_and_min_tokens_per_row_equal_transformers_processors(
                 logit_bias=((7, 5.0), (11, -100.0)),
             ),
             None,
-        ),  # fmt: skip
+        ),
         (
             SamplingParams(
                 max_new_tokens=10, temperature=0, min_tokens=6, stop_token_ids=(first_choice,)
             ),
             first_choice,
-        ),  # fmt: skip
+        ),
         (
             SamplingParams(
                 max_new_tokens=10,
@@ -212,7 +214,7 @@ def test_penalties_bias_and_min_tokens_per_row_equal_transformers_processors(
                 logprobs=2,
             ),
             None,
-        ),  # fmt: skip
+        ),
     ]
     requests = [
         Request(row.prompt, sampling, compiled(llm, row))
@@ -242,7 +244,7 @@ def choices(
             prompt,
             sampling if sampling.seed is None else replace(sampling, seed=sampling.seed + i),
             prefix,
-        )  # fmt: skip
+        )
         for i in range(n)
     ]
     RequestGroup(requests, lockstep=False, shares_prompt=True)
