@@ -348,3 +348,48 @@ def test_n_with_an_ensemble_is_refused(
     assert client.post("/v1/ensembles", json=stored, headers=alice.headers).status_code == 201
     body = {"model": "both", "prompt": PROMPT, "n": 2, "max_tokens": 2}
     assert_error(client.post("/v1/completions", json=body, headers=alice.headers), 400, "n:")
+
+
+BAD_SCORING: list[tuple[str, dict[str, Any], int, str]] = [
+    ("/v1/completions", {"logprobs": 21}, 422, "logprobs"),
+    ("/v1/completions", {"max_tokens": 0}, 400, "max_tokens"),
+    ("/v1/completions", {"n": 99}, 400, "n"),
+    ("/v1/completions", {"n": 2, "model": "both"}, 400, "n"),  # a vote ensemble
+    ("/v1/completions", {"logit_bias": {"999": 1}}, 400, "logit_bias"),
+    ("/v1/completions", {"logit_bias": {"1": 200}}, 422, "logit_bias"),
+    ("/v1/completions", {"logit_bias": {str(i): 1 for i in range(301)}}, 422, "logit_bias"),
+    ("/v1/completions", {"presence_penalty": 9}, 422, "presence_penalty"),
+    ("/v1/completions", {"frequency_penalty": -9}, 422, "frequency_penalty"),
+    ("/v1/completions", {"repetition_penalty": -1}, 422, "repetition_penalty"),
+    ("/v1/chat/completions", {"top_logprobs": 2}, 400, "top_logprobs"),
+    ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 50}, 422, "top_logprobs"),
+    ("/v1/generate", {"prompt_logprobs": 99}, 422, "prompt_logprobs"),
+    ("/v1/generate", {"max_new_tokens": 0}, 400, "max_new_tokens"),
+]
+
+
+def test_bad_scoring_input_is_a_4xx_naming_the_field_and_another_tenant_stays_exact(
+    worded: tuple[TestClient, LoadedModel], adapters: dict[str, Path]
+) -> None:
+    client, model = worded
+    alice, bob = create_tenant(client, "alice"), create_tenant(client, "bob")
+    for name in ("a", "b"):
+        assert upload(client, alice, peft_files(adapters["prefix"]), name=name).status_code == 201
+    stored = {"name": "both", "prefixes": ["a", "b"], "method": "vote"}
+    assert client.post("/v1/ensembles", json=stored, headers=alice.headers).status_code == 201
+    victim_prompt = [4, 5, 6]
+    expected = alone(model, victim_prompt, None, 10)
+    victim = {"prompt": victim_prompt, "max_new_tokens": 10, "temperature": 0, "logprobs": 1}
+    bases = {
+        "/v1/completions": {"model": "tiny-words", "prompt": PROMPT, "max_tokens": 2},
+        "/v1/chat/completions": {"model": "tiny-words", "max_tokens": 2,
+                                 "messages": [{"role": "user", "content": "w1 w2"}]},
+        "/v1/generate": {"prompt": PROMPT},
+    }  # fmt: skip
+    for route, change, status, field in BAD_SCORING:
+        with in_background(client, "/v1/generate", victim, bob.headers) as other:
+            response = client.post(route, json={**bases[route], **change}, headers=alice.headers)
+        error = assert_error(response, status, field)
+        if status == 400:
+            assert error["field"] == field
+        assert other["response"].json()["token_ids"] == expected, (route, change)

@@ -308,3 +308,58 @@ def test_a_shared_prompt_preempted_before_its_fork_runs_again_whole(tmp_path: Pa
         llm.step()
     assert all(r.output_token_ids == alone.output_token_ids for r in group)
     assert plan.blocks_in_use == plan.prefixes.num_blocks
+
+
+def test_a_mean_ensembles_log_probs_are_its_averaged_distributions(tmp_path: Path) -> None:
+    """Its tokens come from the softmax of the members' mean log-softmax (under its penalties);
+    its log-probs are that distribution's, before the penalties."""
+    rows = build_rows("llama", "sdpa", tmp_path)[:3]
+    llm = LLM(tiny_loaded("llama"), scoring_config("gather"), max_len=128)
+    prompt = rows[0].prompt
+    sampling = SamplingParams(
+        max_new_tokens=6, temperature=0, logprobs=3, repetition_penalty=1.3, logit_bias=((9, 1.5),)
+    )
+    members = [Request(prompt, sampling, compiled(llm, row)) for row in rows]
+    group = RequestGroup(members, lockstep=True)
+    llm.add(group.leader)
+    while llm.has_work:
+        llm.step()
+    leader = group.leader
+    tokens = prompt + leader.output_token_ids
+    mean = torch.stack([reference_log_probs(row, tokens) for row in rows]).mean(dim=0)
+    averaged = mean.log_softmax(dim=-1)
+    for k, token in enumerate(leader.output_token_ids):
+        position = len(prompt) - 1 + k
+        assert abs(leader.output_logprobs[k] - averaged[position, token].item()) < TOLERANCE
+        assert_top(leader.output_top_logprobs[k], averaged[position])
+        # the token: the argmax of the averaged distribution after the bias and the penalty
+        scores = averaged[position].clone()
+        scores[9] += 1.5
+        seen = torch.tensor(sorted(set(tokens[: len(prompt) + k])))
+        picked = scores[seen]
+        scores[seen] = torch.where(picked < 0, picked * 1.3, picked / 1.3)
+        assert token == scores.argmax().item()
+
+
+def test_a_prompt_scored_across_a_preemption_is_scored_once(tmp_path: Path) -> None:
+    rows = build_rows("llama", "sdpa", tmp_path)
+    row = rows[4]  # the longest prompt: several chunks
+    llm = LLM(tiny_loaded("llama"), scoring_config("gather"), max_len=128)
+    request = Request(
+        row.prompt,
+        SamplingParams(max_new_tokens=2, temperature=0, prompt_logprobs=2),
+        compiled(llm, row),
+    )
+    llm.add(request)
+    llm.step()
+    llm.step()  # two chunks in: some of the prompt is scored
+    assert 0 < len(request.prompt_logprobs) < len(row.prompt) - 1
+    scheduler = llm.core.scheduler
+    scheduler._preempt(request, Schedule())  # as the pool running dry would
+    while llm.has_work:
+        llm.step()
+    expected = reference_log_probs(row, row.prompt)
+    assert len(request.prompt_logprobs) == len(row.prompt) - 1
+    for i, (logprob, top) in enumerate(request.prompt_logprobs):
+        assert abs(logprob - expected[i, row.prompt[i + 1]].item()) < TOLERANCE
+        assert_top(top, expected[i])
