@@ -38,6 +38,11 @@ NON_FINITE_ERROR = (
 )
 
 
+def group_noun(field: str) -> str:
+    """What a group's rows are, in the words of the field that asked for them."""
+    return "choices" if field == "n" else "members"
+
+
 @dataclass(slots=True)
 class StepOutput:
     request: Request
@@ -113,25 +118,26 @@ class EngineCore:
                     f"found {tuple(request.prefix.kv.shape)}"
                 )
 
-    def check_group(self, size: int) -> None:
+    def check_group(self, size: int, field: str = "prefixes") -> None:
         """Raise InvalidRequest if a group of `size` rows could never run together: more rows
         than slots, than one tenant may run at once, or than the KV pool holds with every row
-        at max_len."""
+        at max_len. `field` names what asked for the rows (an ensemble's `prefixes`, `n`)."""
         slots, cap = self.config.num_slots, self.config.max_running_per_tenant
+        rows = group_noun(field)
         if size > slots:
             raise InvalidRequest(
-                f"prefixes: expected at most {slots} members (rows decoded together), found {size}"
+                f"{field}: expected at most {slots} {rows} (rows decoded together), found {size}"
             )
         if cap and size > cap:
             raise InvalidRequest(
-                f"prefixes: expected at most {cap} members (the rows one tenant may run at "
+                f"{field}: expected at most {cap} {rows} (the rows one tenant may run at "
                 f"once), found {size}"
             )
         per_row = -(-self.max_len // self.config.block_size) + 1  # + its partial prefix block
         usable = self.scheduler.pool.num_blocks - RESERVED_BLOCKS
         if size * per_row > usable:
             raise InvalidRequest(
-                f"prefixes: expected at most {usable // per_row} members (the KV cache holds "
+                f"{field}: expected at most {usable // per_row} {rows} (the KV cache holds "
                 f"that many rows of {self.max_len} tokens), found {size}"
             )
 

@@ -20,7 +20,7 @@ from prefixes import CompiledPrefix
 from server.device_share import UNSHARED, DeviceShare
 from server.engine.blocks import RESERVED_BLOCKS
 from server.engine.config import EngineConfig
-from server.engine.core import EngineCore, StepOutput
+from server.engine.core import EngineCore, StepOutput, group_noun
 from server.engine.gate import AdmissionGate
 from server.engine.logprobs import ChosenLogprobs
 from server.engine.metrics import EngineMetrics
@@ -172,8 +172,9 @@ class Engine:
                     )
                 )
             if len(requests) > 1:
-                self.core.check_group(len(requests))
-                self._check_group_queues(len(requests))
+                field = "n" if choices > 1 else "prefixes"
+                self.core.check_group(len(requests), field)
+                self._check_group_queues(len(requests), field)
                 RequestGroup(requests, lockstep=lockstep, shares_prompt=choices > 1)
             for request in requests:
                 self.core.check(request)
@@ -219,15 +220,15 @@ class Engine:
 
         return [(prefix, release_last)] * count
 
-    def _check_group_queues(self, size: int) -> None:
+    def _check_group_queues(self, size: int, field: str) -> None:
         """A group's rows enter the queue together (each counts as a request waiting), so a
         group larger than the queue or a tenant's share of it would be refused with 429 on
         every try: it could never run, which is the caller's error, like too many slots."""
         limit = self.gate.tenant_queue_limit
         if size > limit:
             raise InvalidRequest(
-                f"prefixes: expected at most {limit} members (the requests one tenant may "
-                f"queue), found {size}"
+                f"{field}: expected at most {limit} {group_noun(field)} (the requests one "
+                f"tenant may queue), found {size}"
             )
 
     def stop_accepting(self) -> None:

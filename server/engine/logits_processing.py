@@ -97,15 +97,14 @@ def _mask_early_stops(
 
 
 def _token_counts(token_lists: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
-    """`[len(token_lists), vocab]` float counts of each token in each list, in one scatter."""
-    width = max(1, max(len(tokens) for tokens in token_lists))
-    padded = torch.full((len(token_lists), width), vocab, dtype=torch.long)  # vocab: a dummy
-    for row, tokens in enumerate(token_lists):
-        padded[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
-    padded = padded.to(device)
-    counts = torch.zeros((len(token_lists), vocab + 1), device=device)
-    counts.scatter_add_(1, padded, torch.ones_like(padded, dtype=counts.dtype))
-    return counts[:, :vocab]
+    """`[len(token_lists), vocab]` float counts of each token in each list: one index copy and
+    one scatter for all of them."""
+    rows = [row for row, tokens in enumerate(token_lists) for _ in tokens]
+    tokens = [token for tokens in token_lists for token in tokens]
+    index = torch.tensor([rows, tokens], dtype=torch.long).to(device)
+    counts = torch.zeros((len(token_lists), vocab), device=device)
+    counts.index_put_((index[0], index[1]), torch.ones(len(tokens), device=device), accumulate=True)
+    return counts
 
 
 def _column(values: list[float], device: torch.device) -> torch.Tensor:

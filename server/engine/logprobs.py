@@ -58,8 +58,12 @@ def score_tokens(
     scored: list[ChosenLogprobs] = []
     for start in range(0, len(targets), PROMPT_SCORE_POSITIONS):
         end = min(start + PROMPT_SCORE_POSITIONS, len(targets))
-        log_probs = to_logits(hidden[start:end]).log_softmax(dim=-1)
+        # In place: one positions x vocabulary tensor at a time, the logits themselves
+        # (to_logits makes a new tensor).
+        log_probs = to_logits(hidden[start:end])
+        log_probs -= log_probs.logsumexp(dim=-1, keepdim=True)
         wanted = torch.tensor(targets[start:end], device=log_probs.device)
         host = chosen_tensor(log_probs, wanted, top).tolist()
+        del log_probs  # before the next chunk's logits exist
         scored += unpack_chosen(host, [top] * (end - start))
     return scored

@@ -165,7 +165,12 @@ class ModelRunner:
         next_ids = torch.where(finite, sample(processed, requests), -1)
         if source is not None:  # a lockstep group's rows take their leader's token
             next_ids = next_ids[source]
-        wanting = [i for i, r in enumerate(requests) if r.records_logprobs]
+        # A lockstep group's other rows take their leader's token; only its record counts.
+        wanting = [
+            i
+            for i, r in enumerate(requests)
+            if r.records_logprobs and (r.lockstep_group is None or r is r.lockstep_group.leader)
+        ]
         if not wanting:
             return next_ids.tolist(), [None] * len(requests)
         rows = torch.tensor(wanting, device=logits.device)

@@ -363,3 +363,25 @@ def test_a_prompt_scored_across_a_preemption_is_scored_once(tmp_path: Path) -> N
     for i, (logprob, top) in enumerate(request.prompt_logprobs):
         assert abs(logprob - expected[i, row.prompt[i + 1]].item()) < TOLERANCE
         assert_top(top, expected[i])
+
+
+def test_every_kind_under_every_penalty_at_once_equals_transformers_processors(
+    tmp_path: Path,
+) -> None:
+    """The repetition penalty counts the prompt's tokens for every kind of prefix, as the
+    processors do on PEFT's generate (soft prompts included: their virtual tokens are not
+    tokens of the text)."""
+    rows = build_rows("llama", "sdpa", tmp_path)
+    llm = LLM(tiny_loaded("llama"), scoring_config("gather"), max_len=128)
+    sampling = SamplingParams(
+        max_new_tokens=10,
+        temperature=0,
+        repetition_penalty=1.6,
+        frequency_penalty=0.4,
+        presence_penalty=0.2,
+        logit_bias=((5, 1.0),),
+    )
+    requests = [Request(row.prompt, sampling, compiled(llm, row)) for row in rows]
+    llm.generate(requests)
+    for row, request in zip(rows, requests, strict=True):
+        assert request.output_token_ids == transformers_tokens(row.model, row.prompt, sampling, None)
