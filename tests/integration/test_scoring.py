@@ -384,4 +384,5 @@ def test_every_kind_under_every_penalty_at_once_equals_transformers_processors(
     requests = [Request(row.prompt, sampling, compiled(llm, row)) for row in rows]
     llm.generate(requests)
     for row, request in zip(rows, requests, strict=True):
-        assert request.output_token_ids == transformers_tokens(row.model, row.prompt, sampling, None)
+        expected = transformers_tokens(row.model, row.prompt, sampling, None)
+        assert request.output_token_ids == expected, row.kind
