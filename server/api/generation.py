@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from contextlib import aclosing
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -71,13 +72,10 @@ async def respond(
     """Run a job whose prefix reference is resolved already (`with_stored_ensemble`)."""
     if job.stream and len(job.prompts) > 1:
         raise ApiError(400, "invalid_request", "prompt: streaming takes one prompt")
-    if job.choices > 1 and job.ensemble is not None:
-        raise ApiError(
-            400,
-            "invalid_request",
-            "n: an ensemble answers one choice per prompt; ask for n = 1",
-            field="n",
-        )
+    if job.ensemble is not None:
+        check_ensemble_job(job)
+    else:
+        check_queue_room(server, len(job.prompts), job.choices, "n")
     voting = job.ensemble is not None and job.ensemble.method is EnsembleMethod.VOTE
     if voting and job.stream:
         raise ApiError(
@@ -88,7 +86,7 @@ async def respond(
             field="stream",
         )
     if job.ensemble is not None:
-        check_queue_room(server, job.ensemble, len(job.prompts))
+        check_queue_room(server, len(job.prompts), len(job.ensemble.members), "prompt")
     started = await start_all(server, tenant, job)
     if job.ensemble is not None:
         server.ensemble_metrics.started(
@@ -104,20 +102,46 @@ async def respond(
     return encoder.result(await collect_all(streams, http_request))
 
 
-def check_queue_room(server: Ready, ensemble: Ensemble, prompts: int) -> None:
-    """Each prompt queues one row per member, all before the answer: more rows than the
-    tenant may queue could never all be accepted, and a 429 would invite retries that can
-    never succeed (the engine refuses one group over the limit the same way)."""
+def check_queue_room(server: Ready, prompts: int, rows: int, field: str) -> None:
+    """Each prompt queues `rows` rows (an ensemble's members, or n choices), all before the
+    answer: more rows than the tenant may queue could never all be accepted, and a 429 would
+    invite retries that can never succeed (the engine refuses one group over the limit the
+    same way). `field` is what the message names."""
     limit = server.engine.gate.tenant_queue_limit
-    members = len(ensemble.members)
-    if prompts > 1 and prompts * members > limit:
+    if prompts == 1 or prompts * rows <= limit:
+        return
+    if field == "n":
+        message = (
+            f"n: expected at most {limit // prompts} choices for {prompts} prompts (each "
+            f"choice queues a row; a tenant may queue {limit}), found {rows}"
+        )
+    else:
+        message = (
+            f"prompt: expected at most {limit // rows} prompts for an ensemble of {rows} "
+            f"members (each prompt queues a row per member; a tenant may queue {limit}), "
+            f"found {prompts}"
+        )
+    raise ApiError(400, "invalid_request", message, field=field)
+
+
+def check_ensemble_job(job: Job) -> None:
+    """What an ensemble cannot answer: several choices, and the prompt's log-probs (each
+    member scores the prompt under its own prefix; no single distribution is the
+    ensemble's there)."""
+    if job.choices > 1:
         raise ApiError(
             400,
             "invalid_request",
-            f"prompt: expected at most {limit // members} prompts for an ensemble of "
-            f"{members} members (each prompt queues a row per member; a tenant may queue "
-            f"{limit}), found {prompts}",
-            field="prompt",
+            "n: an ensemble answers one choice per prompt; ask for n = 1",
+            field="n",
+        )
+    if job.sampling.prompt_logprobs is not None:
+        raise ApiError(
+            400,
+            "invalid_request",
+            "prompt_logprobs: an ensemble does not score prompts (each member reads the "
+            "prompt under its own prefix); score each member's prefix on its own",
+            field="prompt_logprobs",
         )
 
 
@@ -198,6 +222,14 @@ def sampling_params(
             "invalid_request",
             f"top_k: expected at most the vocabulary size {vocab}, found {fields.top_k}",
             field="top_k",
+        )
+    if fields.min_tokens > max_new_tokens:
+        raise ApiError(
+            400,
+            "invalid_request",
+            f"min_tokens: expected at most the tokens asked for ({max_new_tokens}), "
+            f"found {fields.min_tokens}",
+            field="min_tokens",
         )
     bias = tuple((int(token), value) for token, value in (fields.logit_bias or {}).items())
     outside = [token for token, _ in bias if token >= vocab]
@@ -396,8 +428,9 @@ async def sse_events(streams: list[RequestStream], encoder: Encoder) -> AsyncIte
     for event in encoder.opening(len(streams)):
         yield sse(event)
     try:
-        async for index, chunk in interleaved(streams):
-            yield sse(encoder.chunk(chunk, streams[index], index))
+        async with aclosing(interleaved(streams)) as chunks:
+            async for index, chunk in chunks:
+                yield sse(encoder.chunk(chunk, streams[index], index))
         for event in encoder.closing(streams):
             yield sse(event)
     except RequestFailed as exc:
@@ -406,7 +439,7 @@ async def sse_events(streams: list[RequestStream], encoder: Encoder) -> AsyncIte
     yield sse("[DONE]")
 
 
-async def interleaved(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Chunk]]:
+async def interleaved(streams: list[RequestStream]) -> AsyncGenerator[tuple[int, Chunk]]:
     """Every stream's chunks, each as soon as it comes, with its stream's index; the first
     failure ends it (the others are then cancelled by the caller's cleanup)."""
     if len(streams) == 1:

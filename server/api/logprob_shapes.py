@@ -38,7 +38,10 @@ Scored = tuple[int, ChosenLogprobs | None]
 
 
 def scored_prompt(prompt: list[int], logprobs: list[ChosenLogprobs]) -> list[Scored]:
-    return [(prompt[0], None), *zip(prompt[1:], logprobs, strict=True)]
+    """The prompt's tokens with their log-probs; a request that ended before its prompt was
+    all scored (cancelled mid-prefill) has null for the rest."""
+    missing: list[ChosenLogprobs | None] = [None] * (len(prompt) - 1 - len(logprobs))
+    return [(prompt[0], None), *zip(prompt[1:], [*logprobs, *missing], strict=True)]
 
 
 def scored_output(token_ids: list[int], logprobs: list[ChosenLogprobs]) -> list[Scored]:

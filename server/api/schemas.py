@@ -14,6 +14,7 @@ from pydantic import (
 )
 
 from prefixes.records import QUOTA_LIMITS
+from server.engine.request import MAX_LOGPROBS
 
 # Bounds every request field states, so no value can overflow a tensor or a loop later on.
 MIN_TEMPERATURE = 0.01  # below this (but above 0) float32 logits / temperature can overflow
@@ -23,9 +24,9 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256  # every stop string is searched for after every token
 MAX_TOKENS_FIELD = 1 << 20  # max_tokens, max_new_tokens: the server's own limit is lower
 MAX_ENSEMBLE_FIELD = 256  # prefixes in an ensemble: the server's own limit is lower
-MAX_LOGPROBS = 20  # top log-probabilities per token, as OpenAI and vLLM allow
 MAX_LOGIT_BIAS = 300  # entries, as OpenAI allows
 MAX_BIAS = 100.0
+MAX_TOKEN_ID_DIGITS = 9  # a logit_bias key: vocabularies have fewer than 10**9 tokens
 MAX_PENALTY = 2.0  # presence and frequency penalties, OpenAI's range
 MAX_REPETITION_PENALTY = 10.0
 MAX_CHOICES_FIELD = 128  # n: the server's own limit is lower
@@ -120,10 +121,17 @@ class SamplingFields(BaseModel):
     @field_validator("logit_bias")
     @classmethod
     def _token_ids(cls, value: dict[str, float] | None) -> dict[str, float] | None:
-        for key in value or {}:
-            if not key.isdigit():
-                raise ValueError(f"expected token ids as keys, found {key!r}")
-        return value
+        """Keys are token ids written in ASCII digits (OpenAI sends them as strings), each id
+        once: "5" and "05" would otherwise both add to token 5."""
+        ids: dict[str, float] = {}
+        for key, bias in (value or {}).items():
+            if not (key.isascii() and key.isdigit() and len(key) <= MAX_TOKEN_ID_DIGITS):
+                raise ValueError(f"expected token ids as keys, found {key[:32]!r}")
+            token = str(int(key))
+            if token in ids:
+                raise ValueError(f"token id {token} given twice")
+            ids[token] = bias
+        return ids if value is not None else None
 
 
 class GenerateRequest(SamplingFields, Strict):

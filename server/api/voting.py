@@ -64,5 +64,11 @@ def tally(candidates: list[Candidate], *, by_text: bool = True) -> Vote:
 def voted_result(vote: Vote) -> VotedResult:
     r = vote.winner.result
     return VotedResult(
-        r.text, r.token_ids, r.finish_reason, r.prompt_tokens, r.prefix_tokens, vote=vote
+        r.text,
+        r.token_ids,
+        r.finish_reason,
+        r.prompt_tokens,
+        r.prefix_tokens,
+        logprobs=r.logprobs,  # the winner's, under its own prefix
+        vote=vote,
     )

@@ -145,7 +145,8 @@ class EngineCore:
         """Queue a request, or a group through its leader (members[0])."""
         rows = request.rows
         if len(rows) > 1:
-            self.check_group(len(rows))
+            shares_prompt = request.group is not None and request.group.shares_prompt
+            self.check_group(len(rows), "n" if shares_prompt else "prefixes")
         for row in rows:
             self.check(row)
         self.scheduler.add(request)
@@ -202,14 +203,14 @@ class EngineCore:
             if id(request) not in outcomes:
                 continue  # fed a prompt chunk; samples once its whole prompt is in
             outcome = outcomes[id(request)]
+            if isinstance(outcome, int) and request.sampling.max_new_tokens == 0:
+                request.finish("length")  # its prompt is scored: nothing to generate
+                outputs.append(StepOutput(request, [], ""))
+                continue
             group = request.lockstep_group
             if isinstance(outcome, int) and group is not None:
                 if request is group.leader:  # one token for the whole group, once
                     outputs += self._postprocess_group(group, outcome, now)
-                continue
-            if isinstance(outcome, int) and request.sampling.max_new_tokens == 0:
-                request.finish("length")  # its prompt is scored: nothing to generate
-                outputs.append(StepOutput(request, [], ""))
                 continue
             if isinstance(outcome, int):
                 outputs.append(self._postprocess(request, outcome, now))
@@ -221,6 +222,16 @@ class EngineCore:
             outputs.append(StepOutput(request, [], ""))
         finished = [row.request for row in rows if row.request.finished]
         for request in finished:
+            if request.status is RequestStatus.FINISHED:
+                continue  # left with its group, below
+            group = request.group
+            if group is not None and group.waits_for_fork:
+                # A leader that failed before its prompt was in: its choices have nothing
+                # to fork from, and fail with it.
+                reason = request.finish_reason or "error"
+                others = self.abort(request, reason, request.error)
+                outputs += [StepOutput(row, [], "") for row in others if row is not request]
+                continue
             self.scheduler.retire(request)
             self._release(request, request.finish_reason or "stop", request.error)
         if self.gate is not None:
@@ -258,8 +269,9 @@ class EngineCore:
         leader whose step failed fed nothing: its group fails together, unforked)."""
         leaders = {id(r.logits_of): r.logits_of for r in rows if r.logits_of is not None}
         for leader in leaders.values():
-            if isinstance(outcomes.get(id(leader)), RequestFailed) or leader.group is None:
+            if isinstance(outcomes.get(id(leader)), RequestFailed):
                 continue
+            assert leader.group is not None  # a row with choices to fork leads a group
             for source, target in self.scheduler.fork(leader.group):
                 self.runner.cache.copy_block(source, target)
 

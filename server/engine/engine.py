@@ -168,7 +168,7 @@ class Engine:
                         tenant=tenant,
                         release=release,
                         stream_text=stream_text,
-                        logprobs=len(members) > 1 and not lockstep and choices == 1,
+                        vote_logprobs=len(members) > 1 and not lockstep and choices == 1,
                     )
                 )
             if len(requests) > 1:

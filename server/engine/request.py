@@ -162,8 +162,9 @@ class Request:
     # Decode text every step (streaming) rather than once at the end.
     stream_text: bool = False
     # Record the log-probability the model gave each chosen token (at temperature 1, before any
-    # top-k / top-p cut): what an ensemble's vote breaks ties with.
-    logprobs: bool = False
+    # top-k / top-p cut) even if sampling.logprobs does not ask: what an ensemble's vote breaks
+    # ties with.
+    vote_logprobs: bool = False
     request_id: str = field(default_factory=lambda: f"req-{next(_ids)}")
     status: RequestStatus = RequestStatus.WAITING
     block_table: list[int] = field(default_factory=list)
@@ -236,7 +237,7 @@ class Request:
     @property
     def records_logprobs(self) -> bool:
         """Each chosen token's log-probability is kept (asked for, or an ensemble's vote)."""
-        return self.logprobs or self.sampling.logprobs is not None
+        return self.vote_logprobs or self.sampling.logprobs is not None
 
     @property
     def wants_prompt_logprobs(self) -> bool:

@@ -50,7 +50,8 @@ class ScheduledRow:
 
     @property
     def samples(self) -> bool:
-        """This step feeds the row's last pending token, so its next token is sampled."""
+        """This step feeds the row's last pending token (or, for a choice fed nothing, its
+        leader's), so its next token is sampled."""
         return self.logits_of is not None or self.num_tokens == self.request.num_pending
 
 
@@ -140,6 +141,7 @@ class Scheduler:
         and free what they hold; returns them, or [] if they are not here."""
         rows = request.rows
         if request in self.running:
+            rows = [row for row in rows if row in self.running]  # some may have left alone
             for row in rows:
                 self.running.remove(row)
                 self._free(row)
@@ -162,7 +164,9 @@ class Scheduler:
         """This step's budget, with every decoding row's token already in it: while rows
         decode, the step may cost `gap_target` times what their decode alone costs (times the
         prefill pressure, below)."""
-        decoding = [RowShape(1, r.next_position + 1) for r in self.running if r.num_pending == 1]
+        decoding = [
+            RowShape(1, r.next_position + 1) for r in fed_rows(self.running) if r.num_pending == 1
+        ]
         budget = StepBudget(
             self.config.max_step_tokens - len(decoding),
             planned=decoding,

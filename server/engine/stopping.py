@@ -47,6 +47,8 @@ def _decode_to_stop(request: Request, tokenizer: Any, detok: IncrementalDetokeni
     changed_from = detok.push(tokenizer, request.output_token_ids, final=request.finished)
     stop = request.sampling.stop
     text = detok.text
+    if len(request.output_token_ids) < request.sampling.min_tokens:
+        return text  # stop strings count only from min_tokens on (EOS is masked till then)
     # The text before `changed_from` held no stop string last time: only one ending after it can
     # be new, and it starts at most (longest stop string - 1) characters before it.
     cut = _find_stop(text, max(changed_from - _longest(stop) + 1, 0), stop)

@@ -56,7 +56,10 @@ BOUNDS = [
     ("/v1/generate", {"prompt": [1], "max_new_tokens": 10**30}, "max_new_tokens", 422),
     ("/v1/completions", {"model": BASE, "prompt": [[1]] * 17}, "prompt", 422),
     ("/v1/completions", {"model": BASE, "prompt": [1], "top_k": 10**9}, "top_k", 422),
-    ("/v1/completions", {"model": BASE, "prompt": [1], "logit_bias": {"1": 5}}, "logit_bias", 400),
+    ("/v1/completions", {"model": BASE, "prompt": [1], "logit_bias": {"384": 5}}, "logit_bias",
+     400),  # vocabulary is 384
+    ("/v1/completions", {"model": BASE, "prompt": [1], "logit_bias": {"1": 101}}, "logit_bias",
+     422),
     ("/v1/completions", {"model": BASE, "prompt": [1], "suffix": "x"}, "suffix", 400),
     ("/v1/completions", {"model": BASE, "prompt": [1], "stream_options": {}}, "stream_options",
      400),

@@ -393,3 +393,82 @@ def test_bad_scoring_input_is_a_4xx_naming_the_field_and_another_tenant_stays_ex
         if status == 400:
             assert error["field"] == field
         assert other["response"].json()["token_ids"] == expected, (route, change)
+
+
+def test_a_vote_answers_its_winners_log_probs_and_ensembles_refuse_prompt_scoring(
+    worded: tuple[TestClient, LoadedModel], adapters: dict[str, Path]
+) -> None:
+    client, _ = worded
+    alice = create_tenant(client, "alice")
+    for name, kind in (("a", "prefix"), ("b", "prompt")):
+        assert upload(client, alice, peft_files(adapters[kind]), name=name).status_code == 201
+    vote = {"prompt": PROMPT, "prefixes": ["a", "b"], "ensemble": "vote", "max_new_tokens": 4,
+            "temperature": 0, "logprobs": 2}  # fmt: skip
+    response = client.post("/v1/generate", json=vote, headers=alice.headers)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert [e["token_id"] for e in body["logprobs"]] == body["token_ids"]
+    winner = next(c for c in body["ensemble"]["candidates"] if c["text"] == body["text"])
+    single = {"prompt": PROMPT, "prefix": winner["prefix"], "max_new_tokens": 4,
+              "temperature": 0, "logprobs": 2}  # fmt: skip
+    alone = client.post("/v1/generate", json=single, headers=alice.headers).json()
+    for mine, its in zip(body["logprobs"], alone["logprobs"], strict=True):
+        assert abs(mine["logprob"] - its["logprob"]) < TOLERANCE
+    for method in ("vote", "mean"):
+        scoring = {**vote, "ensemble": method, "prompt_logprobs": 1}
+        assert_error(
+            client.post("/v1/generate", json=scoring, headers=alice.headers),
+            400,
+            "prompt_logprobs",
+            "ensemble",
+        )
+
+
+def test_logit_bias_keys_are_plain_token_ids_each_once(
+    worded: tuple[TestClient, LoadedModel],
+) -> None:
+    client, _ = worded
+    alice = create_tenant(client, "alice")
+    body = {"prompt": PROMPT, "max_new_tokens": 2}
+    for keys in ({"²": 1}, {"٣": 1}, {"1" * 4301: 1}, {"1234567890": 1}, {"5": 1, "05": 2},
+                 {"-1": 1}, {"": 1}):  # fmt: skip
+        response = client.post(
+            "/v1/generate", json={**body, "logit_bias": keys}, headers=alice.headers
+        )
+        assert_error(response, 422, "logit_bias")
+    ok = client.post("/v1/generate", json={**body, "logit_bias": {"007": 3}}, headers=alice.headers)
+    assert ok.status_code == 200, ok.text
+
+
+def test_n_times_prompts_beyond_the_tenants_queue_is_a_400_naming_n(
+    make_client: MakeClient, loaded: LoadedModel
+) -> None:
+    model = wrap_model(loaded.model, word_tokenizer(), "tiny-words")
+    with make_client(model=model, max_waiting_per_tenant=5) as client:
+        alice = create_tenant(client, "alice")
+        body = {"model": "tiny-words", "prompt": [PROMPT, PROMPT[:3], PROMPT[:5]], "n": 2,
+                "max_tokens": 2}  # fmt: skip
+        assert_error(
+            client.post("/v1/completions", json=body, headers=alice.headers), 400, "n:", "5"
+        )
+        fits = {**body, "prompt": [PROMPT, PROMPT[:3]]}
+        response = client.post("/v1/completions", json=fits, headers=alice.headers)
+        assert response.status_code == 200 and len(response.json()["choices"]) == 4
+
+
+def test_min_tokens_above_the_tokens_asked_for_is_a_400(
+    worded: tuple[TestClient, LoadedModel],
+) -> None:
+    client, _ = worded
+    alice = create_tenant(client, "alice")
+    body = {"prompt": PROMPT, "max_new_tokens": 3, "min_tokens": 4}
+    assert_error(client.post("/v1/generate", json=body, headers=alice.headers), 400, "min_tokens")
+
+
+def test_a_prompt_not_all_scored_reports_null_for_the_rest() -> None:
+    from server.api.logprob_shapes import native, scored_prompt
+
+    entries = native(scored_prompt([4, 5, 6, 7], [(-1.0, [])]))
+    assert entries[0] is None and entries[1] == {"token_id": 5, "logprob": -1.0,
+                                                 "top_logprobs": []}  # fmt: skip
+    assert entries[2:] == [None, None]

@@ -79,7 +79,8 @@ def test_vote_members_each_match_peft_alone_beside_other_tenants(arch: str, tmp_
     llm = LLM(tiny_loaded(arch), config())
     prompt = [5, 17, 42, 99, 3]
     rows = [
-        Request(prompt, GREEDY, compiled(llm, f), tenant="voter", logprobs=True) for f in folders
+        Request(prompt, GREEDY, compiled(llm, f), tenant="voter", vote_logprobs=True)
+        for f in folders
     ]
     group = RequestGroup(rows, lockstep=False)
     others = bystanders(llm, models[:2], folders[:2])
@@ -103,7 +104,7 @@ def test_vote_logprobs_are_the_models_log_probabilities_of_the_chosen_tokens(
     models, folders = members("llama", tmp_path, ["prefix", "prompt"])
     llm = LLM(tiny_loaded("llama"), config())
     prompt = [9, 8, 7]
-    rows = [Request(prompt, GREEDY, compiled(llm, f), logprobs=True) for f in folders]
+    rows = [Request(prompt, GREEDY, compiled(llm, f), vote_logprobs=True) for f in folders]
     llm.add(RequestGroup(rows, lockstep=False).leader)
     while llm.has_work:
         llm.step()

@@ -49,13 +49,15 @@ def test_a_preempted_vote_keeps_every_members_tokens_and_logprobs(tmp_path: Path
     models, folders = members("llama", tmp_path, ["prefix", "prompt", "prefix"])
     greedy = SamplingParams(max_new_tokens=STEPS, temperature=0)
     reference = LLM(tiny_loaded("llama"), config())
-    rows = [Request(PROMPT, greedy, compiled(reference, f), logprobs=True) for f in folders]
+    rows = [Request(PROMPT, greedy, compiled(reference, f), vote_logprobs=True) for f in folders]
     reference.add(RequestGroup(rows, lockstep=False).leader)
     while reference.has_work:
         reference.step()
 
     llm = small_pool()
-    voters = [Request(PROMPT, greedy, compiled(llm, f), tenant="v", logprobs=True) for f in folders]
+    voters = [
+        Request(PROMPT, greedy, compiled(llm, f), tenant="v", vote_logprobs=True) for f in folders
+    ]
     others = [
         Request(p, greedy, compiled(llm, folders[0]), tenant=f"other-{i}")
         for i, p in enumerate(LONG_PROMPTS)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -386,3 +387,51 @@ def test_every_kind_under_every_penalty_at_once_equals_transformers_processors(
     for row, request in zip(rows, requests, strict=True):
         expected = transformers_tokens(row.model, row.prompt, sampling, None)
         assert request.output_token_ids == expected, row.kind
+
+
+def test_a_leader_failing_before_its_fork_fails_its_choices_and_frees_everything(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its choices have nothing to fork from: they fail with it, their blocks come back, and
+    a row beside them is untouched."""
+    rows = build_rows("llama", "sdpa", tmp_path)
+    llm = LLM(tiny_loaded("llama"), scoring_config("gather"), max_len=128)
+    greedy = SamplingParams(max_new_tokens=4, temperature=0)
+    victim_alone = Request(rows[0].prompt, greedy, compiled(llm, rows[0]))
+    llm.generate([victim_alone])
+    group = choices(llm, rows[4].prompt, compiled(llm, rows[4]), 3, greedy)  # several chunks
+    leader = group[0]
+    step = llm.runner.step
+
+    def failing_step(scheduled: Any) -> Any:
+        if any(r.request is leader and not r.samples for r in scheduled):
+            raise RuntimeError("the leader's chunk fails")
+        return step(scheduled)
+
+    monkeypatch.setattr(llm.runner, "step", failing_step)
+    victim = Request(rows[0].prompt, greedy, compiled(llm, rows[0]))
+    llm.add(victim)
+    llm.add(leader)
+    for _ in range(50):  # a few steps do it all; choices left waiting would hold on forever
+        if not llm.has_work:
+            break
+        llm.step()
+    assert not llm.has_work
+    assert [r.finish_reason for r in group] == ["error"] * 3
+    assert all(r.output_token_ids == [] for r in group)
+    assert victim.output_token_ids == victim_alone.output_token_ids
+    scheduler = llm.core.scheduler
+    assert scheduler.running == [] and scheduler.blocks_in_use == scheduler.prefixes.num_blocks
+    assert llm.core.abort(group[1]) == []  # already gone: nothing to do, nothing raised
+
+
+def test_a_lockstep_group_asked_for_no_tokens_generates_none(tmp_path: Path) -> None:
+    rows = build_rows("llama", "sdpa", tmp_path)[:2]
+    llm = LLM(tiny_loaded("llama"), scoring_config("gather"), max_len=128)
+    sampling = SamplingParams(max_new_tokens=0, prompt_logprobs=0)
+    members = [Request(rows[0].prompt, sampling, compiled(llm, row)) for row in rows]
+    llm.add(RequestGroup(members, lockstep=True).leader)
+    while llm.has_work:
+        llm.step()
+    assert [m.output_token_ids for m in members] == [[], []]
+    assert [m.finish_reason for m in members] == ["length", "length"]

@@ -111,7 +111,7 @@ def test_ensembles_on_the_embedded_model_match_peft(smollm2: LoadedModel, tmp_pa
     llm = LLM(smollm2, num_slots=8, max_len=256)
     prompt = tokenizer.encode("Review: a warm, funny film.\nSentiment:")
     params = SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
-    vote = [Request(prompt, params, llm.compile(p), logprobs=True) for p in prefixes]
+    vote = [Request(prompt, params, llm.compile(p), vote_logprobs=True) for p in prefixes]
     mean = [Request(prompt, params, llm.compile(p)) for p in prefixes]
     bystander_prompt = tokenizer.encode("Once upon a time")
     bystander = Request(bystander_prompt, params, llm.compile(prefixes[1]))

@@ -92,3 +92,13 @@ def test_streamed_text_holds_back_half_characters() -> None:
         append_token(request, token, eos_token_ids=frozenset(), max_len=100)
         released.append(update_text(request, ByteTokenizer()))
     assert released == ["", "é", "!"]
+
+
+def test_stop_strings_count_only_from_min_tokens_on() -> None:
+    # f g h f g h: "fg" ends at token 2, before min_tokens 3; the next one (tokens 4-5) stops
+    request = run(SamplingParams(stop=("fg",), min_tokens=3), [5, 6, 7, 5, 6, 7])
+    assert (request.output_token_ids, request.finish_reason, request.text) == (
+        [5, 6, 7, 5, 6],
+        "stop",
+        "fgh",
+    )
