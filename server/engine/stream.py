@@ -62,7 +62,12 @@ class RequestStream:
 
     @property
     def prefix_tokens(self) -> int:
-        return self.request.prefix_len  # fixed at submit
+        """Virtual tokens the request ran under (fixed at submit): a prompt ensemble's, every
+        member row's prefix summed (its rows all ran); n choices share one prefix."""
+        group = self.request.group
+        if group is None or group.shares_prompt:
+            return self.request.prefix_len
+        return sum(member.prefix_len for member in group.members)
 
     def push(self, chunk: Chunk) -> None:
         """Called from the engine thread."""

@@ -19,6 +19,7 @@ from server.engine.llm import LLM
 from server.engine.request import Request, RequestGroup, SamplingParams
 from server.models import LoadedModel, wrap_model
 from tests.api.conftest import (
+    NUM_VIRTUAL_TOKENS,
     MakeClient,
     NewTenant,
     TenantAuth,
@@ -333,3 +334,14 @@ def test_ensemble_metrics_count_requests_members_and_agreement(
     assert "prefix_server_ensemble_vote_agreement_count 1.0" in text
     assert "prefix_server_ensemble_vote_agreement_sum 0.666" in text
     assert "alice" not in text
+
+
+@pytest.mark.parametrize(("method", "stream"), [("vote", False), ("mean", False), ("mean", True)])
+def test_usage_counts_every_members_virtual_tokens(
+    client: TestClient, tenant: TenantAuth, members: list[str], method: str, stream: bool
+) -> None:
+    response = generate(client, tenant, prefixes=members, ensemble=method, stream=stream)
+    assert response.status_code == 200, response.text
+    usage = sse_events(response)[-1]["usage"] if stream else response.json()["usage"]
+    kinds = ["prefix", "prefix", "prompt"]  # the members' kinds
+    assert usage["prefix_tokens"] == sum(NUM_VIRTUAL_TOKENS[kind] for kind in kinds)
