@@ -18,6 +18,8 @@ from prefixes import PrefixError, read_upload
 from prefixes.records import QUOTA_LIMITS
 from server.config import Settings
 
+DEFAULT_VIRTUAL_TOKENS = 16  # `train` without --init-from or --virtual-tokens
+
 if TYPE_CHECKING:
     from prefixes.catalog import Catalog
 
@@ -96,7 +98,11 @@ def main(argv: list[str] | None = None) -> int:
     train = commands.add_parser("train", help="train a prefix with PEFT on the served model")
     train.add_argument("data", type=Path, help='JSON lines: {"prompt", "completion"} or {"text"}')
     train.add_argument("--kind", choices=["prefix", "prompt"], default="prefix")
-    train.add_argument("--virtual-tokens", type=int, default=16)
+    train.add_argument(
+        "--virtual-tokens",
+        type=int,
+        help=f"default: the --init-from prefix's length, else {DEFAULT_VIRTUAL_TOKENS}",
+    )
     train.add_argument("--out", type=Path, required=True, help="folder for the PEFT adapter")
     train.add_argument("--steps", type=int, default=100)
     train.add_argument("--batch-size", type=int, default=4)
@@ -348,17 +354,21 @@ def run_train(args: argparse.Namespace) -> int:
     from server.train import TrainConfig, read_examples, train_prefix
 
     try:
+        loaded = load_model(args.model, cache_dir=args.data_dir / "models")
+        init_from = load_init_prefix(args, loaded) if args.init_from else None
+        virtual_tokens = args.virtual_tokens
+        if virtual_tokens is None:  # a transfer keeps its source's length
+            source = init_from
+            virtual_tokens = DEFAULT_VIRTUAL_TOKENS if source is None else source.num_virtual_tokens
         config = TrainConfig(
             kind=args.kind,
-            virtual_tokens=args.virtual_tokens,
+            virtual_tokens=virtual_tokens,
             steps=args.steps,
             batch_size=args.batch_size,
             learning_rate=args.lr,
             seed=args.seed,
         )
-        loaded = load_model(args.model, cache_dir=args.data_dir / "models")
         examples = read_examples(args.data, loaded.tokenizer)
-        init_from = load_init_prefix(args, loaded) if args.init_from else None
         with tqdm(total=config.steps, desc="training", unit="step") as bar:
 
             def progress(step: int, loss: float) -> None:

@@ -79,6 +79,19 @@ def test_init_from_an_adapter_folder_starts_from_its_values(
     )
 
 
+def test_init_from_takes_its_sources_length_unless_told(
+    model_dir: Path, data: Path, tmp_path: Path
+) -> None:
+    first, copy = tmp_path / "first", tmp_path / "copy"
+    assert train(model_dir, data, first, "--steps", "1") == 0  # 4 virtual tokens
+    args = ["train", str(data), "--model", str(model_dir), "--data-dir", str(tmp_path / "data"),
+            "--steps", "0", "--init-from", str(first)]  # fmt: skip
+    assert main([*args, "--out", str(copy)]) == 0  # no --virtual-tokens: the source's 4
+    assert read_upload(adapter_files(copy)).num_virtual_tokens == 4
+    # told another length, it says why it cannot start there
+    assert main([*args, "--out", str(tmp_path / "other"), "--virtual-tokens", "6"]) == 2
+
+
 def test_init_from_a_registry_prefix(model_dir: Path, data: Path, tmp_path: Path) -> None:
     first, copy = tmp_path / "first", tmp_path / "copy"
     assert train(model_dir, data, first, "--steps", "5") == 0
