@@ -17,6 +17,7 @@ import json
 import random
 import tempfile
 import threading
+import warnings
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -109,7 +110,14 @@ class PrefixTrainer:
                 task_type=TaskType.CAUSAL_LM, num_virtual_tokens=config.virtual_tokens
             )
         )
-        with _SEEDED_INIT:
+        with _SEEDED_INIT, warnings.catch_warnings():
+            # PEFT reads transformers' deprecated `is_gradient_checkpointing` while wrapping a
+            # model: a warning about the two libraries, nothing a user can act on.
+            warnings.filterwarnings(
+                "ignore",
+                message="`is_gradient_checkpointing` is deprecated",
+                category=FutureWarning,
+            )
             torch.manual_seed(config.seed)
             self.model = get_peft_model(loaded.model, peft_config)
         try:

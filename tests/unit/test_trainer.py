@@ -77,3 +77,13 @@ def test_training_wraps_the_served_model_without_copying_or_changing_it() -> Non
     assert weights_digest(loaded.model) == digest
     assert [p.data_ptr() for p in loaded.model.parameters()] == pointers
     assert not any(p.requires_grad for p in loaded.model.parameters())
+
+
+def test_wrapping_the_model_warns_nothing_a_user_could_act_on() -> None:
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = PrefixTrainer(tiny_loaded("llama"), TrainConfig(virtual_tokens=2))
+        trainer.close()
+    assert [w for w in caught if issubclass(w.category, FutureWarning)] == []
