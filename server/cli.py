@@ -167,6 +167,9 @@ def run_serve(args: argparse.Namespace) -> int:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
+        # The app logs every request once, as JSON with its request id (access_log.py):
+        # uvicorn's own access line would say it twice.
+        access_log=False,
         timeout_graceful_shutdown=int(settings.shutdown_grace) + 1,
     )
     return 0
