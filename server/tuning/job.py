@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from prefixes import PrefixError, PrefixKind, RawPrefix
+from prefixes.errors import AlreadyExists
 from prefixes.registry import Registry
 from prefixes.tuning import Tuning
 from prefixes.tuning_records import JobError, JobInfo
@@ -85,7 +86,10 @@ class JobRun:
         except Diverged as exc:
             param = "hyperparameters.learning_rate_multiplier"
             self.tuning.fail(self.job, JobError("training_diverged", str(exc), param))
-        except PrefixError as exc:  # its name was taken meanwhile, a quota, a deleted source
+        except AlreadyExists:  # its name was taken while it trained
+            taken = plan.suffix_taken(self.job.owner, self.job.spec.suffix)
+            self.tuning.fail(self.job, JobError("AlreadyExists", taken.message, taken.field))
+        except PrefixError as exc:  # a quota, a deleted source
             self.tuning.fail(self.job, JobError(type(exc).__name__, exc.message, exc.field))
         except Exception:
             log.exception("fine-tuning job %s crashed", self.job.id)

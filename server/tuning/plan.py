@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from prefixes import PrefixKind
-from prefixes.errors import InvalidName
+from prefixes.errors import AlreadyExists, InvalidName
 from prefixes.names import check_name
 from prefixes.registry import Registry
 from prefixes.tuning import Tuning
@@ -100,7 +100,12 @@ def plan_job(
         check_name(suffix, "suffix")
     except InvalidName as exc:
         raise TuningError("suffix", f"{exc.message} (the name of the prefix it makes)") from None
-    upload = registry.check_upload(tenant, suffix, visibility=None, description="", overwrite=False)
+    try:
+        upload = registry.check_upload(
+            tenant, suffix, visibility=None, description="", overwrite=False
+        )
+    except AlreadyExists:
+        raise suffix_taken(tenant, suffix) from None
     upload.check_virtual_tokens(tokens)
     return JobSpec(
         model=request.model,
@@ -169,3 +174,12 @@ def batches(
         rng.shuffle(order)
         for start in range(0, len(order), hyper.batch_size):
             yield epoch, order[start : start + hyper.batch_size]
+
+
+def suffix_taken(tenant: str, suffix: str) -> AlreadyExists:
+    """A job registers a new prefix and cannot overwrite: say what the caller can do."""
+    return AlreadyExists(
+        f"suffix: {tenant}/{suffix} is taken (a prefix or an ensemble); a fine-tuning job "
+        f"registers a new prefix: choose another suffix, or delete {tenant}/{suffix} first",
+        field="suffix",
+    )

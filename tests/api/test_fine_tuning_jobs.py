@@ -487,3 +487,14 @@ def test_a_model_without_a_tokenizer_refuses_jobs(make_client: MakeClient) -> No
         body = {"model": "tiny-llama", "training_file": file_id}
         response = plain.post("/v1/fine_tuning/jobs", json=body, headers=alice.headers)
         assert_error(response, 400, "tokenizer")
+
+
+def test_a_suffix_that_names_an_existing_prefix_says_what_a_job_can_do(
+    client: TestClient, alice: TenantAuth, adapters: dict[str, Path]
+) -> None:
+    from tests.api.conftest import upload
+
+    assert upload(client, alice, peft_files(adapters["prefix"]), name="pirate").status_code == 201
+    refused = create_job(client, alice, training_file(client, alice), suffix="pirate")
+    error = assert_error(refused, 409, "alice/pirate", "choose another suffix")
+    assert error["field"] == "suffix" and "overwrite" not in error["message"]
