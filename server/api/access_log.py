@@ -17,6 +17,7 @@ import re
 import time
 import uuid
 
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.api.errors import error_body
@@ -72,7 +73,7 @@ class AccessLog:
 
     def record(self, scope: Scope, request_id: str, status: int, elapsed: float) -> None:
         """At the response's start: for a stream, the time until its first byte."""
-        route = getattr(scope.get("route"), "path", "unmatched")
+        route = getattr(scope.get("route"), "path", None) or matched_path(scope)
         method = scope["method"] if scope["method"] in METHODS else "other"
         self.metrics.requests.labels(route, method, str(status)).inc()
         self.metrics.latency.labels(route).observe(elapsed)
@@ -88,6 +89,18 @@ class AccessLog:
                 }
             )
         )
+
+
+def matched_path(scope: Scope) -> str:
+    """The path template of the app's route that matches, for routes the framework does not
+    record in the scope (the OpenAPI document and its pages); "unmatched" for none: a bounded
+    label whatever paths clients send."""
+    app = scope.get("app")
+    for route in getattr(getattr(app, "router", None), "routes", ()):
+        match, _ = route.matches(scope)
+        if match is Match.FULL:
+            return str(getattr(route, "path", "unmatched"))
+    return "unmatched"
 
 
 def request_id_of(scope: Scope) -> str:

@@ -68,6 +68,9 @@ def create_app(
         summary="One frozen LLM, thousands of personal prefixes, one batch.",
         version="0.1.0",
         lifespan=lifespan,
+        # A path with a stray "/" is a 404 in the error shape, not a redirect to another
+        # method's route (DELETE .../keys/ would redirect to .../keys).
+        redirect_slashes=False,
     )
     app.state.services = state
     install_error_handlers(app)

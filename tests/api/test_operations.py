@@ -128,6 +128,30 @@ def test_metrics_are_prometheus_text_after_a_generation(
     assert samples[("prefix_server_pool_resident_bytes", (("tier", "device"),))] > 0
 
 
+def test_the_documents_routes_have_their_own_labels_and_a_stray_slash_is_a_404(
+    client: TestClient, tenant: TenantAuth
+) -> None:
+    assert client.get("/openapi.json").status_code == 200
+    assert client.get("/docs").status_code == 200
+    assert client.get("/no/such/route").status_code == 404
+    stray = client.delete(f"/v1/tenants/{tenant.name}/keys/", headers=tenant.headers,
+                          follow_redirects=False)  # fmt: skip
+    assert_error(stray, 404)
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(client.get("/metrics").text)
+        for s in family.samples
+    }
+    for route, method, status in (
+        ("/openapi.json", "GET", "200"),
+        ("/docs", "GET", "200"),
+        ("unmatched", "GET", "404"),
+        ("unmatched", "DELETE", "404"),
+    ):
+        labels = (("method", method), ("route", route), ("status", status))  # fmt: skip
+        assert samples[("prefix_server_http_requests_total", labels)] == 1, route
+
+
 def test_every_response_carries_a_request_id(client: TestClient) -> None:
     assert len(client.get("/health").headers["x-request-id"]) >= 8
     echoed = client.get("/health", headers={"X-Request-ID": "trace-42"})
