@@ -12,7 +12,9 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
 
-from fastapi import FastAPI, Response
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import RedirectResponse
+from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from prefixes.ensembles import Ensembles
@@ -63,7 +65,9 @@ def create_app(
             await starting  # a start still loading finishes first, then everything stops
             await asyncio.to_thread(stop_services, state)
 
-    app = FastAPI(
+    # /docs and /redoc load their scripts from the package, never from a CDN: the server
+    # must work on a machine with no internet.
+    app = FastAPIOffline(
         title="prefix-server",
         summary="One frozen LLM, thousands of personal prefixes, one batch.",
         version="0.1.0",
@@ -87,6 +91,11 @@ def create_app(
     @app.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:
         return Response(generate_latest(metrics_registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/", include_in_schema=False)
+    async def root(request: Request) -> RedirectResponse:
+        """A browser pointed at the server finds the API's reference."""
+        return RedirectResponse(f"{request.scope.get('root_path', '')}/docs")
 
     # On the client's own `receive`, so it can drain a refused body before answering.
     app.add_middleware(BodyLimit, limit_for=partial(body_limit, settings))

@@ -217,3 +217,19 @@ def test_one_tenants_bad_top_k_does_not_fail_anothers_request(
             stalled.go()
         assert victim["response"].status_code == 200, victim["response"].text
         assert attacker["response"].status_code == 422, attacker["response"].text
+
+
+def test_the_api_pages_load_their_scripts_from_the_server_and_root_leads_to_them(
+    client: TestClient,
+) -> None:
+    import re
+
+    for page in ("/docs", "/redoc"):
+        html = client.get(page).text
+        assert not re.search(r"https?://", html.split("</head>")[0]), page  # no CDN
+        assets = re.findall(r'(?:src|href)="([^"]+\.(?:js|css|png))"', html)
+        assert any(asset.endswith(".js") for asset in assets), page
+        for asset in assets:
+            assert client.get(asset).status_code == 200, asset
+    root = client.get("/", follow_redirects=False)
+    assert root.status_code in (302, 307) and root.headers["location"] == "/docs"
