@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -19,7 +20,13 @@ from pathlib import Path
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedModel
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    DynamicCache,
+    GenerationConfig,
+    PreTrainedModel,
+)
 
 from prefixes import CompiledPrefix, ModelSpec, PrefixCompiler, RawPrefix
 
@@ -55,6 +62,10 @@ class LoadedModel:
     @property
     def eos_token_ids(self) -> frozenset[int]:
         return eos_token_ids(self.model)
+
+    @property
+    def generation_defaults(self) -> dict[str, float]:
+        return generation_defaults(self.model)
 
     def prefix_compiler(self, max_virtual_tokens: int) -> PrefixCompiler:
         """What the registry calls to validate an upload against this model and compile it."""
@@ -132,6 +143,24 @@ def weights_digest(model: PreTrainedModel, samples_per_tensor: int = 4096) -> st
     return digest.hexdigest()[:16]
 
 
+# What a request leaves unset comes from the model's generation_config.json, where its authors
+# set it (vLLM does the same by default): the fields that differ from transformers' defaults.
+GENERATION_DEFAULT_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty")
+
+
+def generation_defaults(model: PreTrainedModel) -> dict[str, float]:
+    config = getattr(model, "generation_config", None)
+    if config is None:
+        return {}
+    plain = GenerationConfig()
+    found = {}
+    for name in GENERATION_DEFAULT_FIELDS:
+        value = getattr(config, name, None)
+        if value is not None and value != getattr(plain, name, None):
+            found[name] = float(value)
+    return found
+
+
 def eos_token_ids(model: PreTrainedModel) -> frozenset[int]:
     ids: set[int] = set()
     for config in (model.config, getattr(model, "generation_config", None)):
@@ -195,6 +224,7 @@ def ensure_embedded_model(cache_dir: Path) -> Path:
     """Convert the embedded GGUF once to a plain float32 folder (loads in ~2 s instead of ~25 s)."""
     target = Path(cache_dir) / EMBEDDED_MODEL_ID
     if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        write_sampling_defaults(target)  # a folder converted before they were written
         return target
     gguf = embedded_model_source()
     log.info("converting %s once into %s", gguf.name, target)
@@ -210,6 +240,24 @@ def ensure_embedded_model(cache_dir: Path) -> Path:
     shutil.rmtree(partial, ignore_errors=True)
     model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
+    write_sampling_defaults(partial)
     shutil.rmtree(target, ignore_errors=True)
     partial.rename(target)  # a crash before this line leaves no half-written model behind
     return target
+
+
+# The embedded model's sampling defaults, written into its generation_config.json (the GGUF
+# carries none): its authors' model card samples with these.
+EMBEDDED_SAMPLING = {"do_sample": True, "temperature": 0.2, "top_p": 0.9}
+
+
+def write_sampling_defaults(folder: Path) -> None:
+    """Add EMBEDDED_SAMPLING to the folder's generation_config.json where it has none."""
+    path = folder / "generation_config.json"
+    config = json.loads(path.read_text()) if path.exists() else {}
+    if all(key in config for key in EMBEDDED_SAMPLING):
+        return
+    config = {**EMBEDDED_SAMPLING, **config}
+    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    partial.write_text(json.dumps(config, indent=2) + "\n")
+    partial.rename(path)

@@ -216,11 +216,18 @@ def sampling_params(
             f"max_new_tokens: expected at most {limit}, found {max_new_tokens}",
         )
     vocab = server.loaded.spec.vocab_size
-    if fields.top_k > vocab:
+    defaults = server.loaded.generation_defaults
+    temperature = first_set(fields.temperature, defaults.get("temperature"), 1.0)
+    top_p = first_set(fields.top_p, defaults.get("top_p"), 1.0)
+    top_k = int(first_set(fields.top_k, defaults.get("top_k"), 0))
+    repetition_penalty = first_set(
+        fields.repetition_penalty, defaults.get("repetition_penalty"), 1.0
+    )
+    if top_k > vocab:
         raise ApiError(
             422,
             "invalid_request",
-            f"top_k: expected at most the vocabulary size {vocab}, found {fields.top_k}",
+            f"top_k: expected at most the vocabulary size {vocab}, found {top_k}",
             field="top_k",
         )
     if fields.min_tokens > max_new_tokens:
@@ -242,9 +249,9 @@ def sampling_params(
         )
     return SamplingParams(
         max_new_tokens=max_new_tokens,
-        temperature=fields.temperature,
-        top_p=fields.top_p,
-        top_k=fields.top_k,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
         seed=fields.seed,
         stop=tuple(fields.stop or ()),
         ignore_eos=ignore_eos,
@@ -252,10 +259,15 @@ def sampling_params(
         prompt_logprobs=prompt_logprobs,
         logit_bias=bias,
         min_tokens=fields.min_tokens,
-        repetition_penalty=fields.repetition_penalty,
+        repetition_penalty=repetition_penalty,
         frequency_penalty=fields.frequency_penalty,
         presence_penalty=fields.presence_penalty,
     )
+
+
+def first_set(*values: float | None) -> float:
+    """The first value that is not None (the request's, the model's default, OpenAI's)."""
+    return next(value for value in values if value is not None)
 
 
 def check_choices(server: Ready, n: int) -> int:

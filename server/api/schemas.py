@@ -81,15 +81,17 @@ STREAM_RESPONSE: dict[int | str, dict[str, Any]] = {
 
 
 class SamplingFields(BaseModel):
-    temperature: float = Field(1.0, ge=0.0, le=MAX_TEMPERATURE)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0, le=MAX_TOP_K)
+    # Unset (null): the model's own default from its generation_config.json, else OpenAI's
+    # (temperature 1, top_p 1, no top-k cut, no repetition penalty); docs/api.md.
+    temperature: float | None = Field(None, ge=0.0, le=MAX_TEMPERATURE)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=0, le=MAX_TOP_K)
     seed: int | None = Field(None, ge=0, lt=2**63)
     stop: list[str] | str | None = None
     # Logits processing (docs/api.md, "Penalties and bias"), per request, before sampling.
     presence_penalty: float = Field(0.0, ge=-MAX_PENALTY, le=MAX_PENALTY)
     frequency_penalty: float = Field(0.0, ge=-MAX_PENALTY, le=MAX_PENALTY)
-    repetition_penalty: float = Field(1.0, gt=0.0, le=MAX_REPETITION_PENALTY)
+    repetition_penalty: float | None = Field(None, gt=0.0, le=MAX_REPETITION_PENALTY)
     # token id (as a string, as OpenAI sends it) -> a value added to its logit
     logit_bias: dict[str, Annotated[float, Field(ge=-MAX_BIAS, le=MAX_BIAS)]] | None = Field(
         None, max_length=MAX_LOGIT_BIAS
@@ -98,8 +100,8 @@ class SamplingFields(BaseModel):
 
     @field_validator("temperature")
     @classmethod
-    def _temperature(cls, value: float) -> float:
-        if 0 < value < MIN_TEMPERATURE:
+    def _temperature(cls, value: float | None) -> float | None:
+        if value is not None and 0 < value < MIN_TEMPERATURE:
             raise ValueError(f"expected 0 (greedy) or at least {MIN_TEMPERATURE}, found {value}")
         return value
 

@@ -12,14 +12,16 @@ import torch
 from fastapi.testclient import TestClient
 
 from prefixes import PrefixKind, RawPrefix, write_native
-from server.models import LoadedModel
+from server.models import LoadedModel, wrap_model
 from tests.api.conftest import (
     NUM_VIRTUAL_TOKENS,
     Files,
+    MakeClient,
     Response,
     TenantAuth,
     alone,
     assert_error,
+    create_tenant,
     peft_files,
     upload,
 )
@@ -207,3 +209,33 @@ def test_a_huge_top_k_is_a_4xx_naming_top_k(
 ) -> None:
     body = {"prompt": [1, 2], "max_new_tokens": 2, "top_k": top_k}
     assert_error(client.post("/v1/generate", json=body, headers=tenant.headers), 422, "top_k")
+
+
+def test_unset_sampling_fields_take_the_models_generation_config(
+    make_client: MakeClient, loaded: LoadedModel
+) -> None:
+    """As vLLM does: what a request leaves unset comes from the model's generation_config.json,
+    where its authors set it; otherwise OpenAI's defaults (temperature 1)."""
+    import copy
+
+    model = copy.deepcopy(loaded.model)
+    model.generation_config.temperature = 0.5
+    model.generation_config.top_k = 7
+    configured = wrap_model(model, None, "tiny-configured")
+    assert configured.generation_defaults == {"temperature": 0.5, "top_k": 7.0}
+    body = {"prompt": [1, 2, 3], "max_new_tokens": 12, "seed": 11}
+
+    def tokens(client: TestClient, who: TenantAuth, **fields: Any) -> list[int]:
+        response = client.post("/v1/generate", json={**body, **fields}, headers=who.headers)
+        assert response.status_code == 200, response.text
+        return list(response.json()["token_ids"])
+
+    with make_client(model=configured) as client:
+        alice = create_tenant(client, "alice")
+        unset = tokens(client, alice)
+        assert unset == tokens(client, alice, temperature=0.5, top_k=7)
+        assert unset != tokens(client, alice, temperature=1.0, top_k=0)
+        assert tokens(client, alice, temperature=0) == alone(configured, [1, 2, 3], None, 12)
+    with make_client() as client:  # no generation_config values: OpenAI's defaults
+        alice = create_tenant(client, "alice")
+        assert tokens(client, alice) == tokens(client, alice, temperature=1.0, top_p=1.0)
