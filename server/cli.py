@@ -14,22 +14,27 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import SecretStr, ValidationError
 
-from prefixes import PrefixError, read_upload
-from prefixes.records import QUOTA_LIMITS
-from server.config import Settings
-
 DEFAULT_VIRTUAL_TOKENS = 16  # `train` without --init-from or --virtual-tokens
 
 if TYPE_CHECKING:
     from prefixes.catalog import Catalog
+    from server.config import Settings
+
+# Help and the command being run build their flags; the others only their names. Settings and
+# the quota limits import the engine (torch): `prefix-server upload` needs neither, and starts
+# in a fraction of the time without them.
+HELP = ("-h", "--help")
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    chosen = argv[0] if argv and argv[0] not in HELP else None
     parser = argparse.ArgumentParser(prog="prefix-server")
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run the HTTP server")
-    add_settings_flags(serve)
+    if chosen == "serve":
+        add_settings_flags(serve)
     serve.set_defaults(run=run_serve)
 
     tenant = commands.add_parser("tenant", help="manage tenants offline")
@@ -46,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         "quotas", help="set some of a tenant's quotas (the others stay), then show the tenant"
     )
     quotas.add_argument("name")
-    for quota, limit in QUOTA_LIMITS.items():
+    for quota, limit in quota_limits(chosen == "tenant").items():
         quotas.add_argument(
             "--" + quota.replace("_", "-"),
             type=quota_value(limit),
@@ -120,8 +125,19 @@ def main(argv: list[str] | None = None) -> int:
     return int(args.run(args))
 
 
+def quota_limits(needed: bool) -> dict[str, int]:
+    """The quotas `tenant quotas` takes, when the command is `tenant` (else none)."""
+    if not needed:
+        return {}
+    from prefixes.records import QUOTA_LIMITS
+
+    return QUOTA_LIMITS
+
+
 def add_settings_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per Settings field; unset flags fall back to PREFIX_SERVER_* and defaults."""
+    from server.config import Settings
+
     for name, field in Settings.model_fields.items():
         kwargs: dict[str, Any] = {"default": None, "help": field.description, "dest": name}
         choices = literal_choices(field.annotation)
@@ -137,6 +153,8 @@ def literal_choices(annotation: Any) -> list[str] | None:
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
+    from server.config import Settings
+
     given = {
         k: getattr(args, k) for k in Settings.model_fields if getattr(args, k, None) is not None
     }
@@ -200,6 +218,7 @@ def open_catalog(args: argparse.Namespace) -> Catalog:
     offline, and beside a running server on the same database (a revoked key is refused by
     the server's next request)."""
     from prefixes.catalog import Catalog
+    from server.config import Settings
 
     given = {"data_dir": args.data_dir, "database_url": args.database_url}
     settings = Settings(**{k: v for k, v in given.items() if v})
@@ -227,6 +246,8 @@ def quota_value(limit: int) -> Callable[[str], int | str]:
 
 def run_on_catalog(args: argparse.Namespace, action: Callable[[Catalog], str]) -> int:
     """Print what `action` returns, or the registry's refusal on stderr (exit status 1)."""
+    from prefixes import PrefixError
+
     try:
         with open_catalog(args) as catalog:
             printed = action(catalog)
@@ -267,7 +288,7 @@ def run_tenant_show(args: argparse.Namespace) -> int:
 def run_tenant_quotas(args: argparse.Namespace) -> int:
     changes = {
         quota: None if value == "default" else value
-        for quota in QUOTA_LIMITS
+        for quota in quota_limits(True)
         if (value := getattr(args, quota)) is not None
     }
 
@@ -353,6 +374,7 @@ def run_upload(args: argparse.Namespace) -> int:
 def run_train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from prefixes import PrefixError
     from server.models import load_model
     from server.train import TrainConfig, read_examples, train_prefix
 
@@ -391,7 +413,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 def load_init_prefix(args: argparse.Namespace, loaded: Any) -> Any:
     """The prefix to start training from: a file or folder, or owner/name in the registry."""
-    from prefixes import PrefixKind, RawPrefix
+    from prefixes import PrefixKind, RawPrefix, read_upload
 
     path = Path(args.init_from)
     if path.exists():
@@ -413,6 +435,7 @@ def load_init_prefix(args: argparse.Namespace, loaded: Any) -> Any:
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    from prefixes import PrefixError, read_upload
     from server.engine.llm import LLM
     from server.engine.request import Request, SamplingParams
     from server.models import load_model

@@ -55,3 +55,18 @@ def test_development_admin_key_is_created_once_with_mode_0600(
     assert key in capsys.readouterr().err  # printed once
     assert dev_admin_key(settings) == key
     assert key not in capsys.readouterr().err  # not printed again
+
+
+def test_upload_starts_without_the_engine() -> None:
+    """`prefix-server upload` only reads files and posts them: it never imports torch (about
+    3 s of the command's start on this machine)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys; from server.cli import main; "
+        "code = main(['upload', 'no-such-folder', '--name', 'x', '--api-key', 'k']); "
+        "print(code, 'torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert out.stdout.split() == ["2", "False"], out.stderr
