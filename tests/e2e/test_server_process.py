@@ -244,6 +244,24 @@ def test_a_client_that_disconnects_mid_stream_cancels_its_request(
     assert cancelled_count(server) == before + 1
 
 
+def test_each_request_is_logged_once_as_json(running: tuple[Server, dict[str, str]]) -> None:
+    server, _ = running
+    request_id = "log-once-7d2f"
+    assert (
+        httpx.get(f"{server.url}/health", headers={"X-Request-ID": request_id}).status_code == 200
+    )
+    deadline = time.monotonic() + 10  # the line is written once the response has gone
+
+    def logged() -> list[str]:
+        return [line for line in server.log.read_text().splitlines() if request_id in line]
+
+    while not logged() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    lines = logged()
+    assert len(lines) == 1 and json.loads(lines[0][lines[0].index("{") :])["status"] == 200
+    assert '"GET /health HTTP/1.1"' not in server.log.read_text()  # uvicorn's access line
+
+
 def test_prefixes_and_keys_survive_sigkill(
     world: World, running: tuple[Server, dict[str, str]]
 ) -> None:
@@ -291,21 +309,3 @@ def test_sigterm_lets_a_running_request_finish(world: World, tmp_path: Path) -> 
     finally:
         if server.process.poll() is None:
             server.process.kill()
-
-
-def test_each_request_is_logged_once_as_json(running: tuple[Server, dict[str, str]]) -> None:
-    server, _ = running
-    request_id = "log-once-7d2f"
-    assert (
-        httpx.get(f"{server.url}/health", headers={"X-Request-ID": request_id}).status_code == 200
-    )
-    deadline = time.monotonic() + 10  # the line is written once the response has gone
-
-    def logged() -> list[str]:
-        return [line for line in server.log.read_text().splitlines() if request_id in line]
-
-    while not logged() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    lines = logged()
-    assert len(lines) == 1 and json.loads(lines[0][lines[0].index("{") :])["status"] == 200
-    assert '"GET /health HTTP/1.1"' not in server.log.read_text()  # uvicorn's access line
