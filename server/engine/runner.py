@@ -129,16 +129,17 @@ class ModelRunner:
         with attention_kernels(self.device, self.dtype):
             logits = [self._run(group) for group in groups if group]
         ordered = [row.request for group in groups for row in group if row.samples]
-        sharing = [row for row in rows if row.logits_of is not None]
-        if sharing:
-            index_of = {id(request): i for i, request in enumerate(ordered)}
-            shared = torch.tensor([index_of[id(row.logits_of)] for row in sharing])
-            logits.append(torch.cat(logits)[shared.to(self.device)])
-            ordered += [row.request for row in sharing]
         next_ids: list[int] = []
         chosen: list[ChosenLogprobs | None] = []
         if ordered:
-            next_ids, chosen = self._choose(torch.cat(logits), ordered)
+            all_logits = torch.cat(logits)
+            sharing = [row for row in rows if row.logits_of is not None]
+            if sharing:
+                index_of = {id(request): i for i, request in enumerate(ordered)}
+                shared = torch.tensor([index_of[id(row.logits_of)] for row in sharing])
+                all_logits = torch.cat([all_logits, all_logits[shared.to(self.device)]])
+                ordered += [row.request for row in sharing]
+            next_ids, chosen = self._choose(all_logits, ordered)
         # Only now, when nothing can raise any more: a step that raised advanced no row, so the
         # engine can run its rows again, alone, to find the one that fails.
         for row in rows:
