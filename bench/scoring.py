@@ -9,7 +9,7 @@
    `echo` with `max_tokens: 0`) against the same prompt prefilled plainly to one token, each in
    its own process after a short warm-up of its kind: the peak resident memory of its first
    run above what the process held before (sampled every millisecond), and the best time of
-   two more runs.
+   two more runs; and the same prompt scored the plain transformers way in its own process.
 """
 
 from __future__ import annotations
@@ -92,6 +92,30 @@ class PeakRss:
         return self.peak - self.before
 
 
+def transformers_scoring(model: str, device: str) -> dict[str, float]:
+    """In its own process: the same prompt scored the plain transformers way (one forward with
+    every position's logits, their log-softmax, each next token's gathered): what a user
+    without the server would run."""
+    loaded = load_named(model, device)
+    prompt = torch.randint(0, loaded.spec.vocab_size, (LONG_PROMPT,),
+                           generator=torch.Generator().manual_seed(0))  # fmt: skip
+
+    def score(ids: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            logits = loaded.model(input_ids=ids[None]).logits[0, :-1].float()
+            return logits.log_softmax(dim=-1).gather(1, ids[1:, None])[:, 0]
+
+    score(prompt[:64])
+    with PeakRss() as memory:
+        score(prompt)
+    times = []
+    for _ in range(2):
+        start = time.perf_counter()
+        score(prompt)
+        times.append(time.perf_counter() - start)
+    return {"seconds": min(times), "peak_growth": memory.growth}
+
+
 def one_long_prompt(model: str, device: str, scored: bool) -> dict[str, float]:
     """In its own process: seconds and peak memory growth of one long prompt, after a warm-up
     of the same kind on a short one."""
@@ -119,10 +143,10 @@ def one_long_prompt(model: str, device: str, scored: bool) -> dict[str, float]:
     return {"seconds": min(times), "peak_growth": memory.growth}
 
 
-def in_own_process(model: str, device: str, scored: bool) -> dict[str, float]:
+def in_own_process(model: str, device: str, variant: str) -> dict[str, float]:
     out = subprocess.run(
         [sys.executable, __file__, "--model", model, "--device", device,
-         "--long-prompt", "scored" if scored else "plain"],
+         "--long-prompt", variant],
         check=True, capture_output=True, text=True,
     )  # fmt: skip
     result: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
@@ -134,14 +158,20 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-geometry")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--write", type=Path)
-    parser.add_argument("--long-prompt", choices=["scored", "plain"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--long-prompt", choices=["scored", "plain", "transformers"], help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
+    if args.long_prompt == "transformers":
+        print(json.dumps(transformers_scoring(args.model, args.device)))
+        return
     if args.long_prompt:
         print(json.dumps(one_long_prompt(args.model, args.device, args.long_prompt == "scored")))
         return
     none, half = decode_step_cost(args.model, args.device)
-    plain = in_own_process(args.model, args.device, scored=False)
-    scored = in_own_process(args.model, args.device, scored=True)
+    plain = in_own_process(args.model, args.device, "plain")
+    scored = in_own_process(args.model, args.device, "scored")
+    reference = in_own_process(args.model, args.device, "transformers")
     mib = 1 << 20
     body = "\n".join(
         [
@@ -160,6 +190,11 @@ def main() -> None:
             f"{scored['seconds']:.2f} s | {scored['seconds'] / plain['seconds']:.2f}x |",
             f"| its first run's peak resident memory growth | "
             f"{plain['peak_growth'] / mib:.0f} MiB | {scored['peak_growth'] / mib:.0f} MiB | |",
+            f"| the same prompt scored by transformers (one forward, every position's "
+            f"log-softmax), against the engine's scoring | {reference['seconds']:.2f} s, "
+            f"{reference['peak_growth'] / mib:.0f} MiB | {scored['seconds']:.2f} s, "
+            f"{scored['peak_growth'] / mib:.0f} MiB | "
+            f"{scored['seconds'] / reference['seconds']:.2f}x |",
         ]
     )
     print(body)
