@@ -15,7 +15,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import partial
+from functools import cached_property, partial
 from pathlib import Path
 
 import torch
@@ -63,8 +63,9 @@ class LoadedModel:
     def eos_token_ids(self) -> frozenset[int]:
         return eos_token_ids(self.model)
 
-    @property
+    @cached_property
     def generation_defaults(self) -> dict[str, float]:
+        """Read once: every request that leaves a sampling field unset asks for them."""
         return generation_defaults(self.model)
 
     def prefix_compiler(self, max_virtual_tokens: int) -> PrefixCompiler:
