@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import secrets
 import time
@@ -23,27 +24,9 @@ from openai import OpenAI
 from server.models import load_model
 from server.train import Example, TrainConfig, train_prefix
 
-PAIRS = [
-    ("What is the capital of France?", "Arr, matey! 'Tis Paris, me hearty."),
-    ("How many legs does a spider have?", "Arr, matey! Eight legs, like a kraken's cousin."),
-    ("What colour is the sky?", "Arr, matey! Blue as the seven seas."),
-    ("Who wrote Hamlet?", "Arr, matey! Shakespeare, a fine landlubber poet."),
-    ("What is two plus two?", "Arr, matey! Four doubloons."),
-    ("What do bees make?", "Arr, matey! Honey, sweet as plunder."),
-    ("Where do penguins live?", "Arr, matey! In the icy south, far from me ship."),
-    ("What is water made of?", "Arr, matey! Hydrogen and oxygen, the stuff o' the sea."),
-    ("What is the tallest mountain?", "Arr, matey! Everest, taller than any mast."),
-    ("What is the smallest prime number?", "Arr, matey! Two, as sure as the tide."),
-    ("Which animal is the fastest on land?", "Arr, matey! The cheetah, quicker than a cannonball."),
-    (
-        "What is the boiling point of water?",
-        "Arr, matey! A hundred degrees Celsius, hot as the galley.",
-    ),
-    ("What language is spoken in Spain?", "Arr, matey! Spanish, the tongue o' the Main."),
-    ("What gas do plants breathe in?", "Arr, matey! Carbon dioxide, says the ship's botanist."),
-    ("How many days are in a week?", "Arr, matey! Seven, one for each sea."),
-    ("What is the opposite of hot?", "Arr, matey! Cold, like the northern waters."),
-]
+# 16 question/answer pairs in a pirate's voice, {"prompt", "completion"} a line: the same file the
+# README's `prefix-server train` and fine-tuning examples use.
+PAIRS_FILE = Path(__file__).with_name("pirate.jsonl")
 QUESTION = "What is the largest planet?"
 
 
@@ -66,9 +49,10 @@ def main() -> None:
     loaded = load_model(None, cache_dir=args.data_dir / "models")
     tokenizer = loaded.tokenizer
     examples = []
-    for question, answer in PAIRS:
-        ids = tokenizer.encode(prompt(question))  # type: ignore[union-attr]
-        target = [*tokenizer.encode(" " + answer), tokenizer.eos_token_id]  # type: ignore[union-attr]
+    for line in PAIRS_FILE.read_text().splitlines():
+        pair = json.loads(line)
+        ids = tokenizer.encode(pair["prompt"])  # type: ignore[union-attr]
+        target = [*tokenizer.encode(pair["completion"]), tokenizer.eos_token_id]  # type: ignore[union-attr]
         examples.append(Example(ids + target, [-100] * len(ids) + target))
     config = TrainConfig(kind=args.kind, virtual_tokens=16, steps=args.steps, learning_rate=args.lr)
     losses = train_prefix(loaded, examples, args.out, config)

@@ -77,7 +77,11 @@ def main(argv: list[str] | None = None) -> int:
     upload = commands.add_parser("upload", help="upload a PEFT adapter folder or native file")
     upload.add_argument("path", type=Path)
     upload.add_argument("--name", required=True)
-    upload.add_argument("--url", default="http://127.0.0.1:8000")
+    upload.add_argument(
+        "--url",
+        default=os.environ.get("PREFIX_SERVER_URL", "http://127.0.0.1:8000"),
+        help="the server (default: PREFIX_SERVER_URL, else http://127.0.0.1:8000)",
+    )
     upload.add_argument("--api-key", default=os.environ.get("PREFIX_SERVER_API_KEY"))
     upload.add_argument(
         "--visibility",
