@@ -29,6 +29,8 @@ from transformers import (
 )
 
 from prefixes import CompiledPrefix, ModelSpec, PrefixCompiler, RawPrefix
+from server.engine.grammar import GrammarCompiler
+from server.engine.request import InvalidRequest
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +64,13 @@ class LoadedModel:
     @property
     def eos_token_ids(self) -> frozenset[int]:
         return eos_token_ids(self.model)
+
+    @cached_property
+    def grammars(self) -> GrammarCompiler:
+        """Structured outputs' constraints over this model's tokenizer (engine/grammar.py)."""
+        if self.tokenizer is None:
+            raise InvalidRequest("constraints need the model's tokenizer, and it has none")
+        return GrammarCompiler(self.tokenizer, self.spec.vocab_size)
 
     @cached_property
     def generation_defaults(self) -> dict[str, float]:

@@ -24,6 +24,7 @@ from server.api.errors import ApiError, error_body, to_api_error
 from server.api.schemas import SamplingFields
 from server.api.services import Ready
 from server.api.voting import Candidate, mean_logprob, tally, voted_result
+from server.engine.grammar import Grammar
 from server.engine.request import SamplingParams
 from server.engine.stream import Chunk, RequestFailed, RequestStream, Result
 
@@ -206,8 +207,10 @@ def sampling_params(
     ignore_eos: bool = False,
     logprobs: int | None = None,
     prompt_logprobs: int | None = None,
+    grammar: Grammar | None = None,
 ) -> SamplingParams:
-    """The schema bounds every field; what depends on this server and model is checked here."""
+    """The schema bounds every field; what depends on this server and model is checked here.
+    `grammar`: the request's compiled constraint (constraints.py)."""
     limit = server.settings.max_new_tokens_limit
     if max_new_tokens > limit:
         raise ApiError(
@@ -262,6 +265,7 @@ def sampling_params(
         repetition_penalty=repetition_penalty,
         frequency_penalty=fields.frequency_penalty,
         presence_penalty=fields.presence_penalty,
+        grammar=grammar,
     )
 
 

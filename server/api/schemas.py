@@ -32,6 +32,8 @@ MAX_REPETITION_PENALTY = 10.0
 MAX_CHOICES_FIELD = 128  # n: the server's own limit is lower
 MAX_TOKENIZE_CHARS = 1 << 20  # a text to tokenize (/tokenize); the body limit is lower by default
 MAX_CHAT_MESSAGES = 4096  # messages in one conversation to tokenize (/tokenize)
+MAX_CONSTRAINT_CHARS = 64 << 10  # a regex or grammar; a schema is bounded by its size as JSON
+MAX_CHOICES = 256  # strings of a `choice` constraint
 
 # Ids past the vocabulary are refused against the model (400), before any tensor is built.
 TokenIds = list[Annotated[int, Field(ge=0)]]
@@ -80,6 +82,49 @@ STREAM_RESPONSE: dict[int | str, dict[str, Any]] = {
 }
 
 
+class StructuredOutputs(Strict):
+    """Exactly one constraint on the output (docs/api.md, "Structured outputs"): vLLM's
+    `structured_outputs` fields."""
+
+    json_schema: dict[str, Any] | None = Field(None, alias="json")  # a JSON schema
+    json_object: bool | None = None  # true: any JSON object
+    regex: str | None = Field(None, min_length=1, max_length=MAX_CONSTRAINT_CHARS)
+    choice: list[Annotated[str, Field(min_length=1)]] | None = Field(
+        None, min_length=1, max_length=MAX_CHOICES
+    )
+    grammar: str | None = Field(None, min_length=1, max_length=MAX_CONSTRAINT_CHARS)  # Lark
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> StructuredOutputs:
+        given = [name for name in self.model_fields_set if getattr(self, name) not in (None, False)]
+        if len(given) != 1:
+            raise ValueError(
+                "expected exactly one of json, json_object, regex, choice, grammar, "
+                f"found {len(given)}"
+            )
+        return self
+
+
+class JsonSchemaFormat(Strict):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    json_schema: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None  # the schema is always enforced (docs/api.md)
+
+
+class ResponseFormat(Strict):
+    """OpenAI's `response_format`."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError('json_schema: expected exactly with type "json_schema"')
+        return self
+
+
 class SamplingFields(BaseModel):
     # Unset (null): the model's own default from its generation_config.json, else OpenAI's
     # (temperature 1, top_p 1, no top-k cut, no repetition penalty); docs/api.md.
@@ -97,6 +142,7 @@ class SamplingFields(BaseModel):
         None, max_length=MAX_LOGIT_BIAS
     )
     min_tokens: int = Field(0, ge=0, le=MAX_TOKENS_FIELD)
+    structured_outputs: StructuredOutputs | None = None
 
     @field_validator("temperature")
     @classmethod
@@ -263,6 +309,7 @@ class OpenAIBase(SamplingFields):
     n: int = Field(1, ge=1, le=MAX_CHOICES_FIELD)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    response_format: ResponseFormat | None = None
 
 
 class CompletionRequest(OpenAIBase):

@@ -16,6 +16,7 @@ from prefixes import CompiledPrefix
 
 if TYPE_CHECKING:
     from server.engine.detokenizer import IncrementalDetokenizer
+    from server.engine.grammar import Grammar, GrammarState
 
 _ids = itertools.count()
 
@@ -57,6 +58,9 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
+    # Structured outputs (grammar.py): only tokens that keep the output a prefix of a valid
+    # answer, and EOS once it is complete.
+    grammar: Grammar | None = None
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0:
@@ -88,6 +92,12 @@ class SamplingParams:
             raise InvalidRequest(f"top_k: expected >= 0, found {self.top_k}")
         if any(not s for s in self.stop):
             raise InvalidRequest("stop: expected non-empty strings, found an empty string")
+        if self.grammar is not None and self.ignore_eos:
+            raise InvalidRequest("ignore_eos: not with a constraint (its answer ends with EOS)")
+        if self.grammar is not None and self.min_tokens:
+            raise InvalidRequest(
+                "min_tokens: not with a constraint (the grammar decides where its answer ends)"
+            )
 
     @property
     def greedy(self) -> bool:
@@ -189,10 +199,21 @@ class Request:
     # Every row draws from its own generator, so a seeded request samples the same tokens
     # whatever else shares its batch. Made on first use, on the device the logits are on.
     _generator: torch.Generator | None = field(default=None, init=False, repr=False)
+    _grammar_state: GrammarState | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:
             raise InvalidRequest("prompt: expected at least one token, found none")
+
+    def grammar_state(self) -> GrammarState | None:
+        """Where this request's output stands in its grammar (made on first use), or None."""
+        if self.sampling.grammar is None:
+            return None
+        if self._grammar_state is None:
+            self._grammar_state = self.sampling.grammar.state()
+            for token in self.output_token_ids:  # a state made after tokens (never, today)
+                self._grammar_state.accept(token)
+        return self._grammar_state
 
     def generator(self, device: torch.device) -> torch.Generator:
         """This request's own generator on `device`: seeded from `sampling.seed`, or randomly."""

@@ -22,7 +22,9 @@ graph); it computes the same thing, and the tests hold the paths token-equal.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 
+import numpy as np
 import torch
 from torch.nn.attention.flex_attention import BlockMask
 from transformers import PreTrainedModel
@@ -32,6 +34,7 @@ from server.engine import attention  # noqa: F401  (registers the engine's sdpa)
 from server.engine.blocks import SCRATCH_BLOCK, ZERO_BLOCK
 from server.engine.cuda_graphs import CudaGraphs
 from server.engine.ensemble import mean_of_groups
+from server.engine.grammar import MaskFiller, apply_masks
 from server.engine.kv_cache import GroupedRead, PagedKVCache
 from server.engine.logits_processing import process_logits
 from server.engine.logprobs import ChosenLogprobs, chosen_tensor, score_tokens, unpack_chosen
@@ -71,6 +74,7 @@ class ModelRunner:
         self.model = model
         self.spec = spec
         self.eos_token_ids = eos_token_ids  # masked for rows short of their min_tokens
+        self.masks = MaskFiller(spec.vocab_size)  # constrained rows' tokens (grammar.py)
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.block_size = block_size
@@ -124,6 +128,7 @@ class ModelRunner:
         A row fed nothing that takes its logits from another row (`logits_of`: one of `n`
         choices that share a prompt) samples its own token from that row's distribution."""
         sampling = [row.request for row in rows if row.samples]
+        masks = self.masks.start(sampling)  # filled on a host thread while the forward runs
         fed = [row for row in rows if row.num_tokens > 0]
         groups = [fed] if self.packs else plan_forwards(fed, self.forward_overhead_tokens)
         with attention_kernels(self.device, self.dtype):
@@ -139,7 +144,7 @@ class ModelRunner:
                 shared = torch.tensor([index_of[id(row.logits_of)] for row in sharing])
                 all_logits = torch.cat([all_logits, all_logits[shared.to(self.device)]])
                 ordered += [row.request for row in sharing]
-            next_ids, chosen = self._choose(all_logits, ordered)
+            next_ids, chosen = self._choose(all_logits, ordered, masks)
         # Only now, when nothing can raise any more: a step that raised advanced no row, so the
         # engine can run its rows again, alone, to find the one that fails.
         for row in rows:
@@ -155,14 +160,20 @@ class ModelRunner:
         return [by_request[id(request)] for request in sampling]
 
     def _choose(
-        self, logits: torch.Tensor, requests: list[Request]
+        self,
+        logits: torch.Tensor,
+        requests: list[Request],
+        masks: Future[dict[int, np.ndarray]] | None = None,
     ) -> tuple[list[int], list[ChosenLogprobs | None]]:
         """Each row's next token id (-1 where its logits are not finite: its own values
         overflowed) and, for each row that records them, the chosen token's log-probability
-        and its most likely alternatives (None for the others), in one device-to-host read."""
+        and its most likely alternatives (None for the others), in one device-to-host read.
+        Constrained rows choose among the tokens their grammar allows (`masks`)."""
         combined, source = mean_of_groups(logits, requests)
         finite = torch.isfinite(combined).all(dim=-1)
         processed = process_logits(combined, requests, self.eos_token_ids)
+        if masks is not None:
+            processed = apply_masks(processed, requests, masks.result())
         next_ids = torch.where(finite, sample(processed, requests), -1)
         if source is not None:  # a lockstep group's rows take their leader's token
             next_ids = next_ids[source]

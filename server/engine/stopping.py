@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from server.engine.detokenizer import REPLACEMENT_CHAR, IncrementalDetokenizer, decode
-from server.engine.request import Request
+from server.engine.request import Request, RequestFailed
 
 
 def append_token(
@@ -14,7 +14,12 @@ def append_token(
     """Record a sampled token and set `finish_reason` when the ids alone say the request is done."""
     request.output_token_ids.append(token)
     sampling = request.sampling
-    if token in sampling.stop_token_ids or (token in eos_token_ids and not sampling.ignore_eos):
+    state = request.grammar_state()
+    if state is not None and not state.accept(token):  # never, with its mask applied
+        request.finish(
+            "error", RequestFailed(f"token {token} breaks the constraint: {state.error}")
+        )
+    elif token in sampling.stop_token_ids or (token in eos_token_ids and not sampling.ignore_eos):
         request.finish("stop")
     elif (
         len(request.output_token_ids) >= sampling.max_new_tokens

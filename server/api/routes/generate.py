@@ -9,6 +9,7 @@ from fastapi.responses import StreamingResponse
 
 from prefixes.ensembles import EnsembleMethod, member_refs
 from server.api.auth import Server, Tenant
+from server.api.constraints import constraint_of
 from server.api.errors import ApiError
 from server.api.generation import (
     Ensemble,
@@ -54,9 +55,11 @@ async def generate(
             "max_new_tokens: 0 generates nothing; it only scores the prompt, with prompt_logprobs",
             field="max_new_tokens",
         )
+    grammar = await constraint_of(server, body)
     sampling = sampling_params(
         server,
         body,
+        grammar=grammar,
         max_new_tokens=body.max_new_tokens,
         ignore_eos=body.ignore_eos,
         logprobs=body.logprobs,

@@ -14,6 +14,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
 
 from server.api.auth import Server, Tenant
+from server.api.constraints import constraint_of
 from server.api.errors import ApiError
 from server.api.generation import (
     Job,
@@ -137,6 +138,7 @@ async def completions(
         max_new_tokens=max_tokens,
         logprobs=body.logprobs,
         prompt_logprobs=prompt_logprobs,
+        grammar=await constraint_of(server, body),
     )
     job = Job(prompts, prefix_of(server, body.model), sampling, body.stream, choices=choices)
     job = await with_stored_ensemble(server, tenant, job)
@@ -268,7 +270,10 @@ async def chat_completions(
         body.max_completion_tokens or body.max_tokens or server.settings.max_new_tokens_limit
     )
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    sampling = sampling_params(server, body, max_new_tokens=max_tokens, logprobs=logprobs)
+    grammar = await constraint_of(server, body)
+    sampling = sampling_params(
+        server, body, max_new_tokens=max_tokens, logprobs=logprobs, grammar=grammar
+    )
     job = Job([prompt], prefix_of(server, body.model), sampling, body.stream, choices=choices)
     job = await with_stored_ensemble(server, tenant, job)
     encoder = ChatEncoder(
