@@ -29,7 +29,12 @@ from prefixes.errors import (
 )
 from server.engine.engine import EngineStopped
 from server.engine.gate import Overloaded
-from server.engine.request import InvalidRequest, NonFiniteOutput, RequestFailed
+from server.engine.request import (
+    ConstraintFailed,
+    InvalidRequest,
+    NonFiniteOutput,
+    RequestFailed,
+)
 from server.tuning.errors import TuningError
 
 log = logging.getLogger(__name__)
@@ -126,6 +131,8 @@ def to_api_error(exc: LibraryError) -> ApiError:
         return ApiError(503, "unavailable", str(exc))
     if isinstance(exc, NonFiniteOutput):
         return ApiError(422, "numerical_overflow", str(exc))
+    if isinstance(exc, ConstraintFailed):
+        return ApiError(422, "constraint_failed", str(exc))
     if isinstance(exc, RequestFailed):
         return ApiError(500, "generation_failed", str(exc))
     return ApiError(400, "invalid_request", str(exc))

@@ -88,7 +88,9 @@ class GrammarState:
 
     @property
     def error(self) -> str:
-        return str(self.matcher.get_error())
+        """llguidance's reason, without the parser state it dumps after it."""
+        lines = str(self.matcher.get_error()).strip().splitlines()
+        return lines[0][:500] if lines else "the grammar allows no further token"
 
     @property
     def complete(self) -> bool:

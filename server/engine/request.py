@@ -31,6 +31,11 @@ class RequestFailed(Exception):
     """The engine could not finish this request (its prefix failed to load, a step failed)."""
 
 
+class ConstraintFailed(RequestFailed):
+    """This request's constraint could not be followed (its grammar outgrew the parser's
+    limits mid-answer): the sender's own doing, and it fails alone."""
+
+
 class NonFiniteOutput(RequestFailed):
     """This request's own values overflowed to NaN or Inf (a prefix with extreme values): it
     fails alone, and the rows beside it are untouched."""

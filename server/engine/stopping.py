@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from server.engine.detokenizer import REPLACEMENT_CHAR, IncrementalDetokenizer, decode
-from server.engine.request import Request, RequestFailed
+from server.engine.request import ConstraintFailed, Request
 
 
 def append_token(
@@ -15,10 +15,9 @@ def append_token(
     request.output_token_ids.append(token)
     sampling = request.sampling
     state = request.grammar_state()
-    if state is not None and not state.accept(token):  # never, with its mask applied
-        request.finish(
-            "error", RequestFailed(f"token {token} breaks the constraint: {state.error}")
-        )
+    if state is not None and not state.accept(token):  # its grammar outgrew its limits
+        failure = ConstraintFailed(f"the constraint could not be followed: {state.error}")
+        request.finish("error", failure)
     elif token in sampling.stop_token_ids or (token in eos_token_ids and not sampling.ignore_eos):
         request.finish("stop")
     elif (
