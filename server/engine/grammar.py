@@ -102,8 +102,9 @@ class GrammarCompiler:
     """Constraints compiled over one model's tokenizer, cached by content. Thread-safe: the
     server compiles off its event loop."""
 
-    def __init__(self, tokenizer: Any, vocab_size: int) -> None:
+    def __init__(self, tokenizer: Any, vocab_size: int, cache_size: int = CACHE_SIZE) -> None:
         self._hf_tokenizer = tokenizer
+        self._cache_size = cache_size
         self._vocab_size = vocab_size
         self._tokenizer: llguidance.LLTokenizer | None = None
         self._cache: OrderedDict[str, Grammar] = OrderedDict()
@@ -130,7 +131,7 @@ class GrammarCompiler:
         _check(grammar)
         with self._lock:
             self._cache[key] = grammar
-            while len(self._cache) > CACHE_SIZE:
+            while len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
         return grammar
 

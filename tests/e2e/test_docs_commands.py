@@ -319,6 +319,12 @@ def fine_tuning_doc(reader: Reader, output: str) -> None:
     assert answer, output
 
 
+def structured_outputs(reader: Reader, output: str) -> None:
+    label, answer = output.splitlines()[:2]
+    assert label in ("positive", "negative"), output
+    assert answer.startswith("stop {") and "'name'" in answer and "'age'" in answer, output
+
+
 FT_CURL = ("README.md", "/v1/fine_tuning/jobs/ftjob-...")
 CHECKS: dict[tuple[str, str], Callable[[Reader, Any], None]] = {
     ("README.md", "ADMIN=$(cat data/admin_key)"): quick_start,
@@ -326,6 +332,7 @@ CHECKS: dict[tuple[str, str], Callable[[Reader, Any], None]] = {
     ("README.md", "prefix-server train examples/pirate.jsonl"): train_your_own,
     FT_CURL: fine_tuning_curl,
     ("README.md", "client.fine_tuning.jobs.list_events"): fine_tuning_client,
+    ("api.md", '"structured_outputs": {"choice"'): structured_outputs,
     ("ensembles.md", '"ensemble": "vote"'): ensemble_vote,
     ("evaluation.md", "lm_eval --model local-completions"): lm_evaluation_harness,
     ("evaluation.md", "def tokens(text: str)"): scoring_by_hand,
