@@ -17,6 +17,7 @@ from server.api.app import create_app
 from server.models import LoadedModel
 from tests.api.conftest import (
     MakeClient,
+    NewTenant,
     StalledEngine,
     TenantAuth,
     Upload,
@@ -233,3 +234,20 @@ def test_the_api_pages_load_their_scripts_from_the_server_and_root_leads_to_them
             assert client.get(asset).status_code == 200, asset
     root = client.get("/", follow_redirects=False)
     assert root.status_code in (302, 307) and root.headers["location"] == "/docs"
+
+
+def test_a_method_the_path_does_not_serve_is_405_with_every_method_it_does(
+    client: TestClient, new_tenant: NewTenant
+) -> None:
+    tenant = new_tenant()
+    for path, method, allowed in (
+        # two routes share this path (GET and DELETE): Allow names both, whichever answered
+        ("/v1/prefixes/alice/pirate", "PUT", {"GET", "DELETE"}),
+        ("/v1/prefixes/alice/pirate", "POST", {"GET", "DELETE"}),
+        ("/v1/generate", "GET", {"POST"}),
+        ("/v1/prefixes", "PATCH", {"GET", "POST"}),
+    ):
+        response = client.request(method, path, headers=tenant.headers)
+        assert_error(response, 405)
+        named = {m.strip() for m in response.headers["allow"].split(",")}
+        assert named - {"HEAD"} == allowed, (path, method, response.headers["allow"])
