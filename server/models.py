@@ -70,7 +70,7 @@ class LoadedModel:
         """Structured outputs' constraints over this model's tokenizer (engine/grammar.py)."""
         if self.tokenizer is None:
             raise InvalidRequest("constraints need the model's tokenizer, and it has none")
-        return GrammarCompiler(self.tokenizer, self.spec.vocab_size)
+        return GrammarCompiler(self.tokenizer, self.spec.vocab_size, self.eos_token_ids)
 
     @cached_property
     def generation_defaults(self) -> dict[str, float]:

@@ -14,8 +14,8 @@ from server.api.services import Ready
 from server.engine.grammar import Grammar
 from server.engine.request import InvalidRequest
 
-# A constraint is compiled lazily (engine/grammar.py): checking one takes milliseconds, so one
-# that takes this long is refused rather than left to hold a thread.
+# Checking a constraint takes milliseconds (engine/grammar.py), bounded by llguidance's limits;
+# one that takes this long is refused (its thread still ends within those limits).
 COMPILE_TIMEOUT_S = 10.0
 
 

@@ -52,6 +52,9 @@ def parser_limits() -> llguidance.LLParserLimits:
 
 
 CACHE_SIZE = 256  # compiled grammars kept, by content
+# Whitespace between JSON tokens: any layout, but at most this much at a time, so a small model
+# cannot pad an answer with whitespace until it runs out of tokens.
+JSON_OPTIONS: Any = {"whitespace_pattern": r"[\n\t ]{0,20}"}  # llguidance's JsonCompileOptions
 
 
 @dataclass(frozen=True, eq=False)
@@ -61,30 +64,41 @@ class Grammar:
     kind: str
     source: str  # llguidance's grammar (its JSON form)
     tokenizer: llguidance.LLTokenizer
+    # The parser at the start of an answer, checked at compile time; never advanced. Copying it
+    # is about 8x cheaper than building a parser, and a request's state is made on the engine's
+    # thread.
+    start: llguidance.LLMatcher
 
     def state(self) -> GrammarState:
-        return GrammarState(self)
+        return GrammarState(self, self.start.deep_copy())
 
 
 class GrammarState:
     """One request's position in its grammar."""
 
-    def __init__(self, grammar: Grammar) -> None:
+    def __init__(self, grammar: Grammar, matcher: llguidance.LLMatcher) -> None:
         self.grammar = grammar
-        self.matcher = llguidance.LLMatcher(
-            grammar.tokenizer,
-            grammar.source,
-            log_level=0,
-            limits=parser_limits(),
-        )
+        self.matcher = matcher
 
     def accept(self, token: int) -> bool:
-        """Advance by `token`; False when the grammar does not allow it (the state is then
-        unusable: the request fails)."""
-        return bool(self.matcher.consume_token(token))
+        """Advance by `token`; False when the grammar does not allow it or the parser fails
+        (the state is then unusable: the request fails, alone)."""
+        try:
+            return bool(self.matcher.consume_token(token))
+        except BaseException as exc:  # a Rust panic arrives as a BaseException
+            if not is_parser_failure(exc):
+                raise
+            return False
 
     def fill(self, bitmask: np.ndarray, row: int) -> None:
-        llguidance.numpy.fill_next_token_bitmask(self.matcher, bitmask, row)
+        """This state's allowed tokens into `bitmask[row]`; none when the parser fails (the
+        row then samples a token its grammar refuses, and fails alone in `accept`)."""
+        try:
+            llguidance.numpy.fill_next_token_bitmask(self.matcher, bitmask, row)
+        except BaseException as exc:
+            if not is_parser_failure(exc):
+                raise
+            bitmask[row] = 0
 
     @property
     def error(self) -> str:
@@ -98,12 +112,27 @@ class GrammarState:
         return bool(self.matcher.is_accepting())
 
 
+def is_parser_failure(exc: BaseException) -> bool:
+    """An error of the parser's own (an exception, or a Rust panic surfacing as pyo3's
+    PanicException, a BaseException), as opposed to the process being interrupted."""
+    return isinstance(exc, Exception) or type(exc).__name__ == "PanicException"
+
+
 class GrammarCompiler:
     """Constraints compiled over one model's tokenizer, cached by content. Thread-safe: the
     server compiles off its event loop."""
 
-    def __init__(self, tokenizer: Any, vocab_size: int, cache_size: int = CACHE_SIZE) -> None:
+    def __init__(
+        self,
+        tokenizer: Any,
+        vocab_size: int,
+        eos_token_ids: frozenset[int] = frozenset(),
+        cache_size: int = CACHE_SIZE,
+    ) -> None:
+        """`eos_token_ids`: the tokens the engine stops on, the only ones a complete answer
+        allows (the tokenizer's own EOS when empty)."""
         self._hf_tokenizer = tokenizer
+        self._eos_token_ids = eos_token_ids
         self._cache_size = cache_size
         self._vocab_size = vocab_size
         self._tokenizer: llguidance.LLTokenizer | None = None
@@ -114,21 +143,25 @@ class GrammarCompiler:
     def tokenizer(self) -> llguidance.LLTokenizer:
         with self._lock:  # built on first use: about half a second for a 49k vocabulary
             if self._tokenizer is None:
-                self._tokenizer = llguidance.hf.from_tokenizer(
-                    self._hf_tokenizer, n_vocab=self._vocab_size
-                )
+                eos = sorted(self._eos_token_ids) or None
+                try:
+                    self._tokenizer = llguidance.hf.from_tokenizer(
+                        self._hf_tokenizer, n_vocab=self._vocab_size, eos_token=eos
+                    )
+                except (ValueError, TypeError) as exc:  # e.g. a slow (Python) tokenizer
+                    raise InvalidRequest(f"constraints: this model's tokenizer: {exc}") from None
             return self._tokenizer
 
     def compile(self, kind: str, value: Any) -> Grammar:
         """`value`: a JSON schema (dict) for json_schema, ignored for json_object, a regular
         expression, a list of strings for choice, Lark text for grammar."""
-        key = json.dumps([kind, value], sort_keys=True)
+        # Not sort_keys: a schema's properties are generated in the order it lists them.
+        key = json.dumps([kind, value])
         with self._lock:
             if key in self._cache:
                 self._cache.move_to_end(key)
                 return self._cache[key]
-        grammar = Grammar(kind, _source(kind, value), self.tokenizer)
-        _check(grammar)
+        grammar = _checked(kind, _source(kind, value), self.tokenizer)
         with self._lock:
             self._cache[key] = grammar
             while len(self._cache) > self._cache_size:
@@ -139,9 +172,13 @@ class GrammarCompiler:
 def _source(kind: str, value: Any) -> str:
     try:
         if kind == "json_schema":
-            return str(llguidance.LLMatcher.grammar_from_json_schema(value))
+            return str(llguidance.LLMatcher.grammar_from_json_schema(value, overrides=JSON_OPTIONS))
         if kind == "json_object":
-            return str(llguidance.LLMatcher.grammar_from_json_schema({"type": "object"}))
+            return str(
+                llguidance.LLMatcher.grammar_from_json_schema(
+                    {"type": "object"}, overrides=JSON_OPTIONS
+                )
+            )
         if kind == "regex":
             return str(llguidance.LLMatcher.grammar_from_regex(value))
         if kind == "choice":
@@ -155,20 +192,22 @@ def _source(kind: str, value: Any) -> str:
     raise InvalidRequest(f"constraint: expected one of {', '.join(KINDS)}, found {kind}")
 
 
-def _check(grammar: Grammar) -> None:
-    """Refuse a constraint llguidance cannot run: invalid, too large, or one whose first mask
-    exceeds the limits (an answer that cannot even start)."""
-    error = llguidance.LLMatcher.validate_grammar(grammar.source, grammar.tokenizer)
+def _checked(kind: str, source: str, tokenizer: llguidance.LLTokenizer) -> Grammar:
+    """The grammar, once llguidance can run it: refused when invalid, too large, or when its
+    first mask exceeds the limits or allows nothing (an answer that cannot even start)."""
+    error = llguidance.LLMatcher.validate_grammar(source, tokenizer)
     if error:
-        raise InvalidRequest(f"{grammar.kind}: {_first_line(error)}")
-    state = grammar.state()
-    bitmask = llguidance.numpy.allocate_token_bitmask(1, grammar.tokenizer.vocab_size)
-    if not state.matcher.is_error():
-        state.fill(bitmask, 0)
-    if state.matcher.is_error():
-        raise InvalidRequest(f"{grammar.kind}: {_first_line(state.error)}")
+        raise InvalidRequest(f"{kind}: {_first_line(error)}")
+    start = llguidance.LLMatcher(tokenizer, source, log_level=0, limits=parser_limits())
+    grammar = Grammar(kind, source, tokenizer, start)
+    bitmask = llguidance.numpy.allocate_token_bitmask(1, tokenizer.vocab_size)
+    if not start.is_error():
+        GrammarState(grammar, start).fill(bitmask, 0)  # computes, never advances
+    if start.is_error():
+        raise InvalidRequest(f"{kind}: {_first_line(str(start.get_error()))}")
     if not bitmask.any():
-        raise InvalidRequest(f"{grammar.kind}: no token can start an answer")
+        raise InvalidRequest(f"{kind}: no token can start an answer")
+    return grammar
 
 
 def _first_line(message: str) -> str:
@@ -191,8 +230,8 @@ class MaskFiller:
         constrained = [
             r
             for r in requests
-            if r.grammar_state() is not None
-            and (r.lockstep_group is None or r is r.lockstep_group.leader)
+            if (r.lockstep_group is None or r is r.lockstep_group.leader)
+            and r.grammar_state() is not None
         ]
         if not constrained:
             return None

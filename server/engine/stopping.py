@@ -12,9 +12,9 @@ def append_token(
     request: Request, token: int, *, eos_token_ids: frozenset[int], max_len: int
 ) -> None:
     """Record a sampled token and set `finish_reason` when the ids alone say the request is done."""
+    state = request.grammar_state()  # before the token is recorded: it replays what is
     request.output_token_ids.append(token)
     sampling = request.sampling
-    state = request.grammar_state()
     if state is not None and not state.accept(token):  # its grammar outgrew its limits
         failure = ConstraintFailed(f"the constraint could not be followed: {state.error}")
         request.finish("error", failure)

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from server.models import LoadedModel
+from server.models import LoadedModel, wrap_model
 from tests.api.conftest import (
     MakeClient,
     TenantAuth,
@@ -25,7 +25,7 @@ from tests.api.conftest import (
 )
 from tests.grammar_support import LABELS, PERSON, GrammarProcessor, tiny_smol, valid
 from tests.integration.test_structured_outputs import NEW_TOKENS, reference
-from tests.tiny import make_adapter
+from tests.tiny import make_adapter, word_tokenizer
 
 COLOURS = ["red", "green", "blue"]
 
@@ -296,3 +296,52 @@ def test_hostile_constraints_cost_their_sender_alone(
     assert other["response"].json()["token_ids"] == reference(
         smol, smol_adapter, victim_prompt, None
     )
+
+
+def test_a_grammar_that_outgrows_its_parser_fails_its_own_request_with_422(
+    served: tuple[TestClient, TenantAuth, TenantAuth], smol: LoadedModel, smol_adapter: Path
+) -> None:
+    """`start: "a" start` has no finite answer: its parser runs past its per-token limits after
+    the first token, and that request alone fails, with what happened; bob's runs on exactly."""
+    client, alice, bob = served
+    victim_prompt = smol.tokenizer.encode("Tell me a story.")
+    body = {
+        "prompt": "Go:",
+        "max_new_tokens": 16,
+        "structured_outputs": {"grammar": 'start: "a" start'},
+    }
+    with in_background(client, "/v1/generate", victim_body(victim_prompt), bob.headers) as other:
+        response = client.post("/v1/generate", json=body, headers=alice.headers)
+    assert_error(response, 422, "constraint could not be followed", "too many items")
+    assert response.json()["error"]["type"] == "constraint_failed"
+    assert other["response"].json()["token_ids"] == reference(
+        smol, smol_adapter, victim_prompt, None
+    )
+    again = client.post(
+        "/v1/generate",
+        json={**body, "structured_outputs": {"choice": COLOURS}},
+        headers=alice.headers,
+    )
+    assert again.status_code == 200 and again.json()["text"] in COLOURS, again.text
+
+
+def test_a_model_whose_tokenizer_llguidance_cannot_read_refuses_constraints_with_400(
+    make_client: MakeClient, loaded: LoadedModel
+) -> None:
+    """A word-level tokenizer has no byte-level decoder to map tokens to bytes: every
+    constraint is refused with what is missing, and unconstrained requests still run."""
+    worded = wrap_model(loaded.model, word_tokenizer(), "tiny-words")
+    with make_client(model=worded) as client:
+        tenant = create_tenant(client, "alice")
+        constrained = [
+            ("/v1/generate", {"prompt": "w1 w2", "structured_outputs": {"regex": "0"}}),
+            (
+                "/v1/completions",
+                {"model": "tiny-words", "prompt": "w1", "response_format": {"type": "json_object"}},
+            ),
+        ]
+        for path, body in constrained:
+            response = client.post(path, json=body, headers=tenant.headers)
+            assert_error(response, 400, "tokenizer")
+        plain = {"prompt": "w1 w2", "max_new_tokens": 2}
+        assert client.post("/v1/generate", json=plain, headers=tenant.headers).status_code == 200

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 from pathlib import Path
 
 import pytest
@@ -146,3 +147,31 @@ def test_an_invalid_constraint_is_refused_with_what_is_wrong(
 ) -> None:
     with pytest.raises(InvalidRequest, match=message):
         smol.grammars.compile(kind, value)
+
+
+def test_schemas_that_list_properties_in_another_order_answer_in_their_own_order(
+    smol: LoadedModel,
+) -> None:
+    """The cache is keyed by content with its order: each schema's answer lists its properties
+    in the order the schema does (as OpenAI's strict schemas promise)."""
+    name_first = {
+        "type": "object",
+        "properties": {"name": {"enum": ["al"]}, "age": {"enum": [3]}},
+        "required": ["name", "age"],
+        "additionalProperties": False,
+    }
+    age_first = {**name_first, "properties": dict(reversed(name_first["properties"].items()))}
+    llm = LLM(smol, num_slots=2, max_len=256)
+    requests = [
+        Request(
+            smol.tokenizer.encode("Who?"),
+            SamplingParams(
+                max_new_tokens=200, temperature=0, grammar=smol.grammars.compile("json_schema", s)
+            ),
+        )
+        for s in (name_first, age_first)
+    ]
+    llm.generate(requests)
+    texts = [r.text for r in requests]
+    assert all(r.finish_reason == "stop" for r in requests), texts
+    assert [list(json.loads(t)) for t in texts] == [["name", "age"], ["age", "name"]], texts
