@@ -11,6 +11,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
+from typing import Any
 
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import RedirectResponse
@@ -26,6 +27,7 @@ from server.api.ensemble_metrics import EnsembleMetrics
 from server.api.errors import install_error_handlers
 from server.api.limits import BodyLimit
 from server.api.metrics import EngineCollector, HttpMetrics
+from server.api.openapi_bounds import state_settings_bounds
 from server.api.pins import TenantPins
 from server.api.routes import (
     ensembles,
@@ -81,6 +83,15 @@ def create_app(
     for module in (health, tenants, prefixes, ensembles, generate, openai, files, fine_tuning):
         app.include_router(module.router)
     app.include_router(tokenizer.router)  # vLLM's /tokenize, /detokenize, /tokenizer_info
+    document = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        """FastAPI's document (built once), with this server's limits written in."""
+        if app.openapi_schema is None:
+            app.openapi_schema = state_settings_bounds(document(), settings)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
     metrics_registry = CollectorRegistry()
     http_metrics = HttpMetrics(metrics_registry)

@@ -53,8 +53,10 @@ CHECKS = [
 ]
 
 SETTINGS = {"max_new_tokens_limit": MAX_NEW_TOKENS}  # the live server's, besides the e2e helper's
+# The document states the server's limits: built with the live server's settings (the e2e
+# helper starts it with 4 slots and 128 positions).
 DOCUMENT: dict[str, Any] = create_app(
-    Settings.model_validate({**SETTINGS, "data_dir": "unused"})
+    Settings.model_validate({**SETTINGS, "num_slots": 4, "max_len": 128, "data_dir": "unused"})
 ).openapi()
 
 

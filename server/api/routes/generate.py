@@ -39,6 +39,13 @@ from server.engine.stream import Chunk, RequestStream, Result
 router = APIRouter(responses=ERROR_RESPONSES, dependencies=[Depends(reject_unknown_query)])
 
 
+def new_tokens_of(server: Server, body: GenerateRequest) -> int:
+    """As asked; unset, the field's default within this server's limit."""
+    if "max_new_tokens" in body.model_fields_set:
+        return body.max_new_tokens
+    return min(body.max_new_tokens, server.settings.max_new_tokens_limit)
+
+
 @router.post(
     "/v1/generate",
     response_model=GenerateResponse,
@@ -60,7 +67,7 @@ async def generate(
         server,
         body,
         grammar=grammar,
-        max_new_tokens=body.max_new_tokens,
+        max_new_tokens=new_tokens_of(server, body),
         ignore_eos=body.ignore_eos,
         logprobs=body.logprobs,
         prompt_logprobs=body.prompt_logprobs,
