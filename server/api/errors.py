@@ -87,7 +87,10 @@ def validation_problem(error: dict[str, Any]) -> dict[str, str]:
     if error.get("type") == "json_invalid":
         return {"field": "body", "message": "malformed JSON"}
     path = ".".join(str(part) for part in error.get("loc", ()) if part != "body")
-    return {"field": path or "body", "message": str(error.get("msg", ""))}
+    message = str(error.get("msg", ""))
+    if error.get("type") in ("literal_error", "enum") and isinstance(error.get("input"), str):
+        message += f", found {error['input'][:64]!r}"  # which of the choices it was not
+    return {"field": path or "body", "message": message}
 
 
 # FastAPI's own answer to a JSON body it cannot even decode (not UTF-8): the same malformed JSON

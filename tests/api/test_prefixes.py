@@ -130,3 +130,15 @@ def test_a_deleted_name_can_be_uploaded_again(
     info = upload_adapter(tenant, "again", "prompt")
     assert info["kind"] == "prompt_tuning"
     assert client.get("/v1/prefixes/alice/again", headers=tenant.headers).json() == info
+
+
+def test_an_unknown_scope_is_refused_and_the_document_lists_the_scopes(
+    client: TestClient, shelves: tuple[TenantAuth, TenantAuth]
+) -> None:
+    ann, _ = shelves
+    response = client.get("/v1/prefixes", params={"scope": "everyone"}, headers=ann.headers)
+    assert response.status_code == 422, response.text
+    assert "scope" in response.json()["error"]["message"]
+    parameters = client.get("/openapi.json").json()["paths"]["/v1/prefixes"]["get"]["parameters"]
+    (scope,) = [p for p in parameters if p["name"] == "scope"]
+    assert scope["schema"]["enum"] == ["own", "public", "all"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
@@ -102,7 +102,7 @@ async def upload(request: Request, server: Server, tenant: Tenant) -> dict[str, 
 async def list_prefixes(
     server: Server,
     tenant: Tenant,
-    scope: str = "all",
+    scope: Literal["own", "public", "all"] = "all",  # prefixes.records.Scope's values
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     cursor: str | None = None,
 ) -> dict[str, Any]:
