@@ -5,12 +5,12 @@ to compile a soft prompt, a callable that runs embeddings through the frozen mod
 by a `PrefixCompiler`).
 """
 
-from prefixes.compile import PrefixCompiler, compile_prefix
 from prefixes.errors import InvalidPrefix, PrefixError, UnsupportedFormat
-from prefixes.formats import read_native, read_peft, read_upload, write_native
-from prefixes.kinds import CompiledPrefix, PrefixKind, RawPrefix
-from prefixes.spec import ModelSpec
-from prefixes.validate import validate
+from prefixes.formats.adapters import read_native, read_peft, read_upload, write_native
+from prefixes.formats.compile import PrefixCompiler, compile_prefix
+from prefixes.formats.kinds import CompiledPrefix, PrefixKind, RawPrefix
+from prefixes.formats.spec import ModelSpec
+from prefixes.formats.validate import validate
 
 __all__ = [
     "CompiledPrefix",

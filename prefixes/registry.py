@@ -16,14 +16,14 @@ from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
 
-from prefixes.catalog import Catalog, OnCommit
-from prefixes.compile import PrefixCompiler
-from prefixes.formats import read_upload
-from prefixes.kvfile import encode_compiled
-from prefixes.pool import DEFAULT_DEVICE_POOL_BYTES, DEFAULT_HOST_POOL_BYTES, PoolStats
-from prefixes.records import DEFAULT_QUOTAS, PrefixInfo, Quotas, Visibility
-from prefixes.serving import BeforePin, PrefixHandle, Serving
-from prefixes.store import BlobStore, StageHook
+from prefixes.catalog.catalog import Catalog, OnCommit
+from prefixes.catalog.records import DEFAULT_QUOTAS, PrefixInfo, Quotas, Visibility
+from prefixes.formats.adapters import read_upload
+from prefixes.formats.compile import PrefixCompiler
+from prefixes.storage.kvfile import encode_compiled
+from prefixes.storage.pool import DEFAULT_DEVICE_POOL_BYTES, DEFAULT_HOST_POOL_BYTES, PoolStats
+from prefixes.storage.serving import BeforePin, PrefixHandle, Serving
+from prefixes.storage.store import BlobStore, StageHook
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from pydantic import SecretStr, ValidationError
 DEFAULT_VIRTUAL_TOKENS = 16  # `train` without --init-from or --virtual-tokens
 
 if TYPE_CHECKING:
-    from prefixes.catalog import Catalog
+    from prefixes.catalog.catalog import Catalog
     from server.config import Settings
 
 # Help and the command being run build their flags; the others only their names. Settings and
@@ -133,7 +133,7 @@ def quota_limits(needed: bool) -> dict[str, int]:
     """The quotas `tenant quotas` takes, when the command is `tenant` (else none)."""
     if not needed:
         return {}
-    from prefixes.records import QUOTA_LIMITS
+    from prefixes.catalog.records import QUOTA_LIMITS
 
     return QUOTA_LIMITS
 
@@ -221,7 +221,7 @@ def open_catalog(args: argparse.Namespace) -> Catalog:
     """The catalog alone: managing tenants needs no model, so the `tenant` commands work
     offline, and beside a running server on the same database (a revoked key is refused by
     the server's next request)."""
-    from prefixes.catalog import Catalog
+    from prefixes.catalog.catalog import Catalog
     from server.config import Settings
 
     given = {"data_dir": args.data_dir, "database_url": args.database_url}

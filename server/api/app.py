@@ -18,10 +18,10 @@ from fastapi.responses import RedirectResponse
 from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from prefixes.ensembles import Ensembles
+from prefixes.catalog.ensembles import Ensembles
 from prefixes.registry import Registry
-from prefixes.tuning import Tuning
-from prefixes.tuning_records import Limits
+from prefixes.tuning.records import Limits
+from prefixes.tuning.tuning import Tuning
 from server.api.access_log import AccessLog
 from server.api.ensemble_metrics import EnsembleMetrics
 from server.api.errors import install_error_handlers

@@ -17,9 +17,9 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
 from prefixes import CompiledPrefix
-from prefixes.ensembles import EnsembleMethod
+from prefixes.catalog.ensembles import EnsembleMethod
+from prefixes.catalog.records import PrefixInfo
 from prefixes.errors import InvalidName, NotFound
-from prefixes.records import PrefixInfo
 from server.api.errors import ApiError, error_body, to_api_error
 from server.api.schemas import SamplingFields
 from server.api.services import Ready

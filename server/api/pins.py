@@ -15,7 +15,7 @@ import threading
 from collections import Counter
 from collections.abc import Sequence
 
-from prefixes.records import PrefixInfo
+from prefixes.catalog.records import PrefixInfo
 from server.api.errors import ApiError
 
 

@@ -13,7 +13,7 @@ from pydantic import (
     model_validator,
 )
 
-from prefixes.records import QUOTA_LIMITS
+from prefixes.catalog.records import QUOTA_LIMITS
 from server.engine.request import MAX_LOGPROBS
 
 # Bounds every request field states, so no value can overflow a tensor or a loop later on.

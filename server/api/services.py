@@ -6,9 +6,9 @@ from dataclasses import dataclass, field
 
 from fastapi import Request
 
-from prefixes.ensembles import Ensembles
+from prefixes.catalog.ensembles import Ensembles
 from prefixes.registry import Registry
-from prefixes.tuning import Tuning
+from prefixes.tuning.tuning import Tuning
 from server.api.ensemble_metrics import EnsembleMetrics
 from server.api.errors import ApiError
 from server.api.pins import TenantPins

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from prefixes import PrefixError, PrefixKind, RawPrefix
 from prefixes.errors import AlreadyExists
 from prefixes.registry import Registry
-from prefixes.tuning import Tuning
-from prefixes.tuning_records import JobError, JobInfo
+from prefixes.tuning.records import JobError, JobInfo
+from prefixes.tuning.tuning import Tuning
 from server.device_share import DeviceShare
 from server.models import LoadedModel
 from server.train import Example, PrefixTrainer

@@ -19,11 +19,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from prefixes import PrefixKind
+from prefixes.catalog.names import check_name
 from prefixes.errors import AlreadyExists, InvalidName
-from prefixes.names import check_name
 from prefixes.registry import Registry
-from prefixes.tuning import Tuning
-from prefixes.tuning_records import Hyperparameters, JobSpec
+from prefixes.tuning.records import Hyperparameters, JobSpec
+from prefixes.tuning.tuning import Tuning
 from server.train import Example, TrainConfig
 from server.tuning.errors import TuningError
 

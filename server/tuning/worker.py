@@ -14,8 +14,8 @@ import time
 
 from prefixes import PrefixError
 from prefixes.registry import Registry
-from prefixes.tuning import Tuning
-from prefixes.tuning_records import JobError, JobInfo, JobStatus
+from prefixes.tuning.records import JobError, JobInfo, JobStatus
+from prefixes.tuning.tuning import Tuning
 from server.device_share import DeviceShare
 from server.models import LoadedModel
 from server.tuning.errors import TuningError

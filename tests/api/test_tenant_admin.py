@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from prefixes.records import DEFAULT_QUOTAS, QUOTA_LIMITS
+from prefixes.catalog.records import DEFAULT_QUOTAS, QUOTA_LIMITS
 from server.api.routes.tenants import TENANT_MAX_ACTIVE_KEYS
 from tests.api.conftest import (
     ADMIN_KEY,

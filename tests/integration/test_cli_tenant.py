@@ -8,9 +8,9 @@ from typing import NamedTuple
 
 import pytest
 
-from prefixes.catalog import Catalog
+from prefixes.catalog.catalog import Catalog
+from prefixes.catalog.records import DEFAULT_QUOTAS
 from prefixes.errors import QuotaExceeded, Unauthorized
-from prefixes.records import DEFAULT_QUOTAS
 from server.cli import main
 from tests.registry_support import native_files, open_registry
 from tests.tiny import tiny_loaded

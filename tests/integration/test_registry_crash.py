@@ -21,7 +21,7 @@ import torch
 from prefixes import ModelSpec, PrefixCompiler, read_upload
 from prefixes.errors import NotFound
 from prefixes.registry import Registry
-from prefixes.store import UploadStage
+from prefixes.storage.store import UploadStage
 from tests.registry_support import blob_files, native_files
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -3,7 +3,7 @@
 The same flows as on SQLite, then what PostgreSQL adds: several replicas on one database. A
 "replica" here is a Registry of its own on the same database and the same data directory, as two
 servers sharing a database and a file system are. Every write transaction holds one advisory
-lock (prefixes.database); the races below are the ones it exists to close.
+lock (prefixes.storage.database); the races below are the ones it exists to close.
 """
 
 from __future__ import annotations
@@ -19,14 +19,14 @@ import torch
 from sqlalchemy import create_engine, inspect, select, text
 
 from prefixes import read_upload
+from prefixes.catalog.records import Quotas
 from prefixes.errors import AlreadyExists, KeyLimit, NotFound, Unauthorized
-from prefixes.kinds import PrefixKind
-from prefixes.records import Quotas
+from prefixes.formats.kinds import PrefixKind
 from prefixes.registry import Registry
-from prefixes.schema import SCHEMA_VERSION, schema_version
-from prefixes.store import UploadStage
-from prefixes.tuning import Tuning
-from prefixes.tuning_records import Hyperparameters, JobSpec, JobStatus
+from prefixes.storage.schema import SCHEMA_VERSION, schema_version
+from prefixes.storage.store import UploadStage
+from prefixes.tuning.records import Hyperparameters, JobSpec, JobStatus
+from prefixes.tuning.tuning import Tuning
 from tests.registry_support import (
     MAX_VIRTUAL_TOKENS,
     blob_files,

@@ -30,7 +30,7 @@ from prefixes import (
     read_upload,
     write_native,
 )
-from prefixes.formats import MAX_HEADER_BYTES
+from prefixes.formats.adapters import MAX_HEADER_BYTES
 from tests.tiny import ADAPTER_KINDS, make_adapter, tiny_model
 
 CONFIG = "adapter_config.json"

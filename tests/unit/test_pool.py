@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from prefixes.errors import PoolExhausted
-from prefixes.pool import PrefixPool
+from prefixes.storage.pool import PrefixPool
 
 KIB = 1024
 

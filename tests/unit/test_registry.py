@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from prefixes import InvalidPrefix, PrefixError, PrefixKind, RawPrefix, read_upload, write_native
+from prefixes.catalog.records import Scope, Visibility
 from prefixes.errors import AlreadyExists, Incompatible, InvalidName, NotFound, PoolExhausted
-from prefixes.records import Scope, Visibility
 from tests.registry_support import (
     MAX_VIRTUAL_TOKENS,
     blob_files,

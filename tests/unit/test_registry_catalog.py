@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from prefixes.catalog import Catalog
+from prefixes.catalog.catalog import Catalog
 from prefixes.errors import Incompatible
 from server.cli import main
 from tests.registry_support import native_files, open_registry

@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-from prefixes.database import write_transaction
+from prefixes.storage.database import write_transaction
 from tests.registry_support import blob_files, native_files, open_registry
 from tests.tiny import tiny_loaded
 

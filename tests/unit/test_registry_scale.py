@@ -13,8 +13,8 @@ import time
 import pytest
 from sqlalchemy import Engine, event, insert
 
-from prefixes.database import open_engine, sqlite_url
-from prefixes.schema import prefixes
+from prefixes.storage.database import open_engine, sqlite_url
+from prefixes.storage.schema import prefixes
 from tests.registry_support import native_files, open_registry
 from tests.tiny import tiny_loaded
 

@@ -12,8 +12,8 @@ from types import SimpleNamespace
 
 import pytest
 
-import prefixes.serving as serving
-from prefixes.catalog import Catalog
+import prefixes.storage.serving as serving
+from prefixes.catalog.catalog import Catalog
 from prefixes.errors import NotFound
 from prefixes.registry import Registry
 from tests.registry_support import blob_files, native_files, open_registry

@@ -12,12 +12,12 @@ from sqlalchemy import insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from prefixes import PrefixKind
-from prefixes.database import open_engine, sqlite_url
 from prefixes.errors import CorruptBlob
-from prefixes.kinds import CompiledPrefix
-from prefixes.kvfile import canonical_safetensors, decode_compiled, encode_compiled
-from prefixes.schema import SCHEMA_VERSION, migrate, prefixes, schema_version, tenants
-from prefixes.store import LOCK_SUFFIX, BlobStore, UploadStage
+from prefixes.formats.kinds import CompiledPrefix
+from prefixes.storage.database import open_engine, sqlite_url
+from prefixes.storage.kvfile import canonical_safetensors, decode_compiled, encode_compiled
+from prefixes.storage.schema import SCHEMA_VERSION, migrate, prefixes, schema_version, tenants
+from prefixes.storage.store import LOCK_SUFFIX, BlobStore, UploadStage
 
 
 def shuffled_metadata(data: bytes) -> bytes:

@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import inspect, text
 
 from prefixes import PrefixError
-from prefixes.database import DATABASE_FILE
+from prefixes.catalog.records import Quotas
 from prefixes.errors import (
     AlreadyExists,
     InvalidName,
@@ -19,7 +19,7 @@ from prefixes.errors import (
     QuotaExceeded,
     Unauthorized,
 )
-from prefixes.records import Quotas
+from prefixes.storage.database import DATABASE_FILE
 from tests.registry_support import native_files, open_registry
 from tests.tiny import tiny_loaded
 

@@ -1,5 +1,5 @@
-"""Fine-tuning records in the registry's database (prefixes/tuning.py): the job's statuses, the
-training slots, restart, and success committed with the prefix or not at all."""
+"""Fine-tuning records in the registry's database (prefixes/tuning/tuning.py): the job's
+statuses, the training slots, restart, and success committed with the prefix or not at all."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from sqlalchemy import insert, inspect, select
 
-from prefixes.database import open_engine, sqlite_url
 from prefixes.errors import InvalidState, NotFound, QuotaExceeded
-from prefixes.kinds import PrefixKind
-from prefixes.schema import (
+from prefixes.formats.kinds import PrefixKind
+from prefixes.storage.database import open_engine, sqlite_url
+from prefixes.storage.schema import (
     MIGRATIONS,
     migrate,
     prefixes,
@@ -19,8 +19,8 @@ from prefixes.schema import (
     tenants,
     training_files,
 )
-from prefixes.tuning import Tuning
-from prefixes.tuning_records import Hyperparameters, JobError, JobSpec, JobStatus, Limits
+from prefixes.tuning.records import Hyperparameters, JobError, JobSpec, JobStatus, Limits
+from prefixes.tuning.tuning import Tuning
 from tests.registry_support import blob_files, native_files, open_registry
 from tests.tiny import tiny_loaded
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Response
 from fastapi.concurrency import run_in_threadpool
 
-from prefixes.ensembles import EnsembleInfo
+from prefixes.catalog.ensembles import EnsembleInfo
 from server.api.auth import Server, Tenant
 from server.api.query import reject_unknown_query
 from server.api.schemas import ERROR_RESPONSES, EnsembleCreate, EnsembleList, EnsembleObject

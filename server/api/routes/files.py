@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
-from prefixes.tuning_records import FILE_PURPOSE, FileInfo
+from prefixes.tuning.records import FILE_PURPOSE, FileInfo
 from server.api.auth import Server, Tenant
 from server.api.errors import ApiError
 from server.api.forms import read_form

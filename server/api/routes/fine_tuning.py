@@ -12,7 +12,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query
 from fastapi.concurrency import run_in_threadpool
 
-from prefixes.tuning_records import JobEvent, JobInfo
+from prefixes.tuning.records import JobEvent, JobInfo
 from server.api.auth import Server, Tenant
 from server.api.errors import ApiError
 from server.api.query import reject_unknown_query

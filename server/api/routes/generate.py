@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
-from prefixes.ensembles import EnsembleMethod, member_refs
+from prefixes.catalog.ensembles import EnsembleMethod, member_refs
 from server.api.auth import Server, Tenant
 from server.api.constraints import constraint_of
 from server.api.errors import ApiError

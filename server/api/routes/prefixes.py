@@ -102,7 +102,7 @@ async def upload(request: Request, server: Server, tenant: Tenant) -> dict[str, 
 async def list_prefixes(
     server: Server,
     tenant: Tenant,
-    scope: Literal["own", "public", "all"] = "all",  # prefixes.records.Scope's values
+    scope: Literal["own", "public", "all"] = "all",  # prefixes.catalog.records.Scope's values
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     cursor: str | None = None,
 ) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Generic, TypeVar
 
-from prefixes.kinds import PrefixKind
+from prefixes.formats.kinds import PrefixKind
 
 T = TypeVar("T")
 

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 
 from sqlalchemy import Connection, delete, insert, select
 
-from prefixes.schema import file_deletions
+from prefixes.storage.schema import file_deletions
 
 
 def schedule(connection: Connection, sha256: str, due_at: float) -> None:

@@ -35,7 +35,7 @@ from sqlalchemy import (
     update,
 )
 
-from prefixes.database import write_transaction
+from prefixes.storage.database import write_transaction
 
 
 def _v1_tables() -> MetaData:
@@ -179,7 +179,7 @@ def _v2_create(connection: Connection) -> None:
 
 def _v3_tables() -> MetaData:
     """Version 3: version 2 and the files waiting out their grace period before deletion
-    (replicas sharing one store may still be loading them; prefixes/deletions.py)."""
+    (replicas sharing one store may still be loading them; prefixes/storage/deletions.py)."""
     metadata = _v2_tables()
     Table(
         "file_deletions",

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from prefixes.errors import InvalidPrefix
-from prefixes.kinds import RawPrefix
-from prefixes.spec import ModelSpec
+from prefixes.formats.kinds import RawPrefix
+from prefixes.formats.spec import ModelSpec
 
 SUPPORTED_TASK_TYPE = "CAUSAL_LM"
 

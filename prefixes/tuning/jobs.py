@@ -16,10 +16,10 @@ from typing import Any
 
 from sqlalchemy import Connection, Row, func, insert, select, update
 
-from prefixes.kinds import PrefixKind
-from prefixes.records import timestamp
-from prefixes.schema import tuning_events, tuning_jobs
-from prefixes.tuning_records import (
+from prefixes.catalog.records import timestamp
+from prefixes.formats.kinds import PrefixKind
+from prefixes.storage.schema import tuning_events, tuning_jobs
+from prefixes.tuning.records import (
     Hyperparameters,
     JobError,
     JobEvent,

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import torch
 
 from prefixes.errors import InvalidPrefix
-from prefixes.kinds import CompiledPrefix, RawPrefix
-from prefixes.spec import ModelSpec
-from prefixes.validate import validate
+from prefixes.formats.kinds import CompiledPrefix, RawPrefix
+from prefixes.formats.spec import ModelSpec
+from prefixes.formats.validate import validate
 
 # Takes embeddings `[T, hidden]` (model dtype, model device), returns KV `[L, 2, H, T, D]`.
 EmbeddingRunner = Callable[[torch.Tensor], torch.Tensor]

@@ -12,8 +12,8 @@ import struct
 
 import torch
 
-from prefixes.formats import read_native, write_native
-from prefixes.kinds import CompiledPrefix, PrefixKind, RawPrefix
+from prefixes.formats.adapters import read_native, write_native
+from prefixes.formats.kinds import CompiledPrefix, PrefixKind, RawPrefix
 
 COMPILED_FROM = "compiled_from"
 MODEL_FINGERPRINT = "model_fingerprint"

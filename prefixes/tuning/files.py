@@ -9,9 +9,9 @@ from typing import Any
 
 from sqlalchemy import Connection, Row, delete, func, insert, select
 
-from prefixes.records import timestamp
-from prefixes.schema import training_files
-from prefixes.tuning_records import FileInfo
+from prefixes.catalog.records import timestamp
+from prefixes.storage.schema import training_files
+from prefixes.tuning.records import FileInfo
 
 ID_PREFIX = "file-"
 # Every column but the bytes: listings and lookups never read a file's content.

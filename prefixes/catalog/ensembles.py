@@ -21,13 +21,13 @@ from typing import Any
 from sqlalchemy import Connection, Engine, Row, delete, func, insert, or_, select
 from sqlalchemy.exc import IntegrityError
 
-from prefixes import tenants as tenant_rows
-from prefixes import versions
-from prefixes.database import read_transaction, write_transaction
+from prefixes.catalog import tenants as tenant_rows
+from prefixes.catalog import versions
+from prefixes.catalog.names import check_name, parse_ref
+from prefixes.catalog.records import DEFAULT_QUOTAS, Visibility, timestamp
 from prefixes.errors import AlreadyExists, InvalidArgument, NotFound, QuotaExceeded
-from prefixes.names import check_name, parse_ref
-from prefixes.records import DEFAULT_QUOTAS, Visibility, timestamp
-from prefixes.schema import ensembles
+from prefixes.storage.database import read_transaction, write_transaction
+from prefixes.storage.schema import ensembles
 
 MIN_MEMBERS = 2
 MAX_DESCRIPTION = 1024

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from typing import Any, Self
 
 from prefixes.errors import InvalidPrefix
-from prefixes.kinds import PrefixKind
+from prefixes.formats.kinds import PrefixKind
 
 
 class _Choice(enum.StrEnum):

@@ -22,15 +22,16 @@ from types import TracebackType
 
 import torch
 
-from prefixes import deletions, versions
-from prefixes.catalog import Catalog
-from prefixes.database import write_transaction
+from prefixes.catalog import versions
+from prefixes.catalog.catalog import Catalog
+from prefixes.catalog.records import PrefixInfo
 from prefixes.errors import CorruptBlob, InvalidPrefix
-from prefixes.kinds import CompiledPrefix
-from prefixes.kvfile import decode_compiled
-from prefixes.pool import PoolStats, PrefixPool
-from prefixes.records import PrefixInfo
-from prefixes.store import BlobStore
+from prefixes.formats.kinds import CompiledPrefix
+from prefixes.storage import deletions
+from prefixes.storage.database import write_transaction
+from prefixes.storage.kvfile import decode_compiled
+from prefixes.storage.pool import PoolStats, PrefixPool
+from prefixes.storage.store import BlobStore
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ class Serving:
         `file_grace` > 0: the store is shared with other replicas, which may have resolved a
         version just before it was deleted and still be reading its file; a file no live version
         names is then deleted `file_grace` seconds later, by whichever replica sweeps first
-        (prefixes/deletions.py), instead of at once."""
+        (prefixes/storage/deletions.py), instead of at once."""
         self._catalog = catalog
         self._store = store
         self._dtype = dtype  # stored KV is cast to the model's dtype on load

@@ -25,8 +25,8 @@ from sqlalchemy import (
     update,
 )
 
-from prefixes.records import Scope, Visibility
-from prefixes.schema import prefixes
+from prefixes.catalog.records import Scope, Visibility
+from prefixes.storage.schema import prefixes
 
 LIVE = prefixes.c.retired_at.is_(None)
 

@@ -15,14 +15,14 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine
 
-from prefixes import tenants as tenant_rows
-from prefixes import training_files as file_rows
-from prefixes import tuning_jobs as job_rows
-from prefixes.catalog import OnCommit
-from prefixes.database import read_transaction, write_transaction
+from prefixes.catalog import tenants as tenant_rows
+from prefixes.catalog.catalog import OnCommit
+from prefixes.catalog.records import DEFAULT_QUOTAS, PrefixInfo
 from prefixes.errors import AlreadyExists, InvalidArgument, InvalidState, NotFound, QuotaExceeded
-from prefixes.records import DEFAULT_QUOTAS, PrefixInfo
-from prefixes.tuning_records import (
+from prefixes.storage.database import read_transaction, write_transaction
+from prefixes.tuning import files as file_rows
+from prefixes.tuning import jobs as job_rows
+from prefixes.tuning.records import (
     FILE_PURPOSE,
     FileInfo,
     JobError,

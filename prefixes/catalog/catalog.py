@@ -3,8 +3,8 @@
 It opens without a model, so the offline `prefix-server tenant create` uses it alone. Given the
 loaded model's fingerprint it also says which versions that model may serve (`compatible`,
 `resolve`); without one, none. It holds no tensors and writes no files: an upload hands it a
-`publish` step to run under the write lock, and the serving side (prefixes/serving.py) shares
-its database to decide when a file may go.
+`publish` step to run under the write lock, and the serving side
+(prefixes/storage/serving.py) shares its database to decide when a file may go.
 
 Thread-safe: every method runs in its own transaction.
 """
@@ -21,14 +21,11 @@ from typing import Any, Self
 from sqlalchemy import Connection, Row
 from sqlalchemy.exc import IntegrityError
 
-from prefixes import ensembles as ensemble_rows
-from prefixes import tenants as tenant_rows
-from prefixes import versions
-from prefixes.database import open_engine, read_transaction, sqlite_url, write_transaction
-from prefixes.errors import AlreadyExists, Incompatible, InvalidPrefix, NotFound, QuotaExceeded
-from prefixes.kinds import CompiledPrefix, PrefixKind
-from prefixes.names import check_name, parse_ref
-from prefixes.records import (
+from prefixes.catalog import ensembles as ensemble_rows
+from prefixes.catalog import tenants as tenant_rows
+from prefixes.catalog import versions
+from prefixes.catalog.names import check_name, parse_ref
+from prefixes.catalog.records import (
     DEFAULT_QUOTAS,
     IssuedKey,
     KeyInfo,
@@ -41,8 +38,11 @@ from prefixes.records import (
     Visibility,
     timestamp,
 )
-from prefixes.schema import migrate
-from prefixes.store import StagedBlob, StageHook, UploadStage
+from prefixes.errors import AlreadyExists, Incompatible, InvalidPrefix, NotFound, QuotaExceeded
+from prefixes.formats.kinds import CompiledPrefix, PrefixKind
+from prefixes.storage.database import open_engine, read_transaction, sqlite_url, write_transaction
+from prefixes.storage.schema import migrate
+from prefixes.storage.store import StagedBlob, StageHook, UploadStage
 
 MAX_DESCRIPTION = 1024
 MAX_PAGE = 1000

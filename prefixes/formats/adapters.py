@@ -17,7 +17,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from prefixes.errors import InvalidPrefix, UnsupportedFormat
-from prefixes.kinds import PrefixKind, RawPrefix
+from prefixes.formats.kinds import PrefixKind, RawPrefix
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"

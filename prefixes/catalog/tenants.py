@@ -14,10 +14,10 @@ import time
 from sqlalchemy import Connection, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
+from prefixes.catalog.names import check_name
+from prefixes.catalog.records import IssuedKey, KeyInfo, Quotas, Tenant, Usage, timestamp
 from prefixes.errors import AlreadyExists, KeyLimit, NotFound, Unauthorized
-from prefixes.names import check_name
-from prefixes.records import IssuedKey, KeyInfo, Quotas, Tenant, Usage, timestamp
-from prefixes.schema import api_keys, prefixes, tenants
+from prefixes.storage.schema import api_keys, prefixes, tenants
 
 KEY_PREFIX = "psk_"  # recognisable in logs and by secret scanners
 

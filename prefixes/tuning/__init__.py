@@ -1,0 +1,1 @@
+"""Fine-tuning's records: tenants' training files, jobs and their events in the database."""
