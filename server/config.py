@@ -193,5 +193,14 @@ class Settings(BaseSettings):
         )
 
     @property
+    def rows_per_request(self) -> int:
+        """Rows one request may run side by side (`n` choices, an ensemble's members): the
+        server's choice limit, the engine's slots and what one tenant may hold at once."""
+        rows = [self.max_choices, self.num_slots]
+        if self.max_running_per_tenant:
+            rows.append(self.max_running_per_tenant)
+        return min(rows)
+
+    @property
     def model_cache(self) -> Path:
         return self.data_dir / "models"

@@ -7,6 +7,7 @@ while it loads (instead of refusing connections) and 200 once the engine runs.
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -27,7 +28,7 @@ from server.api.ensemble_metrics import EnsembleMetrics
 from server.api.errors import install_error_handlers
 from server.api.limits import BodyLimit
 from server.api.metrics import EngineCollector, HttpMetrics
-from server.api.openapi_bounds import state_settings_bounds
+from server.api.openapi_bounds import ServedModel, state_server_bounds
 from server.api.pins import TenantPins
 from server.api.routes import (
     ensembles,
@@ -86,10 +87,16 @@ def create_app(
     document = app.openapi
 
     def openapi() -> dict[str, Any]:
-        """FastAPI's document (built once), with this server's limits written in."""
-        if app.openapi_schema is None:
-            app.openapi_schema = state_settings_bounds(document(), settings)
-        return app.openapi_schema
+        """FastAPI's document, with this server's limits written in: built once the model is
+        loaded (its vocabulary bounds token ids), and until then without the model's bounds."""
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        loaded = state.loaded
+        served = None if loaded is None else ServedModel(loaded.model_id, loaded.spec.vocab_size)
+        built = state_server_bounds(copy.deepcopy(document()), settings, served)
+        if loaded is not None:
+            app.openapi_schema = built
+        return built
 
     app.openapi = openapi  # type: ignore[method-assign]
 

@@ -86,7 +86,9 @@ def validation_problem(error: dict[str, Any]) -> dict[str, str]:
     """One pydantic/FastAPI validation error as {field, message}, the field a dotted path."""
     if error.get("type") == "json_invalid":
         return {"field": "body", "message": "malformed JSON"}
-    path = ".".join(str(part) for part in error.get("loc", ()) if part != "body")
+    # a validator's own step ("function-before[...]") is no part of the field's name
+    parts = [str(part) for part in error.get("loc", ()) if part != "body"]
+    path = ".".join(part for part in parts if not part.startswith("function-"))
     message = str(error.get("msg", ""))
     if error.get("type") in ("literal_error", "enum") and isinstance(error.get("input"), str):
         message += f", found {error['input'][:64]!r}"  # which of the choices it was not
@@ -139,7 +141,8 @@ def to_api_error(exc: LibraryError) -> ApiError:
         return ApiError(422, "constraint_failed", str(exc))
     if isinstance(exc, RequestFailed):
         return ApiError(500, "generation_failed", str(exc))
-    return ApiError(400, "invalid_request", str(exc))
+    # InvalidRequest: the engine's message begins with the field it names
+    return ApiError(400, "invalid_request", str(exc), field=str(exc).partition(":")[0])
 
 
 HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")

@@ -72,7 +72,7 @@ async def respond(
 ) -> Any:
     """Run a job whose prefix reference is resolved already (`with_stored_ensemble`)."""
     if job.stream and len(job.prompts) > 1:
-        raise ApiError(400, "invalid_request", "prompt: streaming takes one prompt")
+        raise ApiError(400, "invalid_request", "prompt: streaming takes one prompt", field="prompt")
     if job.ensemble is not None:
         check_ensemble_job(job)
     else:
@@ -171,12 +171,17 @@ async def tokenize(server: Ready, prompt: str | list[int]) -> list[int]:
     tokenizer = server.loaded.tokenizer
     if tokenizer is None:
         raise ApiError(
-            400, "invalid_request", "prompt: this model has no tokenizer; send token ids"
+            400,
+            "invalid_request",
+            "prompt: this model has no tokenizer; send token ids",
+            field="prompt",
         )
     try:
         ids = await run_in_threadpool(tokenizer.encode, prompt)  # type: ignore[attr-defined]
     except Exception as exc:  # text the tokenizer cannot take, e.g. a lone surrogate
-        raise ApiError(400, "invalid_request", f"prompt: cannot be tokenized ({exc})") from None
+        raise ApiError(
+            400, "invalid_request", f"prompt: cannot be tokenized ({exc})", field="prompt"
+        ) from None
     return list(ids)
 
 
@@ -184,7 +189,9 @@ async def chat_prompt(server: Ready, messages: list[dict[str, Any]]) -> list[int
     """Token ids of a conversation through the model's chat template, on a worker thread."""
     tokenizer = server.loaded.tokenizer
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-        raise ApiError(400, "invalid_request", "messages: this model has no chat template")
+        raise ApiError(
+            400, "invalid_request", "messages: this model has no chat template", field="messages"
+        )
     try:
         ids = await run_in_threadpool(
             tokenizer.apply_chat_template,  # type: ignore[attr-defined]
@@ -193,7 +200,7 @@ async def chat_prompt(server: Ready, messages: list[dict[str, Any]]) -> list[int
             tokenize=True,
         )
     except Exception as exc:  # a template can reject a conversation (roles, order, text)
-        raise ApiError(400, "invalid_request", f"messages: {exc}") from None
+        raise ApiError(400, "invalid_request", f"messages: {exc}", field="messages") from None
     if isinstance(ids, dict) or hasattr(ids, "input_ids"):
         ids = ids["input_ids"]
     return list(ids)
@@ -276,15 +283,12 @@ def first_set(*values: float | None) -> float:
 
 def check_choices(server: Ready, n: int) -> int:
     """`n` within the server's limit and what one tenant may run at once."""
-    config = server.engine.core.config
-    limits = [server.settings.max_choices, config.num_slots]
-    if config.max_running_per_tenant:
-        limits.append(config.max_running_per_tenant)
-    if n > min(limits):
+    most = server.settings.rows_per_request
+    if n > most:
         raise ApiError(
             400,
             "invalid_request",
-            f"n: expected at most {min(limits)} (choices decoded together), found {n}",
+            f"n: expected at most {most} (choices decoded together), found {n}",
             field="n",
         )
     return n

@@ -6,6 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StrictBool,
@@ -37,6 +38,18 @@ MAX_CHOICES = 256  # strings of a `choice` constraint
 
 # Ids past the vocabulary are refused against the model (400), before any tensor is built.
 TokenIds = list[Annotated[int, Field(ge=0)]]
+
+
+def _whole(value: Any) -> Any:
+    """JSON Schema's integer includes 3.0: take it as 3 (strict fields still refuse true, "3"
+    and 3.5)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+WHOLE = BeforeValidator(_whole)
+StrictTokenId = Annotated[int, Field(ge=0, strict=True), WHOLE]
 
 
 class Strict(BaseModel):
@@ -375,9 +388,11 @@ class TenantInfo(BaseModel):
 
 
 # A quota sent in a PATCH: a JSON integer (not a string, float or boolean) within the column.
-_MaxPrefixes = Annotated[int, Field(strict=True, ge=0, le=QUOTA_LIMITS["max_prefixes"])]
-_MaxBytes = Annotated[int, Field(strict=True, ge=0, le=QUOTA_LIMITS["max_bytes"])]
-_MaxVirtualTokens = Annotated[int, Field(strict=True, ge=0, le=QUOTA_LIMITS["max_virtual_tokens"])]
+_MaxPrefixes = Annotated[int, Field(strict=True, ge=0, le=QUOTA_LIMITS["max_prefixes"]), WHOLE]
+_MaxBytes = Annotated[int, Field(strict=True, ge=0, le=QUOTA_LIMITS["max_bytes"]), WHOLE]
+_MaxVirtualTokens = Annotated[
+    int, Field(strict=True, ge=0, le=QUOTA_LIMITS["max_virtual_tokens"]), WHOLE
+]
 
 
 class QuotaUpdate(Strict):
@@ -420,8 +435,8 @@ MAX_BATCH_SIZE = 64
 MAX_LEARNING_RATE_MULTIPLIER = 100.0
 MAX_VIRTUAL_TOKENS_FIELD = 1 << 16  # the server's own limit is lower (--max-virtual-tokens)
 
-_Epochs = Annotated[int, Field(strict=True, ge=1, le=MAX_EPOCHS)]
-_BatchSize = Annotated[int, Field(strict=True, ge=1, le=MAX_BATCH_SIZE)]
+_Epochs = Annotated[int, Field(strict=True, ge=1, le=MAX_EPOCHS), WHOLE]
+_BatchSize = Annotated[int, Field(strict=True, ge=1, le=MAX_BATCH_SIZE), WHOLE]
 _Multiplier = Annotated[float, Field(gt=0, le=MAX_LEARNING_RATE_MULTIPLIER, allow_inf_nan=False)]
 
 
@@ -435,7 +450,7 @@ class HyperparametersIn(Strict):
 
 class MethodSettings(Strict):
     num_virtual_tokens: (
-        Annotated[int, Field(strict=True, ge=1, le=MAX_VIRTUAL_TOKENS_FIELD)] | None
+        Annotated[int, Field(strict=True, ge=1, le=MAX_VIRTUAL_TOKENS_FIELD), WHOLE] | None
     ) = None
     hyperparameters: HyperparametersIn | None = None
 
@@ -470,7 +485,7 @@ class JobCreate(BaseModel):
     validation_file: str | None = Field(None, min_length=1, max_length=64)
     hyperparameters: HyperparametersIn | None = None
     suffix: str | None = Field(None, max_length=64)
-    seed: Annotated[int, Field(strict=True, ge=0, le=2**31 - 1)] | None = None
+    seed: Annotated[int, Field(strict=True, ge=0, le=2**31 - 1), WHOLE] | None = None
     method: MethodIn | None = None
 
 
@@ -575,8 +590,8 @@ class TokenizeResponse(BaseModel):
 
 class DetokenizeRequest(Strict):
     model: str | None = None
-    # JSON integers only: "5", 5.5 and true are refused, not read as ids
-    tokens: list[Annotated[int, Field(ge=0, strict=True)]] = Field(max_length=MAX_TOKENS_FIELD)
+    # JSON integers only (5.0 is one): "5", 5.5 and true are refused, not read as ids
+    tokens: list[StrictTokenId] = Field(max_length=MAX_TOKENS_FIELD)
 
 
 class DetokenizeResponse(BaseModel):

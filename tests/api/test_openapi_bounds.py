@@ -4,12 +4,15 @@ limits and refuses what is past them."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from server.models import LoadedModel
 from tests.api.conftest import MakeClient, assert_error, create_tenant
 
+MAX_LEN = 96
 LIMITS = {
+    "max_len": MAX_LEN,
     "max_new_tokens_limit": 40,
     "num_slots": 6,
     "max_running_per_tenant": 3,
@@ -39,8 +42,24 @@ def test_the_document_states_the_servers_limits_and_the_server_keeps_to_them(
         # n: the choices limit, the slots and one tenant's rows: the least of them
         assert completion["n"]["maximum"] == chat["n"]["maximum"] == 3
         assert branch(generate["prefixes"], "array")["maxItems"] == 3
-        lists = [b for b in completion["prompt"]["anyOf"] if "maxItems" in b]
-        assert len(lists) == 2 and all(b["maxItems"] == 4 for b in lists)  # texts, id lists
+        texts, ids, id_lists = (b for b in completion["prompt"]["anyOf"] if b["type"] == "array")
+        assert texts["maxItems"] == id_lists["maxItems"] == 4  # prompts per call
+        # a prompt of ids leaves a position to generate in; ids stop at the vocabulary
+        assert ids["maxItems"] == id_lists["items"]["maxItems"] == MAX_LEN - 1
+        vocab = loaded.spec.vocab_size
+        assert ids["items"]["maximum"] == id_lists["items"]["items"]["maximum"] == vocab - 1
+        detokenize = schemas["DetokenizeRequest"]["properties"]["tokens"]["items"]
+        assert detokenize == {"type": "integer", "minimum": 0, "maximum": vocab - 1}
+        assert branch(completion["top_k"], "integer")["maximum"] == vocab
+        # `model`: the served model's id or a prefix reference
+        model = re.compile(completion["model"]["pattern"])
+        assert model.search(loaded.model_id) and model.search("alice/pirate")
+        assert not model.search("Alice/pirate") and not model.search("other-model/x/y")
+        name = re.compile(schemas["TenantCreate"]["properties"]["name"]["pattern"])
+        assert name.search("alice") and not name.search("") and not name.search("a/b")
+        # rules no schema states, on the operation (server/api/openapi_rules.py)
+        generate_op = document["paths"]["/v1/generate"]["post"]["description"]
+        assert "- `prefix`: either `prefix` or `prefixes`" in generate_op
 
         alice = create_tenant(client, "alice")
         unset = client.post("/v1/generate", json={"prompt": [5, 6, 7]}, headers=alice.headers)
@@ -57,3 +76,9 @@ def test_the_document_states_the_servers_limits_and_the_server_keeps_to_them(
         assert_error(past, 400, "max_new_tokens", "40")
         too_many = client.post("/v1/completions", json={**body, "n": 4}, headers=alice.headers)
         assert_error(too_many, 400, "n", "3")
+        last = {"prompt": [vocab - 1, 5.0], "max_new_tokens": 1}  # 5.0: a JSON Schema integer
+        assert client.post("/v1/generate", json=last, headers=alice.headers).status_code == 200
+        outside = {"prompt": [vocab], "max_new_tokens": 1}
+        assert_error(
+            client.post("/v1/generate", json=outside, headers=alice.headers), 400, "prompt"
+        )

@@ -38,6 +38,7 @@ def file_object(info: FileInfo) -> FileObject:
         "schema": {
             "type": "object",
             "required": ["file", "purpose"],
+            "additionalProperties": False,
             "properties": {
                 "file": {"type": "string", "format": "binary"},
                 "purpose": {"type": "string", "enum": [FILE_PURPOSE]},

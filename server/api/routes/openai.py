@@ -85,7 +85,9 @@ async def prompts_of(server: Ready, prompt: Any) -> list[list[int]]:
     if prompt and all(isinstance(p, int) for p in prompt):
         return [prompt]
     if not prompt:
-        raise ApiError(400, "invalid_request", "prompt: expected a non-empty prompt")
+        raise ApiError(
+            400, "invalid_request", "prompt: expected a non-empty prompt", field="prompt"
+        )
     limit = server.settings.max_prompts_per_call
     if len(prompt) > limit:
         raise ApiError(

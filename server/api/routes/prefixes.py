@@ -26,14 +26,21 @@ async def read_upload_form(request: Request) -> tuple[dict[str, str], dict[str, 
     for key, value in form.multi_items():
         if isinstance(value, UploadFile):
             if key != "files":
-                raise ApiError(422, "invalid_request", f"{key}: files go in the field 'files'")
+                raise ApiError(
+                    422, "invalid_request", f"{key}: files go in the field 'files'", field=key
+                )
             name = check_file_name(value.filename or "")
             if name in files:
-                raise ApiError(422, "invalid_request", f"files: {name} was sent twice")
+                raise ApiError(
+                    422, "invalid_request", f"files: {name} was sent twice", field="files"
+                )
             files[name] = await value.read()
         elif key == "files":  # a file part without a filename parses as a plain field
             raise ApiError(
-                422, "invalid_request", "files: every file needs a file name (filename=...)"
+                422,
+                "invalid_request",
+                "files: every file needs a file name (filename=...)",
+                field="files",
             )
         else:
             fields[key] = value
@@ -67,6 +74,7 @@ def flag(fields: dict[str, str], key: str) -> bool:
         "schema": {
             "type": "object",
             "required": ["name", "files"],
+            "additionalProperties": False,
             "properties": {
                 "name": {"type": "string"},
                 "files": {"type": "array", "items": {"type": "string", "format": "binary"}},
@@ -85,7 +93,7 @@ async def upload(request: Request, server: Server, tenant: Tenant) -> dict[str, 
     if "name" not in fields:
         raise ApiError(422, "invalid_request", "name: required")
     if not files:
-        raise ApiError(422, "invalid_request", "files: expected at least one file")
+        raise ApiError(422, "invalid_request", "files: expected at least one file", field="files")
     info = await run_in_threadpool(
         server.registry.upload,
         tenant,
