@@ -1,0 +1,150 @@
+"""GET /v1/prefixes/{owner}/{name}/adapter: a prefix leaves the server as the PEFT folder it came
+in as. PEFT loads the export on the same base model and generates what the server generates
+and what the original upload generated; uploading the export again is the same prefix."""
+
+from __future__ import annotations
+
+import copy
+import io
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from peft import PeftModel
+
+from server.models import LoadedModel
+from tests.api.conftest import (
+    CONFIG,
+    WEIGHTS,
+    NewTenant,
+    TenantAuth,
+    Upload,
+    assert_error,
+    upload,
+)
+from tests.tiny import ADAPTER_KINDS, peft_greedy
+
+PROMPT = [5, 17, 200, 33, 9]
+NEW_TOKENS = 8
+
+
+def export(client: TestClient, who: TenantAuth, ref: str, **params: Any) -> dict[str, bytes]:
+    """The archive's files, by name."""
+    response = client.get(f"/v1/prefixes/{ref}/adapter", params=params, headers=who.headers)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "application/zip"
+    with zipfile.ZipFile(io.BytesIO(response.content)) as archive:
+        return {name: archive.read(name) for name in archive.namelist()}
+
+
+def unpack(files: dict[str, bytes], folder: Path) -> Path:
+    folder.mkdir(parents=True)
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    return folder
+
+
+def peft_tokens(loaded: LoadedModel, folder: Path) -> list[int]:
+    """What PEFT itself generates with the adapter in `folder` on a copy of the served model."""
+    model = PeftModel.from_pretrained(copy.deepcopy(loaded.model), folder)
+    return peft_greedy(model, PROMPT, NEW_TOKENS)
+
+
+def served_tokens(client: TestClient, who: TenantAuth, ref: str) -> list[int]:
+    body = {"prompt": PROMPT, "prefix": ref, "max_new_tokens": NEW_TOKENS, "temperature": 0}
+    response = client.post("/v1/generate", json=body, headers=who.headers)
+    assert response.status_code == 200, response.text
+    return list(response.json()["token_ids"])
+
+
+def reupload(client: TestClient, who: TenantAuth, files: dict[str, bytes], name: str) -> Any:
+    sent = [("files", (file_name, data)) for file_name, data in files.items()]
+    response = upload(client, who, sent, name=name)
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+@pytest.mark.parametrize("kind", ADAPTER_KINDS)
+def test_an_exported_adapter_loads_in_peft_and_generates_as_served_and_as_uploaded(
+    client: TestClient,
+    tenant: TenantAuth,
+    upload_adapter: Upload,
+    adapters: dict[str, Path],
+    loaded: LoadedModel,
+    tmp_path: Path,
+    kind: str,
+) -> None:
+    original = upload_adapter(tenant, "mine", kind)
+    files = export(client, tenant, "alice/mine")
+    assert sorted(files) == [CONFIG, WEIGHTS]
+
+    exported = peft_tokens(loaded, unpack(files, tmp_path / "export"))
+    assert exported == served_tokens(client, tenant, "alice/mine")
+    assert exported == peft_tokens(loaded, adapters[kind])
+
+    again = reupload(client, tenant, files, "again")
+    assert (again["kind"], again["sha256"]) == (original["kind"], original["sha256"])
+    # A fixed point: the re-uploaded export exports to the same bytes.
+    assert export(client, tenant, "alice/again") == files
+
+
+def test_a_public_prefix_exports_for_anyone_a_private_one_for_its_owner_only(
+    client: TestClient, new_tenant: NewTenant, upload_adapter: Upload
+) -> None:
+    alice, bob = new_tenant("alice"), new_tenant("bob")
+    upload_adapter(alice, "open", "prompt", visibility="public")
+    upload_adapter(alice, "secret", "prompt")
+    assert export(client, bob, "alice/open") == export(client, alice, "alice/open")
+
+    foreign = client.get("/v1/prefixes/alice/secret/adapter", headers=bob.headers)
+    missing = client.get("/v1/prefixes/alice/nothing/adapter", headers=bob.headers)
+    # Existence is not disclosed: the same answer as for a name that does not exist.
+    assert_error(foreign, 404, "alice/secret", "not found")
+    assert_error(missing, 404, "alice/nothing", "not found")
+    assert foreign.json()["error"]["type"] == missing.json()["error"]["type"]
+    assert served_tokens(client, alice, "alice/secret")  # the owner is unaffected
+
+
+def test_a_version_on_request_is_the_live_one_or_a_404_naming_it(
+    client: TestClient, tenant: TenantAuth, upload_adapter: Upload
+) -> None:
+    upload_adapter(tenant, "mine", "prompt")
+    upload_adapter(tenant, "mine", "prefix", overwrite="true")
+    current = export(client, tenant, "alice/mine", version=2)
+    assert current == export(client, tenant, "alice/mine")
+    assert b"PREFIX_TUNING" in current[CONFIG]
+
+    old = client.get("/v1/prefixes/alice/mine/adapter?version=1", headers=tenant.headers)
+    assert_error(old, 404, "version 1", "current version is 2")
+    for bad in ("0", "two"):
+        response = client.get(
+            f"/v1/prefixes/alice/mine/adapter?version={bad}", headers=tenant.headers
+        )
+        assert_error(response, 422, "version")
+
+
+def test_a_prefix_stored_before_its_parameters_were_kept_exports_its_compiled_kv(
+    client: TestClient,
+    tenant: TenantAuth,
+    upload_adapter: Upload,
+    loaded: LoadedModel,
+    tmp_path: Path,
+) -> None:
+    """What an upgraded registry's older prefixes give: prefix tuning's keys and values, which
+    serve exactly what the prefix served (docs/registry.md)."""
+    from sqlalchemy import update
+
+    from prefixes.storage.database import write_transaction
+    from prefixes.storage.schema import prefixes
+
+    upload_adapter(tenant, "old", "p_tuning")
+    registry = client.app.state.services.registry  # type: ignore[attr-defined]
+    with write_transaction(registry.database) as connection:  # as migration 5 leaves it
+        connection.execute(update(prefixes).values(parameters_sha256=None))
+
+    files = export(client, tenant, "alice/old")
+    assert b"PREFIX_TUNING" in files[CONFIG]
+    exported = peft_tokens(loaded, unpack(files, tmp_path / "export"))
+    assert exported == served_tokens(client, tenant, "alice/old")
