@@ -18,12 +18,15 @@ from server.models import LoadedModel
 from tests.api.conftest import (
     CONFIG,
     WEIGHTS,
+    MakeClient,
     NewTenant,
     TenantAuth,
     Upload,
     assert_error,
+    create_tenant,
     upload,
 )
+from tests.api.tuning import start_job, wait_status, worded
 from tests.tiny import ADAPTER_KINDS, peft_greedy
 
 PROMPT = [5, 17, 200, 33, 9]
@@ -148,3 +151,24 @@ def test_a_prefix_stored_before_its_parameters_were_kept_exports_its_compiled_kv
     assert b"PREFIX_TUNING" in files[CONFIG]
     exported = peft_tokens(loaded, unpack(files, tmp_path / "export"))
     assert exported == served_tokens(client, tenant, "alice/old")
+
+
+@pytest.mark.parametrize("method", ["prefix_tuning", "prompt_tuning"])
+def test_a_fine_tuned_prefix_exports_like_an_uploaded_one(
+    make_client: MakeClient, loaded: LoadedModel, tmp_path: Path, method: str
+) -> None:
+    model = worded(loaded)
+    with make_client(model=model) as client:
+        alice = create_tenant(client, "alice")
+        few_steps = {"n_epochs": 2, "batch_size": 3}
+        job = start_job(
+            client, alice, suffix="tuned", hyperparameters=few_steps, method={"type": method}
+        )
+        assert wait_status(client, alice, job["id"])["status"] == "succeeded"
+        tuned = client.get("/v1/prefixes/alice/tuned", headers=alice.headers).json()
+
+        files = export(client, alice, "alice/tuned")
+        exported = peft_tokens(model, unpack(files, tmp_path / "export"))
+        assert exported == served_tokens(client, alice, "alice/tuned")
+        again = reupload(client, alice, files, "again")
+        assert (again["kind"], again["sha256"]) == (method, tuned["sha256"])
