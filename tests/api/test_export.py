@@ -172,3 +172,35 @@ def test_a_fine_tuned_prefix_exports_like_an_uploaded_one(
         assert exported == served_tokens(client, alice, "alice/tuned")
         again = reupload(client, alice, files, "again")
         assert (again["kind"], again["sha256"]) == (method, tuned["sha256"])
+
+
+def test_prefix_server_download_writes_the_folder_peft_loads(
+    client: TestClient,
+    new_tenant: NewTenant,
+    upload_adapter: Upload,
+    loaded: LoadedModel,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    import httpx
+
+    from server.cli import main
+
+    alice, bob = new_tenant("alice"), new_tenant("bob")
+    upload_adapter(alice, "mine", "p_tuning")
+
+    def get(url: str, **options: Any) -> Any:  # the CLI's request, answered by the app
+        return client.get(url.removeprefix("http://server"), **options)
+
+    monkeypatch.setattr(httpx, "get", get)
+
+    def download(who: TenantAuth, out: Path) -> int:
+        argv = ["download", "alice/mine", "--out", str(out), "--url", "http://server"]
+        return main([*argv, "--api-key", who.api_key])
+
+    assert download(alice, tmp_path / "mine") == 0
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == [CONFIG, WEIGHTS]
+    exported = peft_tokens(loaded, tmp_path / "mine")
+    assert exported == served_tokens(client, alice, "alice/mine")
+    assert download(bob, tmp_path / "theirs") == 1  # private: 404, nothing written
+    assert not (tmp_path / "theirs").exists()
