@@ -18,12 +18,16 @@ from pathlib import Path
 
 from prefixes.catalog.catalog import Catalog, OnCommit
 from prefixes.catalog.records import DEFAULT_QUOTAS, PrefixInfo, Quotas, Visibility
+from prefixes.errors import CorruptBlob, NotFound
 from prefixes.formats.adapters import read_upload
 from prefixes.formats.compile import PrefixCompiler
-from prefixes.storage.kvfile import encode_compiled
+from prefixes.formats.kinds import PrefixKind, RawPrefix
+from prefixes.formats.peft_export import peft_files
+from prefixes.storage.kvfile import decode_compiled, encode_compiled
+from prefixes.storage.paramfile import decode_parameters, encode_parameters
 from prefixes.storage.pool import DEFAULT_DEVICE_POOL_BYTES, DEFAULT_HOST_POOL_BYTES, PoolStats
 from prefixes.storage.serving import BeforePin, PrefixHandle, Serving
-from prefixes.storage.store import BlobStore, StageHook
+from prefixes.storage.store import BlobStore, StagedBlob, StageHook
 
 log = logging.getLogger(__name__)
 
@@ -103,29 +107,76 @@ class Registry(Catalog):
         request.check_virtual_tokens(raw.num_virtual_tokens)
         compiled = self.compiler.compile(raw)
         self.serving.check_fits(compiled.nbytes)
-        staged = self._store.stage(encode_compiled(compiled, self.fingerprint))
+        # The prefix's own parameters are kept beside its compiled KV (export, transfer); the
+        # compiled file, staged last, reports the upload's stages for both.
+        parameters = self._store.stage(encode_parameters(raw), report=False)
+        try:
+            staged = self._store.stage(encode_compiled(compiled, self.fingerprint))
+        except BaseException:
+            self._store.discard(parameters)
+            raise
         try:
             info, replaced = self.commit_version(
                 request,
                 compiled,
                 staged,
+                parameters=parameters,
                 model_fingerprint=self.fingerprint,
-                publish=partial(self._store.publish, staged),
+                publish=partial(self._publish, parameters, staged),
                 on_commit=on_commit,
             )
         except BaseException:
-            self._store.discard(staged)
-            self.serving.collect(staged.sha256)  # published but not committed: nothing uses it
+            for blob in (parameters, staged):  # published but not committed: nothing uses them
+                self._store.discard(blob)
+                self.serving.collect(blob.sha256)
             raise
-        if replaced is not None and replaced.sha256 != info.sha256:
-            self.serving.collect(replaced.sha256)
+        if replaced is not None:
+            for old in _files_of(replaced) - _files_of(info):
+                self.serving.collect(old)
         return info
+
+    def parameters(self, info: PrefixInfo) -> RawPrefix:
+        """A version's own parameters, as uploaded or trained. A version stored before they
+        were kept gives its compiled KV as prefix tuning's keys and values: serving those is
+        serving the prefix, whatever its kind. NotFound if the version was replaced or deleted
+        and its files collected meanwhile."""
+        try:
+            if info.parameters_sha256 is not None:
+                return decode_parameters(self._store.read(info.parameters_sha256))
+            kv = decode_compiled(self._store.read(info.sha256))
+        except CorruptBlob:
+            if self.is_current(info):
+                raise
+            raise NotFound(
+                f"prefix {info.id} version {info.version} was replaced or deleted meanwhile",
+                field="prefix",
+            ) from None
+        return RawPrefix(PrefixKind.PREFIX_TUNING, kv.float())
+
+    def export(
+        self, ref: str, *, tenant: str, version: int | None = None, base_model: str | None = None
+    ) -> tuple[PrefixInfo, dict[str, bytes]]:
+        """PEFT's two files for a prefix the tenant may use (its own, or public; NotFound
+        otherwise, as `get`). `version`, if given, must be the live one: earlier versions'
+        files are not kept. `base_model` names the model in the config where the upload did
+        not."""
+        info = self.get(ref, tenant=tenant)
+        if version is not None and version != info.version:
+            raise NotFound(
+                f"prefix {info.id} has no version {version} to export: its current version is "
+                f"{info.version}, and earlier versions are not kept",
+                field="version",
+            )
+        raw = self.parameters(info)
+        files = peft_files(raw, num_layers=self.compiler.spec.num_layers, base_model=base_model)
+        return info, files
 
     def delete(self, ref: str, *, tenant: str) -> PrefixInfo:
         """Hide the prefix at once (owner only: anyone else gets NotFound). Requests holding it
         keep it; its file goes when nothing uses it."""
         retired = super().delete(ref, tenant=tenant)
-        self.serving.collect(retired.sha256)
+        for sha256 in _files_of(retired):
+            self.serving.collect(sha256)
         return retired
 
     def acquire(
@@ -140,6 +191,12 @@ class Registry(Catalog):
     def stats(self) -> PoolStats:
         return self.serving.stats()
 
+    def _publish(self, *staged: StagedBlob) -> None:
+        """Publish an upload's files; the last one reports the stage."""
+        for blob in staged[:-1]:
+            self._store.publish(blob, report=False)
+        self._store.publish(staged[-1])
+
     def _report_incompatible(self) -> None:
         incompatible = self.incompatible_prefixes()
         if incompatible:
@@ -153,3 +210,8 @@ class Registry(Catalog):
                 shown,
                 more,
             )
+
+
+def _files_of(info: PrefixInfo) -> set[str]:
+    """The files a version names: its compiled KV and, if kept, its parameters."""
+    return {info.sha256} | ({info.parameters_sha256} if info.parameters_sha256 else set())

@@ -92,6 +92,20 @@ def main(argv: list[str] | None = None) -> int:
     upload.add_argument("--overwrite", action="store_true")
     upload.set_defaults(run=run_upload)
 
+    download = commands.add_parser(
+        "download", help="export a prefix as a PEFT adapter folder (PeftModel.from_pretrained)"
+    )
+    download.add_argument("ref", help="owner/name")
+    download.add_argument("--out", type=Path, required=True, help="the folder to write")
+    download.add_argument("--version", type=int, help="default: the current version")
+    download.add_argument(
+        "--url",
+        default=os.environ.get("PREFIX_SERVER_URL", "http://127.0.0.1:8000"),
+        help="the server (default: PREFIX_SERVER_URL, else http://127.0.0.1:8000)",
+    )
+    download.add_argument("--api-key", default=os.environ.get("PREFIX_SERVER_API_KEY"))
+    download.set_defaults(run=run_download)
+
     generate = commands.add_parser("generate", help="generate offline, optionally with a prefix")
     generate.add_argument("prompt")
     generate.add_argument("--model", help="local folder or cached hub name (default: SmolLM2)")
@@ -373,6 +387,41 @@ def run_upload(args: argparse.Namespace) -> int:
     )
     print(response.text)
     return 0 if response.status_code == 201 else 1
+
+
+def run_download(args: argparse.Namespace) -> int:
+    import io
+    import zipfile
+
+    import httpx
+
+    from prefixes.formats.adapters import PEFT_CONFIG, PEFT_WEIGHTS
+
+    if not args.api_key:
+        print("error: --api-key (or PREFIX_SERVER_API_KEY) is required", file=sys.stderr)
+        return 2
+    if args.ref.count("/") != 1:
+        print(f"error: expected owner/name, found {args.ref!r}", file=sys.stderr)
+        return 2
+    params = {} if args.version is None else {"version": args.version}
+    response = httpx.get(
+        f"{args.url.rstrip('/')}/v1/prefixes/{args.ref}/adapter",
+        params=params,
+        headers={"Authorization": f"Bearer {args.api_key}"},
+        timeout=120,
+    )
+    if response.status_code != 200:
+        print(response.text, file=sys.stderr)
+        return 1
+    # The archive holds two plain names; written by name, never by a path the archive gives.
+    with zipfile.ZipFile(io.BytesIO(response.content)) as archive:
+        files = {name: archive.read(name) for name in (PEFT_CONFIG, PEFT_WEIGHTS)}
+    args.out.mkdir(parents=True, exist_ok=True)
+    for file_name, data in files.items():
+        (args.out / file_name).write_bytes(data)
+    version = response.headers.get("X-Prefix-Version", "?")
+    print(f"{args.ref} version {version}: adapter written to {args.out}")
+    return 0
 
 
 def run_train(args: argparse.Namespace) -> int:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from prefixes import ModelSpec, PrefixKind, RawPrefix, write_native
+from prefixes.catalog.records import PrefixInfo
 from prefixes.registry import Registry
 
 if TYPE_CHECKING:  # the crash test's child processes must start without transformers
@@ -35,6 +36,11 @@ def open_registry(data_dir: Path, loaded: LoadedModel, **options: Any) -> Regist
     """A registry serving `loaded`, wired the way the server wires it."""
     options.setdefault("database_url", DATABASE_URL)
     return Registry(data_dir, compiler=loaded.prefix_compiler(MAX_VIRTUAL_TOKENS), **options)
+
+
+def files_of(info: PrefixInfo) -> set[str]:
+    """The files a version names: its compiled KV and its own parameters."""
+    return {info.sha256} | ({info.parameters_sha256} if info.parameters_sha256 else set())
 
 
 def blob_files(data_dir: Path) -> set[str]:

@@ -259,12 +259,15 @@ class Catalog:
         compiled: CompiledPrefix,
         staged: StagedBlob,
         *,
+        parameters: StagedBlob,
         model_fingerprint: str,
         publish: Callable[[], None],
         on_commit: OnCommit | None = None,
     ) -> tuple[PrefixInfo, PrefixInfo | None]:
-        """In one write transaction: check the name and every quota again, `publish` the
-        staged file, retire the previous version, insert the new one, run `on_commit`, commit.
+        """In one write transaction: check the name and every quota again (the version's
+        bytes are both files': the compiled KV, `staged`, and its own `parameters`), `publish`
+        the staged files, retire the previous version, insert the new one, run `on_commit`,
+        commit.
         Returns the new version and the one it replaced, if any (whose file the caller
         collects)."""
         tenant, name = request.owner.name, request.name
@@ -273,7 +276,8 @@ class Catalog:
                 owner = tenant_rows.get_tenant(connection, tenant, self.default_quotas)
                 previous = versions.live_row(connection, tenant, name)
                 _check_name(connection, tenant, name, previous, request.overwrite)
-                _check_quotas(connection, owner, previous, new_bytes=staged.size)
+                stored = staged.size + parameters.size
+                _check_quotas(connection, owner, previous, new_bytes=stored)
                 # Published under the write lock: a concurrent collection of the same bytes
                 # either ran before (and we put the file back) or waits for our commit.
                 publish()
@@ -288,8 +292,9 @@ class Catalog:
                         "name": name,
                         "kind": compiled.kind.value,
                         "num_virtual_tokens": compiled.num_virtual_tokens,
-                        "bytes": staged.size,
+                        "bytes": stored,
                         "sha256": staged.sha256,
+                        "parameters_sha256": parameters.sha256,
                         "model_fingerprint": model_fingerprint,
                         "visibility": visibility.value,
                         "description": request.description,
@@ -322,6 +327,7 @@ class Catalog:
             created_at=timestamp(values["created_at"]),
             model_fingerprint=values["model_fingerprint"],
             compatible=values["model_fingerprint"] == self.fingerprint,
+            parameters_sha256=values.get("parameters_sha256"),
         )
 
 

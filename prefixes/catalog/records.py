@@ -118,6 +118,9 @@ class PrefixInfo:
     created_at: datetime
     model_fingerprint: str
     compatible: bool
+    # The file of its own parameters (prefixes/storage/paramfile.py); None for a version stored
+    # before they were kept. `bytes` counts both files.
+    parameters_sha256: str | None = None
 
     @property
     def id(self) -> str:

@@ -93,14 +93,12 @@ def compiled_elsewhere(connection: Connection, fingerprint: str | None) -> list[
 
 
 def is_referenced(connection: Connection, sha256: str) -> bool:
-    """Whether a live version names this file."""
-    return bool(
-        connection.execute(select(exists().where(LIVE, prefixes.c.sha256 == sha256))).scalar()
-    )
+    """Whether a live version names this file (as its compiled KV or its parameters)."""
+    named = or_(prefixes.c.sha256 == sha256, prefixes.c.parameters_sha256 == sha256)
+    return bool(connection.execute(select(exists().where(LIVE, named))).scalar())
 
 
 def live_digests(connection: Connection) -> set[str]:
-    """The files live versions name."""
-    return {
-        row.sha256 for row in connection.execute(select(prefixes.c.sha256).where(LIVE).distinct())
-    }
+    """The files live versions name: compiled KV and parameters."""
+    rows = connection.execute(select(prefixes.c.sha256, prefixes.c.parameters_sha256).where(LIVE))
+    return {digest for row in rows for digest in row if digest is not None}

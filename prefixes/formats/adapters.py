@@ -7,6 +7,7 @@ outright: unpickling an upload runs the uploader's code.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from collections.abc import Mapping
 from pathlib import PurePosixPath
@@ -33,6 +34,19 @@ NATIVE_PREFIX_KV = "prefix_kv"  # [layers, 2, kv_heads, T, head_dim]
 MAX_HEADER_BYTES = 1 << 20
 # Geometry fields of adapter_config.json (tokens, layers, heads, widths): far above any model.
 MAX_CONFIG_INT = 1 << 20
+
+# adapter_config.json fields kept with a PEFT upload's parameters, so that its export says
+# the same (scalars only, each at most MAX_KEPT_CHARS long when written as JSON); the rest of
+# the config follows from the kind and the tensor.
+KEPT_PEFT_FIELDS = (
+    "num_attention_heads",
+    "prefix_projection",
+    "encoder_hidden_size",
+    "encoder_reparameterization_type",
+    "encoder_num_layers",
+    "encoder_dropout",
+)
+MAX_KEPT_CHARS = 256
 
 _PEFT_KINDS = {
     "PREFIX_TUNING": PrefixKind.PREFIX_TUNING,
@@ -110,9 +124,20 @@ def read_peft(config_json: bytes, weights: bytes) -> RawPrefix:
         if config.get(key) is not None
     }
     task_type = str(config.get("task_type"))
+    kept = _kept_settings(config)
     if kind.is_soft_prompt:
-        return RawPrefix(kind, weight, task_type=task_type, metadata=metadata)
-    return RawPrefix(kind, _peft_prefix_to_kv(weight, config), task_type, metadata)
+        return RawPrefix(kind, weight, task_type, metadata, kept)
+    return RawPrefix(kind, _peft_prefix_to_kv(weight, config), task_type, metadata, kept)
+
+
+def _kept_settings(config: dict[str, Any]) -> dict[str, Any]:
+    return {
+        key: config[key]
+        for key in KEPT_PEFT_FIELDS
+        if isinstance(config.get(key), str | int | float)
+        and not (isinstance(config[key], float) and not math.isfinite(config[key]))
+        and len(json.dumps(config[key])) <= MAX_KEPT_CHARS
+    }
 
 
 def _peft_prefix_to_kv(weight: torch.Tensor, config: dict[str, Any]) -> torch.Tensor:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -30,6 +31,9 @@ class RawPrefix:
     tensor: torch.Tensor
     task_type: str = "CAUSAL_LM"
     metadata: dict[str, str] = field(default_factory=dict)
+    # The adapter_config.json settings an export writes back (an encoder's or a projection's
+    # settings, the attention heads PEFT recorded): read from a PEFT upload, else empty.
+    peft_config: dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_virtual_tokens(self) -> int:

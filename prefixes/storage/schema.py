@@ -32,6 +32,7 @@ from sqlalchemy import (
     func,
     insert,
     select,
+    text,
     update,
 )
 
@@ -218,15 +219,39 @@ def _v4_create(connection: Connection) -> None:
     _v4_tables().tables["ensembles"].create(connection)
 
 
+def _v5_tables() -> MetaData:
+    """Version 5: version 4, and each prefix version names the file of its own parameters
+    (as uploaded or trained) beside its compiled KV. NULL: a version stored before version 5,
+    whose parameters were never kept (docs/registry.md says what its export is)."""
+    metadata = _v4_tables()
+    Table(
+        "prefixes",
+        metadata,
+        Column("parameters_sha256", String(64), index=True),
+        extend_existing=True,
+    )
+    return metadata
+
+
+def _v5_prefix_parameters(connection: Connection) -> None:
+    # ADD COLUMN of a nullable column: the same statement on SQLite and PostgreSQL, and every
+    # existing row keeps its values (its `bytes` stays the size of its one file).
+    connection.execute(text("ALTER TABLE prefixes ADD COLUMN parameters_sha256 VARCHAR(64)"))
+    for index in _v5_tables().tables["prefixes"].indexes:
+        if index.name == "ix_prefixes_parameters_sha256":
+            index.create(connection)
+
+
 MIGRATIONS: list[Callable[[Connection], None]] = [
     _v1_create,
     _v2_create,
     _v3_create,
     _v4_create,
+    _v5_prefix_parameters,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
-metadata = _v4_tables()
+metadata = _v5_tables()
 tenants = metadata.tables["tenants"]
 api_keys = metadata.tables["api_keys"]
 prefixes = metadata.tables["prefixes"]

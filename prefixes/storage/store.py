@@ -79,18 +79,21 @@ class BlobStore:
             raise CorruptBlob(f"sha256: expected 64 lowercase hex digits, found {sha256!r}")
         return self.blobs_dir / sha256[:2] / f"{sha256}{SUFFIX}"
 
-    def stage(self, data: bytes) -> StagedBlob:
+    def stage(self, data: bytes, *, report: bool = True) -> StagedBlob:
+        """Write `data` to a durable temp file. `report=False` keeps it out of the stage hook:
+        an upload of several files reports its stages once, with its last file."""
+        on_stage = self._on_stage if report else _no_hook
         sha256 = hashlib.sha256(data).hexdigest()
         temp_path = self.workspace / f"{sha256}.{secrets.token_hex(6)}.partial"
         with open(temp_path, "wb") as file:
             file.write(data)
             file.flush()
-            self._on_stage(UploadStage.TEMP_WRITTEN)
+            on_stage(UploadStage.TEMP_WRITTEN)
             os.fsync(file.fileno())
-        self._on_stage(UploadStage.TEMP_SYNCED)
+        on_stage(UploadStage.TEMP_SYNCED)
         return StagedBlob(sha256, len(data), temp_path)
 
-    def publish(self, staged: StagedBlob) -> None:
+    def publish(self, staged: StagedBlob, *, report: bool = True) -> None:
         """Move a staged file to its address. Identical bytes already there are simply replaced,
         which also heals a damaged copy."""
         final = self.path(staged.sha256)
@@ -99,7 +102,8 @@ class BlobStore:
             _fsync_dir(self.blobs_dir)
         os.replace(staged.temp_path, final)
         _fsync_dir(final.parent)  # the rename itself must survive a power cut before the commit
-        self._on_stage(UploadStage.BLOB_RENAMED)
+        if report:
+            self._on_stage(UploadStage.BLOB_RENAMED)
 
     def discard(self, staged: StagedBlob) -> None:
         staged.temp_path.unlink(missing_ok=True)

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from prefixes import PrefixError, PrefixKind, RawPrefix
+from prefixes import PrefixError, RawPrefix
 from prefixes.errors import AlreadyExists
 from prefixes.registry import Registry
 from prefixes.tuning.records import JobError, JobInfo
@@ -23,7 +23,7 @@ from prefixes.tuning.tuning import Tuning
 from server.device_share import DeviceShare
 from server.models import LoadedModel
 from server.train import Example, PrefixTrainer
-from server.tuning import plan
+from server.tuning import plan, transfer
 from server.tuning.data import parse_records, to_examples
 from server.tuning.errors import TuningError
 
@@ -143,10 +143,12 @@ class JobRun:
 
     def _source(self) -> RawPrefix | None:
         """The prefix training starts from (prompt transfer), as trainable values."""
-        if self.job.spec.model == self.loaded.model_id:
+        spec = self.job.spec
+        if spec.model == self.loaded.model_id:
             return None
-        with self.registry.acquire(self.job.spec.model, tenant=self.job.owner) as handle:
-            return RawPrefix(PrefixKind.PREFIX_TUNING, handle.prefix.kv.float().cpu())
+        # Resolved again: the source may have a new version (of another kind) since planning.
+        source = self.registry.resolve(spec.model, tenant=self.job.owner)
+        return transfer.initial_values(source, spec.method, self.registry, self.job.owner)
 
     @contextmanager
     def _turn(self) -> Iterator[None]:

@@ -2,7 +2,8 @@
 exists; and the order in which a job sees its examples.
 
 Defaults (docs/fine-tuning.md):
-- method: prefix tuning with 16 virtual tokens; starting from a prefix, its own length.
+- method: prefix tuning with 16 virtual tokens; starting from a prefix, its own length
+  (server/tuning/transfer.py says what each kind starts from).
 - batch_size "auto": 4 (fewer if the file has fewer examples).
 - n_epochs "auto": enough epochs to see about 160 examples, 1 to 10 (16 examples: 10 epochs,
   40 steps; 1,600 or more examples: 1 epoch).
@@ -25,6 +26,7 @@ from prefixes.registry import Registry
 from prefixes.tuning.records import Hyperparameters, JobSpec
 from prefixes.tuning.tuning import Tuning
 from server.train import Example, TrainConfig
+from server.tuning import transfer
 from server.tuning.errors import TuningError
 
 DEFAULT_VIRTUAL_TOKENS = 16
@@ -80,7 +82,8 @@ def plan_job(
     kind = METHODS[request.method or "prefix_tuning"]
     tokens = request.num_virtual_tokens or DEFAULT_VIRTUAL_TOKENS
     if request.model != limits.base_model:
-        tokens = _check_source(request, tenant, kind, registry)
+        source = registry.resolve(request.model, tenant=tenant)
+        tokens = transfer.check_source(source, kind, request.num_virtual_tokens)
     if tokens > limits.max_virtual_tokens:
         raise TuningError(
             "method.num_virtual_tokens",
@@ -117,26 +120,6 @@ def plan_job(
         suffix=suffix,
         seed=request.seed if request.seed is not None else random.randrange(2**31),
     )
-
-
-def _check_source(request: JobRequest, tenant: str, kind: PrefixKind, registry: Registry) -> int:
-    """Prompt transfer: the prefix must be one the tenant may use, of prefix tuning (stored as
-    keys and values, which are its parameters; a soft prompt's own values are not kept)."""
-    source = registry.resolve(request.model, tenant=tenant)
-    if source.kind is not PrefixKind.PREFIX_TUNING or kind is not PrefixKind.PREFIX_TUNING:
-        raise TuningError(
-            "model",
-            f"model: training can start from a prefix_tuning prefix with the prefix_tuning "
-            f"method only; {source.id} is {source.kind.value} and the method {kind.value}",
-        )
-    wanted = request.num_virtual_tokens
-    if wanted is not None and wanted != source.num_virtual_tokens:
-        raise TuningError(
-            "method.num_virtual_tokens",
-            f"method.num_virtual_tokens: expected {source.num_virtual_tokens} (the length of "
-            f"{source.id}, which training starts from), found {wanted}",
-        )
-    return source.num_virtual_tokens
 
 
 def resolve_hyperparameters(request: JobRequest, examples: int) -> Hyperparameters:

@@ -300,10 +300,13 @@ def test_uploads_and_deletes_on_both_replicas_leave_the_registry_consistent(
     live = {p["sha256"] for p in listed["data"]}
     for prefix in expected:  # every listed prefix is servable, whichever replica gets it
         assert generate(http, bob, [3], prefix).status_code == 200
-    # alice's two files stay too; every file of a deleted prefix goes (the last release may
-    # collect it just after the delete answered).
+    # Each prefix keeps two files (compiled KV and parameters); alice's two prefixes' four stay
+    # too; every file of a deleted prefix goes (the last release may collect it just after the
+    # delete answered).
     wait_until(
-        lambda: live <= blob_files(world.store) and len(blob_files(world.store)) == len(live) + 2,
+        lambda: (
+            live <= blob_files(world.store) and len(blob_files(world.store)) == 2 * len(live) + 4
+        ),
         "the store holds exactly the live prefixes' files",
     )
 

@@ -22,7 +22,7 @@ from prefixes import ModelSpec, PrefixCompiler, read_upload
 from prefixes.errors import NotFound
 from prefixes.registry import Registry
 from prefixes.storage.store import UploadStage
-from tests.registry_support import blob_files, native_files
+from tests.registry_support import blob_files, files_of, native_files
 
 ROOT = Path(__file__).resolve().parents[2]
 # A geometry without a model: prefix-tuning KV compiles by a cast, so the child needs no
@@ -88,14 +88,16 @@ def leftovers(data_dir: Path) -> tuple[int, int]:
 def test_a_killed_upload_leaves_all_or_nothing(crashed, stage, mode):
     data_dir, returncode = crashed[stage, mode]
     assert returncode == -signal.SIGKILL
-    old_files = 1 if mode == "overwrite" else 0
+    # Each version stores two files, its compiled KV and its parameters, staged and published
+    # together; the stages are reported with the second.
+    old_files = 2 if mode == "overwrite" else 0
     # The kill happened where it was meant to: what is on disk shows the stage.
     expected_debris = {
-        UploadStage.TEMP_WRITTEN: (1, old_files),
-        UploadStage.TEMP_SYNCED: (1, old_files),
-        UploadStage.BLOB_RENAMED: (0, old_files + 1),
-        UploadStage.ROW_WRITTEN: (0, old_files + 1),
-        UploadStage.COMMITTED: (0, old_files + 1),
+        UploadStage.TEMP_WRITTEN: (2, old_files),
+        UploadStage.TEMP_SYNCED: (2, old_files),
+        UploadStage.BLOB_RENAMED: (0, old_files + 2),
+        UploadStage.ROW_WRITTEN: (0, old_files + 2),
+        UploadStage.COMMITTED: (0, old_files + 2),
     }[stage]
     assert leftovers(data_dir) == expected_debris
 
@@ -112,11 +114,11 @@ def test_a_killed_upload_leaves_all_or_nothing(crashed, stage, mode):
             assert info.num_virtual_tokens == read_upload(files).num_virtual_tokens
             with registry.acquire("pirate", tenant="alice") as handle:
                 assert torch.equal(handle.prefix.kv, read_upload(files).tensor)
-            live = {info.sha256}
+            live = files_of(info)
         # Orphans swept: only live files remain, and no temp file but the open registry's own.
         assert blob_files(data_dir) == live
         assert not list((data_dir / "tmp").rglob("*.partial"))
-        assert len(registry.list_prefixes(tenant="alice").items) == len(live)
+        assert len(registry.list_prefixes(tenant="alice").items) == len(live) // 2
 
 
 if __name__ == "__main__":

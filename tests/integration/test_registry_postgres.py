@@ -30,6 +30,7 @@ from prefixes.tuning.tuning import Tuning
 from tests.registry_support import (
     MAX_VIRTUAL_TOKENS,
     blob_files,
+    files_of,
     native_files,
     open_registry,
     peft_files,
@@ -145,7 +146,7 @@ def test_upload_overwrite_list_delete_and_reopen(llama, adapters, replicas, data
         registry.upload("alice", "pirate", adapters["prompt"])
     second = registry.upload("alice", "pirate", native_files(llama.spec, 3, seed=5), overwrite=True)
     assert (first.version, second.version) == (1, 2)
-    assert blob_files(data_dir) == {prompt.sha256, second.sha256}  # v1's file collected
+    assert blob_files(data_dir) == files_of(prompt) | files_of(second)  # v1's files collected
 
     other = replicas()
     assert other.get("alice/pirate", tenant="alice") == second
@@ -231,7 +232,7 @@ def test_concurrent_creation_of_one_name_has_one_winner(llama, replicas, data_di
     else:
         winner = fleet[1].get("alice/shared", tenant="alice")
         assert winner.version == 1
-        assert blob_files(data_dir) == {winner.sha256}
+        assert blob_files(data_dir) == files_of(winner)
 
 
 @pytest.fixture
@@ -276,7 +277,7 @@ def test_collecting_a_file_waits_for_an_identical_upload_to_commit(
         deleted[0].result()
 
     assert copy.sha256 == original.sha256
-    assert blob_files(data_dir) == {copy.sha256}
+    assert blob_files(data_dir) == files_of(copy)
     with replicas().acquire("alice/copy", tenant="alice") as handle:  # read from the file
         assert handle.prefix.kv.shape[3] == 4
 

@@ -19,6 +19,7 @@ from prefixes.errors import AlreadyExists, Incompatible, InvalidName, NotFound, 
 from tests.registry_support import (
     MAX_VIRTUAL_TOKENS,
     blob_files,
+    files_of,
     native_files,
     open_registry,
     peft_files,
@@ -72,9 +73,16 @@ def test_upload_close_reopen_serves_identical_tensors_and_metadata(
             with reopened.acquire(f"alice/{kind}", tenant="alice") as handle:
                 assert torch.equal(handle.prefix.kv, compiled_kv(llama, files))
                 assert handle.prefix.kind == info.kind
-            stored = tmp_path / "data" / "blobs" / info.sha256[:2] / f"{info.sha256}.safetensors"
-            assert hashlib.sha256(stored.read_bytes()).hexdigest() == info.sha256
-            assert stored.stat().st_size == info.bytes
+            # Two files: the compiled KV and the prefix's own parameters, both counted.
+            stored = [
+                tmp_path / "data" / "blobs" / sha256[:2] / f"{sha256}.safetensors"
+                for sha256 in (info.sha256, info.parameters_sha256)
+                if sha256 is not None
+            ]
+            assert len(stored) == 2
+            assert hashlib.sha256(stored[0].read_bytes()).hexdigest() == info.sha256
+            assert sum(path.stat().st_size for path in stored) == info.bytes
+            assert torch.equal(reopened.parameters(info).tensor, read_upload(files).tensor)
     assert uploaded["prompt"].kind is PrefixKind.PROMPT_TUNING
     assert uploaded["prefix"].kind is PrefixKind.PREFIX_TUNING
     assert uploaded["prompt"].num_virtual_tokens == 5
@@ -105,7 +113,8 @@ def test_overwrite_makes_a_new_version_and_a_pinned_handle_keeps_the_old_one(
     registry.drain()  # the last release deletes the file in the background
     assert first.sha256 not in blob_files(tmp_path / "data")
     assert (registry.stats().device_entries, registry.stats().host_entries) == (1, 0)
-    assert second.sha256 in blob_files(tmp_path / "data")
+    # The old version's parameters went at the overwrite: nothing pins them.
+    assert blob_files(tmp_path / "data") == files_of(second)
 
 
 def test_delete_hides_at_once_and_frees_the_file_when_the_last_handle_goes(
@@ -194,8 +203,8 @@ def test_list_scopes_and_pages(llama, registry):
 def test_identical_bytes_share_one_file_until_the_last_user_deletes(adapters, registry, tmp_path):
     mine = registry.upload("alice", "pirate", adapters["prompt"])
     theirs = registry.upload("bob", "corsair", adapters["prompt"])
-    assert mine.sha256 == theirs.sha256
-    assert blob_files(tmp_path / "data") == {mine.sha256}
+    assert files_of(mine) == files_of(theirs)
+    assert blob_files(tmp_path / "data") == files_of(mine)
     with (
         registry.acquire("pirate", tenant="alice") as a,
         registry.acquire("corsair", tenant="bob") as b,
@@ -204,7 +213,7 @@ def test_identical_bytes_share_one_file_until_the_last_user_deletes(adapters, re
         assert registry.stats().device_entries == 1
 
     registry.delete("pirate", tenant="alice")
-    assert blob_files(tmp_path / "data") == {mine.sha256}
+    assert blob_files(tmp_path / "data") == files_of(mine)
     with registry.acquire("corsair", tenant="bob") as b:
         assert b.version == 1
     registry.delete("corsair", tenant="bob")

@@ -16,7 +16,7 @@ import prefixes.storage.serving as serving
 from prefixes.catalog.catalog import Catalog
 from prefixes.errors import NotFound
 from prefixes.registry import Registry
-from tests.registry_support import blob_files, native_files, open_registry
+from tests.registry_support import blob_files, files_of, native_files, open_registry
 from tests.tiny import tiny_loaded
 
 GRACE = 60.0
@@ -60,7 +60,7 @@ def test_a_deleted_prefix_file_stays_for_the_grace_period_then_goes(llama, repli
     first, second = open_replica("a"), open_replica("b")
     first.create_tenant("alice")
     info = first.upload("alice", "pirate", native_files(llama.spec, 3, seed=1))
-    assert blob_files(store) == {info.sha256}  # the store, not the data directory, holds it
+    assert blob_files(store) == files_of(info)  # the store, not the data directory, holds it
     assert blob_files(first.data_dir) == set()
     with second.acquire("alice/pirate", tenant="alice") as handle:
         assert handle.prefix.kv.shape[3] == 3
@@ -68,11 +68,11 @@ def test_a_deleted_prefix_file_stays_for_the_grace_period_then_goes(llama, repli
     first.delete("pirate", tenant="alice")
     with pytest.raises(NotFound):  # gone for every replica at once
         second.acquire("alice/pirate", tenant="alice")
-    assert blob_files(store) == {info.sha256}  # but a replica still loading it finds the file
+    assert blob_files(store) == files_of(info)  # but a replica still loading it finds the file
     assert second.serving.sweep_due() == []
 
     clock[0] += GRACE
-    assert second.serving.sweep_due() == [info.sha256]
+    assert set(second.serving.sweep_due()) == files_of(info)
     assert blob_files(store) == set()
 
 
@@ -90,7 +90,7 @@ def test_uploading_the_same_bytes_again_within_the_grace_period_keeps_the_file(
 
     clock[0] += GRACE
     assert first.serving.sweep_due() == []
-    assert blob_files(store) == {info.sha256}
+    assert blob_files(store) == files_of(info)
     with first.acquire("alice/copy", tenant="alice") as handle:
         assert handle.prefix.kv.shape[3] == 3
 
@@ -105,10 +105,10 @@ def test_a_replica_opening_schedules_unreferenced_files_instead_of_removing_them
     # Retired by another replica that stopped before collecting: the file has no live row and
     # no scheduled deletion.
     Catalog.delete(first, "pirate", tenant="alice")  # the catalog's delete alone: no collection
-    assert blob_files(store) == {info.sha256}
+    assert blob_files(store) == files_of(info)
 
     late = open_replica("b")  # may be the one still loading it: the file must stay a while
-    assert blob_files(store) == {info.sha256}
+    assert blob_files(store) == files_of(info)
     clock[0] += GRACE
-    assert late.serving.sweep_due() == [info.sha256]
+    assert set(late.serving.sweep_due()) == files_of(info)
     assert blob_files(store) == set()

@@ -1,4 +1,4 @@
-"""Prefix endpoints: upload (multipart), list, get, delete."""
+"""Prefix endpoints: upload (multipart), list, get, export (a zip of PEFT's files), delete."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
+from prefixes.formats.peft_export import zip_archive
 from server.api.auth import Server, Tenant
 from server.api.errors import ApiError
 from server.api.forms import read_form
@@ -124,6 +125,43 @@ async def list_prefixes(
 async def get_prefix(owner: str, name: str, server: Server, tenant: Tenant) -> dict[str, Any]:
     info = await run_in_threadpool(server.registry.get, f"{owner}/{name}", tenant=tenant)
     return info.to_dict()
+
+
+ZIP = "application/zip"
+ADAPTER_RESPONSE: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "a zip archive of adapter_config.json and adapter_model.safetensors, "
+        "the folder PeftModel.from_pretrained loads",
+        "content": {ZIP: {"schema": {"type": "string", "format": "binary"}}},
+    }
+}
+
+
+@router.get(
+    "/v1/prefixes/{owner}/{name}/adapter", response_class=Response, responses=ADAPTER_RESPONSE
+)
+async def export_adapter(
+    owner: str,
+    name: str,
+    server: Server,
+    tenant: Tenant,
+    version: Annotated[int | None, Query(ge=1, le=2**31 - 1)] = None,
+) -> Response:
+    info, files = await run_in_threadpool(
+        server.registry.export,
+        f"{owner}/{name}",
+        tenant=tenant,
+        version=version,
+        base_model=server.loaded.model_id,
+    )
+    return Response(
+        zip_archive(files),
+        media_type=ZIP,
+        headers={
+            "Content-Disposition": f'attachment; filename="{info.name}-v{info.version}.zip"',
+            "X-Prefix-Version": str(info.version),
+        },
+    )
 
 
 @router.delete("/v1/prefixes/{owner}/{name}", status_code=204)
