@@ -33,6 +33,11 @@ def state_settings_bounds(document: dict[str, Any], settings: Settings) -> dict[
     for branch in completion.get("prompt", {}).get("anyOf", []):
         if branch.get("type") == "array" and branch.get("items", {}).get("type") != "integer":
             branch["maxItems"] = settings.max_prompts_per_call  # a list of prompts
+    transfer = schemas.get("TransferabilityRequest", {}).get("properties", {})
+    if "candidates" in transfer:
+        _bound(transfer["candidates"], "array", "maxItems", settings.max_transferability_candidates)
+    if "sample_size" in transfer:
+        _bound(transfer["sample_size"], "integer", "maximum", settings.max_transferability_sample)
     return document
 
 
