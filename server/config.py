@@ -134,6 +134,15 @@ class Settings(BaseSettings):
     max_training_steps: int = Field(
         10_000, ge=1, description="optimiser steps one fine-tuning job may take"
     )
+    max_transferability_candidates: int = Field(
+        32, ge=1, le=1024, description="prefixes one transferability request scores at most"
+    )
+    max_transferability_sample: int = Field(
+        64,
+        ge=1,
+        le=4096,
+        description="examples of a training file one transferability request scores at most",
+    )
     max_training_file_bytes: int = Field(
         16 * MiB, ge=1024, description="largest training file upload (413 beyond)"
     )

@@ -40,6 +40,7 @@ from server.api.routes import (
     prefixes,
     tenants,
     tokenizer,
+    transferability,
 )
 from server.api.services import Services
 from server.config import Settings
@@ -81,7 +82,8 @@ def create_app(
     )
     app.state.services = state
     install_error_handlers(app)
-    for module in (health, tenants, prefixes, ensembles, generate, openai, files, fine_tuning):
+    routers = (health, tenants, prefixes, ensembles, generate, openai, files, fine_tuning)
+    for module in (*routers, transferability):
         app.include_router(module.router)
     app.include_router(tokenizer.router)  # vLLM's /tokenize, /detokenize, /tokenizer_info
     document = app.openapi

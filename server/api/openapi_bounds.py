@@ -58,6 +58,7 @@ def state_server_bounds(
     its id and vocabulary written into the request schemas (in place)."""
     schemas = document.get("components", {}).get("schemas", {})
     _state_token_limits(schemas, settings)
+    _state_transferability(schemas, settings)
     _state_sampling(schemas)
     _state_names(document, schemas)
     _state_members(schemas, settings)
@@ -86,6 +87,15 @@ def _state_token_limits(schemas: dict[str, Any], settings: Settings) -> None:
                 _bound(properties[field], "integer", "maximum", settings.max_new_tokens_limit)
         if "n" in properties:
             _bound(properties["n"], "integer", "maximum", settings.rows_per_request)
+
+
+def _state_transferability(schemas: dict[str, Any], settings: Settings) -> None:
+    transfer = schemas.get("TransferabilityRequest", {}).get("properties", {})
+    if "candidates" in transfer:
+        most = settings.max_transferability_candidates
+        _bound(transfer["candidates"], "array", "maxItems", most)
+    if "sample_size" in transfer:
+        _bound(transfer["sample_size"], "integer", "maximum", settings.max_transferability_sample)
 
 
 def _state_names(document: dict[str, Any], schemas: dict[str, Any]) -> None:

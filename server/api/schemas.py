@@ -557,6 +557,46 @@ class EventList(BaseModel):
     has_more: bool
 
 
+# Transferability (docs/fine-tuning.md): candidate prefixes ranked by their loss on a file.
+MAX_TRANSFER_CANDIDATES_FIELD = 1024  # the server's own limit is lower
+MAX_TRANSFER_SAMPLE_FIELD = 4096  # the server's own limit is lower
+
+
+class TransferabilityRequest(Strict):
+    training_file: str = Field(min_length=1, max_length=64)
+    # prefix references (an own prefix also by its name); default: the tenant's own and the
+    # public ones usable on the served model, at most --max-transferability-candidates
+    candidates: list[Annotated[str, Field(min_length=1, max_length=256)]] | None = Field(
+        None, min_length=1, max_length=MAX_TRANSFER_CANDIDATES_FIELD
+    )
+    # examples scored; default (and at most) --max-transferability-sample
+    sample_size: Annotated[int, Field(strict=True, ge=1, le=MAX_TRANSFER_SAMPLE_FIELD)] | None = (
+        None
+    )
+    seed: Annotated[int, Field(strict=True, ge=0, le=2**31 - 1)] = 0  # which examples
+
+
+class CandidateScore(BaseModel):
+    prefix: str  # owner/name
+    version: int
+    kind: str
+    num_virtual_tokens: int
+    loss: float | None  # mean loss per target token; null: see error
+    error: str | None = None
+
+
+class TransferabilityObject(BaseModel):
+    object: Literal["fine_tuning.transferability"] = "fine_tuning.transferability"
+    model: str  # the served model's id
+    training_file: str
+    seed: int
+    lines: list[int]  # the examples scored: their lines in the file
+    target_tokens: int  # tokens each loss is the mean of
+    base_loss: float | None  # the served model's own, without a prefix
+    data: list[CandidateScore]  # lowest loss first
+    truncated: bool  # default candidates: more were usable than the bound allows
+
+
 # vLLM's tokenizer routes: /tokenize, /detokenize, /tokenizer_info (docs/api.md). `model` is
 # accepted and ignored: tokenization is the base model's, whatever prefix a request names.
 class TokenizeRequest(Strict):

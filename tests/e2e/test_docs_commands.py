@@ -319,6 +319,15 @@ def fine_tuning_doc(reader: Reader, output: str) -> None:
     assert answer, output
 
 
+def transferability(reader: Reader, output: str) -> None:
+    base, *ranked, job = output.splitlines()
+    assert base.startswith("base model "), output
+    best, loss = ranked[0].split()
+    assert best == "alice/pirate-voice", output  # trained on this file by the block before
+    assert float(loss) < float(base.split()[-1]), output
+    assert job == "alice/pirate-voice -> alice/pirate-transferred", output
+
+
 def structured_outputs(reader: Reader, output: str) -> None:
     label, answer = output.splitlines()[:2]
     assert label in ("positive", "negative"), output
@@ -337,6 +346,7 @@ CHECKS: dict[tuple[str, str], Callable[[Reader, Any], None]] = {
     ("evaluation.md", "lm_eval --model local-completions"): lm_evaluation_harness,
     ("evaluation.md", "def tokens(text: str)"): scoring_by_hand,
     ("fine-tuning.md", 'suffix="pirate-voice"'): fine_tuning_doc,
+    ("fine-tuning.md", '"sample_size": 8'): transferability,
 }
 BLOCKS = runnable_blocks()
 

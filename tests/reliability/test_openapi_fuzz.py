@@ -204,6 +204,8 @@ def steer_body(method: str, path: str, body: dict[str, Any], rng: random.Random)
         body["prefix"] = rng.choice(PREFIX_REFS)
     if "model" in body:
         body["model"] = rng.choice(MODELS)
+    if isinstance(body.get("candidates"), list):
+        body["candidates"] = rng.choice([["alice/pirate"], ["pirate", "bob/poet"], None])
     for field in ("training_file", "validation_file"):
         if isinstance(body.get(field), str) and TRAINING_FILES:
             body[field] = TRAINING_FILES[0]
@@ -264,6 +266,7 @@ DOCUMENTED_STATUSES = {
     ("get", "/v1/fine_tuning/jobs/{job_id}"): {"200", "401", "404", "503"},
     ("get", "/v1/fine_tuning/jobs/{job_id}/events"): {"200", "400", "401", "404", "422", "503"},
     ("post", "/v1/fine_tuning/jobs/{job_id}/cancel"): {"200", "401", "404", "409", "503"},
+    ("post", "/v1/fine_tuning/transferability"): GENERATION,  # scores rows on the engine
     ("post", "/tokenize"): {"200", "400", "401", "422", "503"},
     ("post", "/detokenize"): {"200", "400", "401", "422", "503"},
     ("get", "/tokenizer_info"): {"200", "400", "401", "503"},
