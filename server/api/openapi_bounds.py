@@ -40,7 +40,11 @@ TOKEN_IDS = (
     ("CompletionRequest", "prompt"),
     ("DetokenizeRequest", "tokens"),
 )
-NAMED_PATHS = ("/v1/prefixes/{owner}/{name}", "/v1/ensembles/{owner}/{name}")
+NAMED_PATHS = (
+    "/v1/prefixes/{owner}/{name}",
+    "/v1/prefixes/{owner}/{name}/adapter",
+    "/v1/ensembles/{owner}/{name}",
+)
 
 
 @dataclass(frozen=True)
@@ -105,6 +109,11 @@ def _state_names(document: dict[str, Any], schemas: dict[str, Any]) -> None:
     for schema, fields in REFS.items():
         for field in fields:
             _pattern(schemas.get(schema, {}).get("properties", {}).get(field), REF_RULE)
+    candidates = schemas.get("TransferabilityRequest", {}).get("properties", {}).get("candidates")
+    for branch in [] if candidates is None else candidates.get("anyOf", []):
+        if branch.get("type") == "array":
+            branch["uniqueItems"] = True
+            _pattern(branch.get("items"), REF_RULE)
     paths = document.get("paths", {})
     for path in NAMED_PATHS:
         for operation in paths.get(path, {}).values():

@@ -71,6 +71,10 @@ RULES: dict[tuple[str, str], dict[str, str]] = {
         "training_file": "examples that fit the context",
         "validation_file": "examples that fit the context",
     },
+    ("post", "/v1/fine_tuning/transferability"): {
+        "candidates": "distinct prefixes (`name` and `owner/name` are one)",
+        "training_file": "examples that fit the context beside the longest candidate",
+    },
     ("get", "/v1/fine_tuning/jobs/{job_id}/events"): {
         "after": "an event id from this job's listing",
     },

@@ -570,10 +570,10 @@ class TransferabilityRequest(Strict):
         None, min_length=1, max_length=MAX_TRANSFER_CANDIDATES_FIELD
     )
     # examples scored; default (and at most) --max-transferability-sample
-    sample_size: Annotated[int, Field(strict=True, ge=1, le=MAX_TRANSFER_SAMPLE_FIELD)] | None = (
-        None
-    )
-    seed: Annotated[int, Field(strict=True, ge=0, le=2**31 - 1)] = 0  # which examples
+    sample_size: (
+        Annotated[int, Field(strict=True, ge=1, le=MAX_TRANSFER_SAMPLE_FIELD), WHOLE] | None
+    ) = None
+    seed: Annotated[int, Field(strict=True, ge=0, le=2**31 - 1), WHOLE] = 0  # which examples
 
 
 class CandidateScore(BaseModel):
