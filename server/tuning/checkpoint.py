@@ -38,7 +38,10 @@ class Progress:
     def from_json(cls, state: dict[str, Any]) -> Progress:
         if state.get("format") != FORMAT:
             raise ValueError(f"checkpoint: format {FORMAT} expected, found {state.get('format')}")
-        return cls(int(state["step"]), int(state["epoch"]), int(state["trained_tokens"]))
+        try:
+            return cls(int(state["step"]), int(state["epoch"]), int(state["trained_tokens"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"checkpoint: progress unreadable ({exc!r})") from None
 
 
 START = Progress(0, 0, 0)

@@ -174,6 +174,11 @@ class TuningWorker:
         jobs = self.tuning.take_over(self.runner, self.lease_s, free)
         jobs += self.tuning.start_queued(self.max_running, runner=self.runner, lease_s=self.lease_s)
         for job in jobs:
+            with self._cond:
+                # Its own job, whose lease lapsed while the database was out of reach: taking
+                # it over renewed the lease; the thread training it goes on.
+                if job.id in self._running:
+                    continue
             interrupted = threading.Event()
             run = JobRun(
                 job,

@@ -4,6 +4,7 @@ job (it resumes), its checkpoints, concurrent jobs, caps, quotas and isolation."
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -250,28 +251,62 @@ def test_cancelling_a_queued_job(make_client: MakeClient, model: LoadedModel) ->
         assert get_job(client, alice, job["id"])["finished_at"] is not None
 
 
+class HeldAfterSteps:
+    """Lets every job take `steps` optimiser steps, then holds it before the next one, taking
+    turns on the device (so a stop or a cancel reaches it) but training nothing more."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, steps: int) -> None:
+        self.holding = threading.Event()
+        self._taken = 0
+        real = PrefixTrainer.step
+        stopped = threading.Event()  # never set: the turn itself says when the job stopped
+
+        def held(trainer: PrefixTrainer, batch: list[Any], turn: Any, **options: Any) -> float:
+            if self._taken < steps:
+                self._taken += 1
+                return real(trainer, batch, turn, **options)
+            self.holding.set()
+            while True:  # until the turn raises: the job was stopped or cancelled
+                with turn():
+                    pass
+                stopped.wait(0.005)  # polls the job's own check, without spinning a core
+
+        monkeypatch.setattr(PrefixTrainer, "step", held)
+
+    def wait(self) -> None:
+        assert self.holding.wait(60), "no job took its steps"
+
+
+def metrics(client: TestClient, who: TenantAuth, job_id: str) -> dict[int, float]:
+    """train_loss by step (a step trained again after a resume: the last time)."""
+    found = [e["data"] for e in events(client, who, job_id) if e["type"] == "metrics"]
+    return {data["step"]: data["train_loss"] for data in found}
+
+
 def test_a_restart_resumes_the_running_job_and_runs_the_queued_ones(
     tmp_path: Path, model: LoadedModel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     settings = app_settings(tmp_path / "data", max_running_jobs=1)
-    held = HeldTraining(monkeypatch)
+    held = HeldAfterSteps(monkeypatch, steps=2)
     with TestClient(create_app(settings, loaded=model, background_start=False)) as client:
         alice = create_tenant(client, "alice")
         running = start_job(client, alice, suffix="first")
         held.wait()
         queued = start_job(client, alice, suffix="second")
         assert wait_status(client, alice, queued["id"], {"queued"})["status"] == "queued"
-    # The server stopped in the middle of the first job's training (a clean stop releases
-    # the job's lease: the next start takes it over at once).
+    # The server stopped after the job's second step. A clean stop checkpoints it (no periodic
+    # checkpoint was due) and releases its lease: the next start takes it over at once.
     monkeypatch.undo()
     with TestClient(create_app(settings, loaded=model, background_start=False)) as client:
         resumed = wait_status(client, alice, running["id"])
         assert resumed["status"] == "succeeded", resumed
         messages = [event["message"] for event in events(client, alice, running["id"])]
-        assert any("resumes from its last checkpoint" in m for m in messages), messages
-        assert complete(client, alice, "alice/first", PROMPTS[0]) == ANSWER
+        assert "Training resumes from the checkpoint at step 2" in messages, messages
         assert wait_status(client, alice, queued["id"])["status"] == "succeeded"
-        assert complete(client, alice, "alice/second", PROMPTS[0]) == ANSWER
+        # The queued job is the same job never interrupted: the same loss at every step (no
+        # request was served meanwhile, which would split batches into micro-batches).
+        assert metrics(client, alice, running["id"]) == metrics(client, alice, queued["id"])
+        assert complete(client, alice, "alice/first", PROMPTS[0]) == ANSWER
 
 
 def checkpoints(client: TestClient, who: TenantAuth, job_id: str, **params: Any) -> Response:

@@ -20,15 +20,23 @@ import os
 import signal
 import sqlite3
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
 from tests.e2e.test_server_process import start_server
-from tests.reliability.common import Server, World, bearer, build_world, live_server, wait_until
+from tests.reliability.common import (
+    Live,
+    Server,
+    World,
+    bearer,
+    build_world,
+    live_server,
+    wait_until,
+)
 
 SETTINGS: dict[str, object] = {"checkpoint_interval": 0, "job_lease": 2, "file_grace": 60}
 EXAMPLES = [{"prompt": f"w{i} w{i + 1}", "completion": f" w{i + 40} w{i + 41}"} for i in range(12)]
@@ -42,20 +50,23 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
     return build_world(tmp_path_factory.mktemp("resume"))
 
 
-@contextmanager
-def restarted(world: World, log: Path) -> Iterator[Server]:
-    """Another server process on the world's data, with SETTINGS (its tenants exist)."""
+@pytest.fixture(scope="module", autouse=True)
+def settings_in_environment() -> Iterator[None]:
+    """Every server of this module runs with SETTINGS (as PREFIX_SERVER_* variables, which
+    `prefix-server serve` reads for the flags it was not given)."""
     variables = {f"PREFIX_SERVER_{k.upper()}": str(v) for k, v in SETTINGS.items()}
     saved = {name: os.environ.get(name) for name in variables}
     os.environ.update(variables)
-    try:
-        server = start_server(world.model_dir, world.data_dir, log)
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                del os.environ[name]
-            else:
-                os.environ[name] = value
+    yield
+    for name, value in saved.items():
+        if value is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = value
+
+
+@contextmanager
+def stopped_at_exit(server: Server) -> Iterator[Server]:
     try:
         yield server
     finally:
@@ -164,7 +175,7 @@ def test_a_job_killed_with_its_server_resumes_after_the_restart_with_the_same_lo
         alice = Tenant(live.url, live.keys["alice"])
         job_id = alice.create_job("resumed")
         kill_mid_job(live.server, alice, job_id)
-    with restarted(world, log) as server:
+    with stopped_at_exit(start_server(world.model_dir, world.data_dir, log)) as server:
         alice = Tenant(server.url, alice.key)
         job = alice.finished(job_id)
         assert job["status"] == "succeeded", job
@@ -185,23 +196,37 @@ def test_a_job_killed_with_its_server_resumes_after_the_restart_with_the_same_lo
 def test_a_replica_killed_mid_job_leaves_it_to_the_other(world: World) -> None:
     log = world.data_dir.parent / "replicas.log"
     world = World(world.model_dir, world.data_dir.parent / "shared", world.loaded, world.adapters)
-    with live_server(world, log, **SETTINGS) as first, restarted(world, log) as second:
-        # Both replicas run jobs: whichever starts this one holds its lease.
-        alice = Tenant(first.url, first.keys["alice"])
-        job_id = alice.create_job("taken-over")
-        wait_until(lambda: alice.job(job_id)["status"] == "running", DEADLINE, lambda: "start")
-        holder, other = (
-            (first.server, second)
-            if lease_pid(world, job_id) == first.pid
-            else (second, first.server)
-        )
-        kill_mid_job(holder, alice, job_id)
-        survivor = Tenant(other.url, first.keys["alice"])
-        job = survivor.finished(job_id)
-        assert job["status"] == "succeeded", job
-        assert lease_pid(world, job_id) == other.process.pid
-        events = survivor.events(job_id)
-        assert resumed_at(events) >= 5
-        total = len(EXAMPLES) * HYPERPARAMETERS["n_epochs"]
-        assert sorted(losses(events)) == list(range(1, total + 1))
-        assert survivor.answer("alice/taken-over")  # its prefix is served
+    with ThreadPoolExecutor(1) as pool:  # the two replicas start together
+        other_log = log.with_name("replicas-second.log")
+        starting = pool.submit(start_server, world.model_dir, world.data_dir, other_log)
+        try:
+            with (
+                live_server(world, log, **SETTINGS) as first,
+                stopped_at_exit(starting.result()) as second,
+            ):
+                replicas_share_a_job(world, first, second)
+        finally:  # the second replica, even when the first failed to start
+            process = starting.result().process
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+
+def replicas_share_a_job(world: World, first: Live, second: Server) -> None:
+    """Both replicas run jobs: whichever starts this one holds its lease."""
+    alice = Tenant(first.url, first.keys["alice"])
+    job_id = alice.create_job("taken-over")
+    wait_until(lambda: alice.job(job_id)["status"] == "running", DEADLINE, lambda: "start")
+    holder, other = (
+        (first.server, second) if lease_pid(world, job_id) == first.pid else (second, first.server)
+    )
+    kill_mid_job(holder, alice, job_id)
+    survivor = Tenant(other.url, first.keys["alice"])
+    job = survivor.finished(job_id)
+    assert job["status"] == "succeeded", job
+    assert lease_pid(world, job_id) == other.process.pid
+    events = survivor.events(job_id)
+    assert resumed_at(events) >= 5
+    total = len(EXAMPLES) * HYPERPARAMETERS["n_epochs"]
+    assert sorted(losses(events)) == list(range(1, total + 1))
+    assert survivor.answer("alice/taken-over")  # its prefix is served
