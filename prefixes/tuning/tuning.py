@@ -194,9 +194,7 @@ class Tuning:
                 job_rows.add_event(connection, job.id, message)
         return moved
 
-    def start_queued(
-        self, max_running: int, *, runner: str = "", lease_s: float = 0.0
-    ) -> list[JobInfo]:
+    def start_queued(self, max_running: int, *, runner: str, lease_s: float) -> list[JobInfo]:
         """Move queued jobs to running, oldest first, keeping one running job per tenant and
         `max_running` in all; each under `runner`'s lease for `lease_s` seconds. Return those
         started."""

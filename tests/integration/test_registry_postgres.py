@@ -186,7 +186,7 @@ def test_fine_tuning_records_and_a_jobs_prefix_commit_together(llama, replicas):
                    "mine", 0)  # fmt: skip
     job = tuning.create_job("alice", spec)
     assert tuning.queue(job, "validated")
-    (job,) = tuning.start_queued(max_running=1)
+    (job,) = tuning.start_queued(max_running=1, runner="r", lease_s=60)
     files = native_files(llama.spec, 4, seed=3)
     info = registry.upload("alice", "mine", files, on_commit=tuning.succeed_on_commit(job, 5))
     done = Tuning(replicas().database).get_job("alice", job.id)  # seen from another replica

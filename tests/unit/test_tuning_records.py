@@ -63,12 +63,14 @@ def test_queued_jobs_start_oldest_first_one_per_tenant_within_the_cap(tuning: Tu
     jobs.append(job_for(tuning, "carol"))
     for job in tuning.jobs(JobStatus.VALIDATING_FILES):
         assert tuning.queue(job, "validated")
-    started = tuning.start_queued(max_running=2)
+    started = tuning.start_queued(max_running=2, runner="r", lease_s=60)
     assert [job.id for job in started] == [jobs[0], jobs[2]]  # alice's second waits for her first
     assert all(job.status is JobStatus.RUNNING and job.started_at for job in started)
-    assert tuning.start_queued(max_running=2) == []  # the cap is full
+    assert tuning.start_queued(max_running=2, runner="r", lease_s=60) == []  # the cap is full
     assert tuning.fail(started[0], JobError("x", "broken"))
-    assert [job.id for job in tuning.start_queued(max_running=2)] == [jobs[1]]
+    assert [job.id for job in tuning.start_queued(max_running=2, runner="r", lease_s=60)] == [
+        jobs[1]
+    ]
 
 
 def test_a_job_cancelled_before_its_prefix_commits_registers_nothing(tmp_path: Path) -> None:
@@ -79,7 +81,7 @@ def test_a_job_cancelled_before_its_prefix_commits_registers_nothing(tmp_path: P
         job_id = job_for(tuning, "alice")
         (job,) = tuning.jobs(JobStatus.VALIDATING_FILES)
         tuning.queue(job, "validated")
-        (job,) = tuning.start_queued(max_running=1)
+        (job,) = tuning.start_queued(max_running=1, runner="r", lease_s=60)
         files = native_files(loaded.spec, 4, seed=0)
         tuning.cancel("alice", job_id)
         with pytest.raises(InvalidState, match="no longer running"):
@@ -92,7 +94,7 @@ def test_a_job_cancelled_before_its_prefix_commits_registers_nothing(tmp_path: P
         # The other order: the commit first, then the cancel is refused.
         other = job_for(tuning, "alice", "other")
         tuning.queue(tuning.get_job("alice", other), "validated")
-        (job,) = tuning.start_queued(max_running=1)
+        (job,) = tuning.start_queued(max_running=1, runner="r", lease_s=60)
         info = registry.upload("alice", "other", files, on_commit=tuning.succeed_on_commit(job, 7))
         done = tuning.get_job("alice", other)
         assert (done.status, done.fine_tuned_model, done.trained_tokens) == (
