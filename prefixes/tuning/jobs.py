@@ -151,11 +151,12 @@ def renew(connection: Connection, runner: str, job_ids: list[str], expires_at: f
 
 
 def release(connection: Connection, runner: str) -> list[str]:
-    """Expire the runner's leases now, so the next runner takes its jobs over without waiting;
-    return the jobs released."""
+    """End the runner's leases now, so the next runner takes its jobs over without waiting, and
+    nothing the runner might still write about them counts; return the jobs released."""
     held = (tuning_jobs.c.lease_owner == runner) & (tuning_jobs.c.status == JobStatus.RUNNING.value)
     released = list(connection.execute(select(tuning_jobs.c.id).where(held)).scalars())
-    connection.execute(update(tuning_jobs).where(held).values(lease_expires_at=None))
+    ended = {"lease_owner": None, "lease_expires_at": None}
+    connection.execute(update(tuning_jobs).where(held).values(**ended))
     return released
 
 

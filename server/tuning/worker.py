@@ -101,6 +101,8 @@ class TuningWorker:
         for thread in (self._thread, self._heart, *threads):
             if thread.is_alive():
                 thread.join(max(0.0, deadline - time.monotonic()))
+        # After the jobs' checkpoints on stop. A job thread still in a long turn past the grace
+        # writes nothing more once released: it cannot fail a job the next runner resumes.
         try:
             released = self.tuning.release(self.runner)
         except Exception:  # the leases expire on their own

@@ -124,6 +124,7 @@ def test_a_running_job_is_held_by_its_runner_until_its_lease_expires(tuning: Tun
     assert "resumes from its last checkpoint" in messages[0]
     # A clean stop releases the job: the next runner takes it over at once, within its cap.
     assert tuning.release("b") == [running]
+    assert not tuning.fail(job, JobError("x", "late"), runner="b")  # b's late writes: refused
     assert tuning.take_over("c", 60, limit=0) == []
     assert [taken.id for taken in tuning.take_over("c", 60, limit=1)] == [running]
     tuning.cancel("alice", running)  # a cancel reaches the runner through its heartbeat
