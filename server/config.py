@@ -143,6 +143,21 @@ class Settings(BaseSettings):
         le=4096,
         description="examples of a training file one transferability request scores at most",
     )
+    checkpoint_interval: float = Field(
+        30.0,
+        ge=0,
+        description="seconds of training a running fine-tuning job may lose to a crash: it "
+        "checkpoints at the first step end after this long; 0: after every step",
+    )
+    checkpoints_per_job: int = Field(
+        3, ge=1, description="checkpoints a running fine-tuning job keeps (its newest)"
+    )
+    job_lease: float = Field(
+        30.0,
+        gt=0,
+        description="seconds a fine-tuning job's runner may go silent before another server "
+        "on the database takes the job over (its heartbeat renews it every third)",
+    )
     max_training_file_bytes: int = Field(
         16 * MiB, ge=1024, description="largest training file upload (413 beyond)"
     )

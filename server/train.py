@@ -81,6 +81,8 @@ def read_examples(path: Path, tokenizer: object) -> list[Example]:
     return examples
 
 
+# What AdamW keeps per parameter (torch.optim.AdamW without amsgrad).
+ADAMW_STATE = ("step", "exp_avg", "exp_avg_sq")
 # A turn on the device for one micro-batch (server/device_share.py); outside the server, none.
 Turn = Callable[[], AbstractContextManager[object]]
 # PEFT initialises a new prompt encoder from torch's global generator: seeding and creating it
@@ -165,6 +167,43 @@ class PrefixTrainer:
                     loss_sum += float(self._loss(chunk)) * weight
         return loss_sum
 
+    def training_state(self) -> dict[str, torch.Tensor]:
+        """Everything a step changes, as CPU tensors: the trainable parameters and AdamW's
+        state for each (its step count and both moments). With `load_training_state` on a
+        trainer of the same config, the next steps are exactly those this one would take."""
+        state = {}
+        for name, parameter in self._trainable():
+            state[f"parameter/{name}"] = parameter.detach().cpu().clone()
+            for key, value in self.optimiser.state.get(parameter, {}).items():
+                state[f"optimiser/{key}/{name}"] = value.detach().cpu().clone()
+        return state
+
+    def load_training_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Resume from the `training_state()` of a trainer of the same config that took at
+        least one step (ValueError naming what differs otherwise)."""
+        trainable = self._trainable()
+        expected = {f"parameter/{name}" for name, _ in trainable} | {
+            f"optimiser/{key}/{name}" for name, _ in trainable for key in ADAMW_STATE
+        }
+        if set(state) != expected:
+            raise ValueError(f"training state: expected {sorted(expected)}, found {sorted(state)}")
+        with torch.no_grad():
+            for name, parameter in trainable:
+                saved = state[f"parameter/{name}"]
+                if saved.shape != parameter.shape:
+                    raise ValueError(
+                        f"training state: {name}: expected shape {tuple(parameter.shape)}, "
+                        f"found {tuple(saved.shape)}"
+                    )
+                parameter.copy_(saved.to(parameter.device, parameter.dtype))
+                # AdamW keeps its step count on the host and its moments beside the parameter,
+                # as its own first step creates them.
+                self.optimiser.state[parameter] = {
+                    "step": state[f"optimiser/step/{name}"].clone(),
+                    "exp_avg": state[f"optimiser/exp_avg/{name}"].to(parameter.device),
+                    "exp_avg_sq": state[f"optimiser/exp_avg_sq/{name}"].to(parameter.device),
+                }
+
     def save(self, out_dir: Path) -> None:
         self.model.save_pretrained(str(out_dir))
 
@@ -178,6 +217,9 @@ class PrefixTrainer:
         # The served model object is shared: leave it as the frozen base model it was.
         self.model.base_model.requires_grad_(False)
         self.model.base_model.eval()
+
+    def _trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
+        return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
 
     def _chunks(self, examples: list[Example]) -> list[list[Example]]:
         size = self.config.micro_batch_size or len(examples) or 1

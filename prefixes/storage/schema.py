@@ -242,16 +242,60 @@ def _v5_prefix_parameters(connection: Connection) -> None:
             index.create(connection)
 
 
+def _v6_tables() -> MetaData:
+    """Version 6: version 5, and fine-tuning jobs that survive their server. A running job
+    holds a lease (`lease_owner`, the runner training it, and `lease_expires_at`, renewed by its
+    heartbeat): a job whose lease expired is taken over by another runner.
+    `tuning_checkpoints`: the last checkpoints of each job, their tensors in a file of the store
+    (prefixes/storage/checkpoint_files.py), the rest here."""
+    metadata = _v5_tables()
+    Table(
+        "tuning_jobs",
+        metadata,
+        Column("lease_owner", String(64)),
+        Column("lease_expires_at", Float),  # NULL (jobs from before version 6): expired
+        extend_existing=True,
+    )
+    Table(
+        "tuning_checkpoints",
+        metadata,
+        Column("seq", Integer, primary_key=True, autoincrement=True),
+        Column("job_id", String(40), ForeignKey("tuning_jobs.id"), nullable=False),
+        Column("step", Integer, nullable=False),  # optimiser steps taken
+        Column("created_at", Float, nullable=False),
+        Column("metrics", Text, nullable=False),  # JSON: the step's metrics event
+        Column("state", Text, nullable=False),  # JSON: where training resumes (step, epoch...)
+        Column("sha256", String(64), nullable=False),  # the tensors' file, by content
+        Column("bytes", BigInteger, nullable=False),
+        Index("ix_tuning_checkpoints_job", "job_id", "seq"),
+    )
+    return metadata
+
+
+_V6_JOB_COLUMNS = ("lease_owner", "lease_expires_at")
+
+
+def _v6_job_leases_and_checkpoints(connection: Connection) -> None:
+    metadata = _v6_tables()
+    jobs = metadata.tables["tuning_jobs"]
+    for name in _V6_JOB_COLUMNS:
+        column = jobs.c[name]
+        kind = column.type.compile(dialect=connection.dialect)
+        connection.exec_driver_sql(f"ALTER TABLE tuning_jobs ADD COLUMN {name} {kind}")
+    metadata.tables["tuning_checkpoints"].create(connection)
+
+
 MIGRATIONS: list[Callable[[Connection], None]] = [
     _v1_create,
     _v2_create,
     _v3_create,
     _v4_create,
     _v5_prefix_parameters,
+    _v6_job_leases_and_checkpoints,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
-metadata = _v5_tables()
+metadata = _v6_tables()
 tenants = metadata.tables["tenants"]
 api_keys = metadata.tables["api_keys"]
 prefixes = metadata.tables["prefixes"]
@@ -260,6 +304,7 @@ tuning_jobs = metadata.tables["tuning_jobs"]
 tuning_events = metadata.tables["tuning_events"]
 file_deletions = metadata.tables["file_deletions"]
 ensembles = metadata.tables["ensembles"]
+tuning_checkpoints = metadata.tables["tuning_checkpoints"]
 
 _version_metadata = MetaData()
 schema_version = Table(

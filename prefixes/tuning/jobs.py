@@ -108,18 +108,71 @@ def move(
     job_id: str,
     to: JobStatus,
     leaving: Iterable[JobStatus],
+    *,
+    held_by: str | None = None,
     **values: Any,
 ) -> bool:
-    """Set the job's status to `to` (and `values`) if it is now in one of `leaving`."""
-    result = connection.execute(
-        update(tuning_jobs)
-        .where(
-            tuning_jobs.c.id == job_id,
-            tuning_jobs.c.status.in_([status.value for status in leaving]),
-        )
-        .values(status=to.value, **values)
+    """Set the job's status to `to` (and `values`) if it is now in one of `leaving` (and, with
+    `held_by`, its lease is that runner's: a runner that lost its job changes nothing)."""
+    query = update(tuning_jobs).where(
+        tuning_jobs.c.id == job_id,
+        tuning_jobs.c.status.in_([status.value for status in leaving]),
     )
-    return result.rowcount == 1
+    if held_by is not None:
+        query = query.where(tuning_jobs.c.lease_owner == held_by)
+    return connection.execute(query.values(status=to.value, **values)).rowcount == 1
+
+
+def orphans(connection: Connection, now: float) -> list[Row[Any]]:
+    """Running jobs whose lease expired (their runner stopped), oldest first. NULL: a job
+    from before leases existed, or one whose runner released it on a clean stop."""
+    expired = tuning_jobs.c.lease_expires_at.is_(None) | (tuning_jobs.c.lease_expires_at < now)
+    query = select(tuning_jobs).where(tuning_jobs.c.status == JobStatus.RUNNING.value, expired)
+    return list(connection.execute(query.order_by(tuning_jobs.c.seq)))
+
+
+def lease(connection: Connection, job_id: str, runner: str, expires_at: float) -> None:
+    connection.execute(
+        update(tuning_jobs)
+        .where(tuning_jobs.c.id == job_id)
+        .values(lease_owner=runner, lease_expires_at=expires_at)
+    )
+
+
+def renew(connection: Connection, runner: str, job_ids: list[str], expires_at: float) -> set[str]:
+    """Extend the runner's leases on `job_ids`; return those it still holds (running, its)."""
+    held = (
+        (tuning_jobs.c.id.in_(job_ids))
+        & (tuning_jobs.c.lease_owner == runner)
+        & (tuning_jobs.c.status == JobStatus.RUNNING.value)
+    )
+    connection.execute(update(tuning_jobs).where(held).values(lease_expires_at=expires_at))
+    return set(connection.execute(select(tuning_jobs.c.id).where(held)).scalars())
+
+
+def release(connection: Connection, runner: str) -> list[str]:
+    """End the runner's leases now, so the next runner takes its jobs over without waiting, and
+    nothing the runner might still write about them counts; return the jobs released."""
+    held = (tuning_jobs.c.lease_owner == runner) & (tuning_jobs.c.status == JobStatus.RUNNING.value)
+    released = list(connection.execute(select(tuning_jobs.c.id).where(held)).scalars())
+    ended = {"lease_owner": None, "lease_expires_at": None}
+    connection.execute(update(tuning_jobs).where(held).values(**ended))
+    return released
+
+
+def holds(connection: Connection, job_id: str, runner: str) -> bool:
+    """Whether the job is running under the runner's lease."""
+    query = select(tuning_jobs.c.id).where(
+        tuning_jobs.c.id == job_id,
+        tuning_jobs.c.lease_owner == runner,
+        tuning_jobs.c.status == JobStatus.RUNNING.value,
+    )
+    return connection.execute(query).first() is not None
+
+
+def statuses(connection: Connection, job_ids: list[str]) -> dict[str, JobStatus]:
+    query = select(tuning_jobs.c.id, tuning_jobs.c.status).where(tuning_jobs.c.id.in_(job_ids))
+    return {job_id: JobStatus(status) for job_id, status in connection.execute(query)}
 
 
 def add_event(

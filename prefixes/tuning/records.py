@@ -107,3 +107,18 @@ class Listing(Generic[T]):
 
     items: list[T]
     has_more: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """A running job's training state at the end of a step: `state` (JSON: the step, epoch,
+    tokens trained...) here, its tensors in the file `sha256` of the checkpoint store."""
+
+    id: str
+    job_id: str
+    step: int
+    created_at: datetime
+    metrics: dict[str, Any]  # the step's metrics event: train_loss, valid_loss...
+    state: dict[str, Any]
+    sha256: str
+    bytes: int

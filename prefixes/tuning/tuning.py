@@ -5,6 +5,11 @@ worker moves jobs through their statuses. A job that succeeds is marked so insid
 transaction that registers its prefix (`on_commit`), so a job is never `succeeded` without its
 prefix, nor a prefix registered for a job that was cancelled meanwhile.
 
+A running job is held by one runner (a server process) under a lease that runner's heartbeat
+renews (`renew`); a job whose lease expired is taken over by another (`take_over`) and resumes
+from its last checkpoint (prefixes/tuning/checkpointing.py). What a runner writes about a job
+(a failure, its success, a checkpoint) counts only while it holds the lease.
+
 Thread-safe: every method runs in its own transaction.
 """
 
@@ -35,11 +40,6 @@ from prefixes.tuning.records import (
 )
 
 MAX_PAGE = 1000
-RESTARTED = JobError(
-    "server_restarted",
-    "the server stopped while this job was running, and a job does not resume: create it again "
-    "(its files are kept)",
-)
 
 
 class Tuning:
@@ -194,14 +194,16 @@ class Tuning:
                 job_rows.add_event(connection, job.id, message)
         return moved
 
-    def start_queued(self, max_running: int) -> list[JobInfo]:
+    def start_queued(self, max_running: int, *, runner: str, lease_s: float) -> list[JobInfo]:
         """Move queued jobs to running, oldest first, keeping one running job per tenant and
-        `max_running` in all; return those started."""
+        `max_running` in all; each under `runner`'s lease for `lease_s` seconds. Return those
+        started."""
         started = []
         with write_transaction(self.database) as connection:
             running = job_rows.with_status(connection, JobStatus.RUNNING)
             owners = {row.owner for row in running}
             free = max_running - len(running)
+            now = time.time()
             for row in job_rows.with_status(connection, JobStatus.QUEUED):
                 if free <= 0:
                     break
@@ -212,13 +214,49 @@ class Tuning:
                     row.id,
                     JobStatus.RUNNING,
                     [JobStatus.QUEUED],
-                    started_at=time.time(),
+                    started_at=now,
+                    lease_owner=runner,
+                    lease_expires_at=now + lease_s,
                 )
                 job_rows.add_event(connection, row.id, "Fine-tuning job started")
                 owners.add(row.owner)
                 free -= 1
                 started.append(job_rows.info(job_rows.row(connection, row.id)))  # type: ignore[arg-type]
         return started
+
+    def take_over(self, runner: str, lease_s: float, limit: int) -> list[JobInfo]:
+        """Up to `limit` running jobs whose runner stopped (its lease expired: a crash, a lost
+        replica, or a clean stop that released it), oldest first, now under `runner`'s lease.
+        They resume from their last checkpoint."""
+        if limit <= 0:
+            return []
+        taken = []
+        with write_transaction(self.database) as connection:
+            now = time.time()
+            for row in job_rows.orphans(connection, now)[:limit]:
+                job_rows.lease(connection, row.id, runner, now + lease_s)
+                job_rows.add_event(
+                    connection,
+                    row.id,
+                    "The server training this job stopped: the job resumes from its last "
+                    "checkpoint",
+                )
+                taken.append(job_rows.info(job_rows.row(connection, row.id)))  # type: ignore[arg-type]
+        return taken
+
+    def renew(self, runner: str, job_ids: list[str], lease_s: float) -> set[str]:
+        """The heartbeat: extend `runner`'s leases; return the jobs it still holds (a job
+        cancelled, or taken over after a lease expired, is missing: its training stops)."""
+        if not job_ids:
+            return set()
+        with write_transaction(self.database) as connection:
+            return job_rows.renew(connection, runner, job_ids, time.time() + lease_s)
+
+    def release(self, runner: str) -> list[str]:
+        """A clean stop: the runner's jobs can be taken over at once, by the next start or by
+        another replica, instead of when their leases expire. Returns them."""
+        with write_transaction(self.database) as connection:
+            return job_rows.release(connection, runner)
 
     def files_of(self, job: JobInfo) -> tuple[bytes, bytes | None]:
         """The job's training and validation files (kept while the job is active)."""
@@ -238,15 +276,18 @@ class Tuning:
         with write_transaction(self.database) as connection:
             job_rows.add_event(connection, job.id, message, level=level, type_=type_, data=data)
 
-    def fail(self, job: JobInfo, error: JobError) -> bool:
-        """Mark an active job failed (False if it had ended, e.g. cancelled, meanwhile)."""
+    def fail(self, job: JobInfo, error: JobError, *, runner: str | None = None) -> bool:
+        """Mark an active job failed (False if it had ended, e.g. cancelled, meanwhile, or,
+        with `runner`, if that runner no longer holds it)."""
         with write_transaction(self.database) as connection:
-            return _fail(connection, job.id, error)
+            return _fail(connection, job.id, error, held_by=runner)
 
-    def succeed_on_commit(self, job: JobInfo, trained_tokens: int) -> OnCommit:
+    def succeed_on_commit(
+        self, job: JobInfo, trained_tokens: int, *, runner: str | None = None
+    ) -> OnCommit:
         """For `Registry.upload(on_commit=...)`: marks the job succeeded in the transaction that
         registers its prefix, or refuses (InvalidState), rolling the prefix back, if the job is
-        no longer running."""
+        no longer running (with `runner`: under that runner's lease)."""
 
         def succeed(connection: Connection, prefix: PrefixInfo) -> None:
             moved = job_rows.move(
@@ -254,6 +295,7 @@ class Tuning:
                 job.id,
                 JobStatus.SUCCEEDED,
                 [JobStatus.RUNNING],
+                held_by=runner,
                 fine_tuned_model=prefix.id,
                 trained_tokens=trained_tokens,
                 finished_at=time.time(),
@@ -264,16 +306,6 @@ class Tuning:
             job_rows.add_event(connection, job.id, "The job has successfully completed")
 
         return succeed
-
-    def recover(self) -> list[str]:
-        """At start-up: every job still marked running was cut short by the previous process
-        (one server per database runs jobs); mark it failed. Jobs validating or queued keep
-        their place. Returns the ids of the jobs failed."""
-        with write_transaction(self.database) as connection:
-            running = job_rows.with_status(connection, JobStatus.RUNNING)
-            for row in running:
-                _fail(connection, row.id, RESTARTED)
-        return [row.id for row in running]
 
     # Internals ----------------------------------------------------------------------------
 
@@ -294,13 +326,16 @@ class Tuning:
         return found
 
 
-def _fail(connection: Connection, job_id: str, error: JobError) -> bool:
+def _fail(
+    connection: Connection, job_id: str, error: JobError, *, held_by: str | None = None
+) -> bool:
     active = [status for status in JobStatus if status.active]
     moved = job_rows.move(
         connection,
         job_id,
         JobStatus.FAILED,
         active,
+        held_by=held_by,
         error_code=error.code,
         error_message=error.message,
         error_param=error.param,

@@ -21,6 +21,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from prefixes.catalog.ensembles import Ensembles
 from prefixes.registry import Registry
+from prefixes.storage.checkpoint_files import CheckpointFiles
+from prefixes.tuning.checkpointing import Checkpoints
 from prefixes.tuning.records import Limits
 from prefixes.tuning.tuning import Tuning
 from server.api.access_log import AccessLog
@@ -173,14 +175,21 @@ def start_services(state: Services, loaded: LoadedModel | None) -> None:
             max_members=settings.max_ensemble_members,
             max_per_tenant=settings.max_ensembles_per_tenant,
         )
+        checkpoints = Checkpoints(
+            state.registry.database,
+            CheckpointFiles(settings.prefix_store),  # shared: any replica may resume a job
+            keep=settings.checkpoints_per_job,
+        )
         state.worker = TuningWorker(
             state.tuning,
+            checkpoints,
             state.registry,
             loaded,
             device_share,
             max_running=settings.max_running_jobs,
             max_len=settings.max_len,
-            recover=settings.replicas is None,
+            lease_s=settings.job_lease,
+            checkpoint_interval=settings.checkpoint_interval,
         ).start()
         state.ready = True
         log.info("ready: model %s, data in %s", loaded.model_id, settings.data_dir)
@@ -191,7 +200,8 @@ def start_services(state: Services, loaded: LoadedModel | None) -> None:
 
 def stop_services(state: Services) -> None:
     """Stop training and admitting, give running requests the grace period, cancel the rest,
-    close. A job still training stays `running` in the database: the next start fails it."""
+    close. A job still training checkpoints and stays `running` in the database, its lease
+    released: the next start (or another replica) resumes it."""
     state.ready = False
     if state.worker is not None:
         state.worker.stop(state.settings.shutdown_grace)

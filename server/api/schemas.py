@@ -597,6 +597,27 @@ class TransferabilityObject(BaseModel):
     truncated: bool  # default candidates: more were usable than the bound allows
 
 
+class CheckpointObject(BaseModel):
+    """OpenAI's `fine_tuning.job.checkpoint`. `fine_tuned_model_checkpoint` names the
+    checkpoint; it is training state, not a servable model (docs/fine-tuning.md)."""
+
+    id: str
+    object: Literal["fine_tuning.job.checkpoint"] = "fine_tuning.job.checkpoint"
+    created_at: int
+    fine_tuned_model_checkpoint: str
+    fine_tuning_job_id: str
+    metrics: dict[str, float | int]
+    step_number: int
+
+
+class CheckpointList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[CheckpointObject]
+    has_more: bool
+    first_id: str | None
+    last_id: str | None
+
+
 # vLLM's tokenizer routes: /tokenize, /detokenize, /tokenizer_info (docs/api.md). `model` is
 # accepted and ignored: tokenization is the base model's, whatever prefix a request names.
 class TokenizeRequest(Strict):

@@ -1,9 +1,10 @@
 """Fine-tuning jobs, /v1/fine_tuning/jobs: a tenant's examples become a prefix trained on the
 served model beside serving, registered and servable at once; cancellation, a restart during a
-job, concurrent jobs, caps, quotas and isolation."""
+job (it resumes), its checkpoints, concurrent jobs, caps, quotas and isolation."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from server.models import LoadedModel, weights_digest
 from server.train import PrefixTrainer
 from tests.api.conftest import (
     MakeClient,
+    Response,
     TenantAuth,
     app_settings,
     assert_error,
@@ -253,31 +255,114 @@ def test_cancelling_a_queued_job(make_client: MakeClient, model: LoadedModel) ->
         assert get_job(client, alice, job["id"])["finished_at"] is not None
 
 
-def test_a_restart_fails_the_running_job_and_runs_the_queued_ones(
+class HeldAfterSteps:
+    """Lets every job take `steps` optimiser steps, then holds it before the next one, taking
+    turns on the device (so a stop or a cancel reaches it) but training nothing more."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, steps: int) -> None:
+        self.holding = threading.Event()
+        self._taken = 0
+        real = PrefixTrainer.step
+        stopped = threading.Event()  # never set: the turn itself says when the job stopped
+
+        def held(trainer: PrefixTrainer, batch: list[Any], turn: Any, **options: Any) -> float:
+            if self._taken < steps:
+                self._taken += 1
+                return real(trainer, batch, turn, **options)
+            self.holding.set()
+            while True:  # until the turn raises: the job was stopped or cancelled
+                with turn():
+                    pass
+                stopped.wait(0.005)  # polls the job's own check, without spinning a core
+
+        monkeypatch.setattr(PrefixTrainer, "step", held)
+
+    def wait(self) -> None:
+        assert self.holding.wait(60), "no job took its steps"
+
+
+def metrics(client: TestClient, who: TenantAuth, job_id: str) -> dict[int, float]:
+    """train_loss by step (a step trained again after a resume: the last time)."""
+    found = [e["data"] for e in events(client, who, job_id) if e["type"] == "metrics"]
+    return {data["step"]: data["train_loss"] for data in found}
+
+
+def test_a_restart_resumes_the_running_job_and_runs_the_queued_ones(
     tmp_path: Path, model: LoadedModel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     settings = app_settings(tmp_path / "data", max_running_jobs=1)
-    held = HeldTraining(monkeypatch)
+    held = HeldAfterSteps(monkeypatch, steps=2)
     with TestClient(create_app(settings, loaded=model, background_start=False)) as client:
         alice = create_tenant(client, "alice")
         running = start_job(client, alice, suffix="first")
         held.wait()
         queued = start_job(client, alice, suffix="second")
         assert wait_status(client, alice, queued["id"], {"queued"})["status"] == "queued"
-    # The server stopped in the middle of the first job's training.
+    # The server stopped after the job's second step. A clean stop checkpoints it (no periodic
+    # checkpoint was due) and releases its lease: the next start takes it over at once.
     monkeypatch.undo()
     with TestClient(create_app(settings, loaded=model, background_start=False)) as client:
-        failed = get_job(client, alice, running["id"])
-        assert failed["status"] == "failed" and failed["fine_tuned_model"] is None
-        assert failed["error"]["code"] == "server_restarted"
-        assert "create it again" in failed["error"]["message"]
-        assert_error(client.get("/v1/prefixes/alice/first", headers=alice.headers), 404)
-        assert events(client, alice, running["id"])[-1]["level"] == "error"
+        resumed = wait_status(client, alice, running["id"])
+        assert resumed["status"] == "succeeded", resumed
+        messages = [event["message"] for event in events(client, alice, running["id"])]
+        assert "Training resumes from the checkpoint at step 2" in messages, messages
         assert wait_status(client, alice, queued["id"])["status"] == "succeeded"
-        assert complete(client, alice, "alice/second", PROMPTS[0]) == ANSWER
-        # the first job's file is kept: the job can be created again
-        again = create_job(client, alice, running["training_file"], suffix="first")
-        assert wait_status(client, alice, again.json()["id"])["status"] == "succeeded"
+        # The queued job is the same job never interrupted: the same loss at every step (no
+        # request was served meanwhile, which would split batches into micro-batches).
+        assert metrics(client, alice, running["id"]) == metrics(client, alice, queued["id"])
+        assert complete(client, alice, "alice/first", PROMPTS[0]) == ANSWER
+
+
+def checkpoints(client: TestClient, who: TenantAuth, job_id: str, **params: Any) -> Response:
+    return client.get(
+        f"/v1/fine_tuning/jobs/{job_id}/checkpoints", params=params, headers=who.headers
+    )
+
+
+def test_a_jobs_checkpoints_are_listed_with_their_step_and_metrics(
+    make_client: MakeClient, model: LoadedModel
+) -> None:
+    with make_client(model=model, checkpoint_interval=0, checkpoints_per_job=2) as client:
+        alice, bob = create_tenant(client, "alice"), create_tenant(client, "bob")
+        job = wait_status(client, alice, start_job(client, alice, suffix="taught")["id"])
+        assert job["status"] == "succeeded"
+        steps = {
+            e["data"]["step"]: e["data"]
+            for e in events(client, alice, job["id"])
+            if e["type"] == "metrics"
+        }
+        total = max(steps)
+        listed = checkpoints(client, alice, job["id"])
+        assert listed.status_code == 200, listed.text
+        body = listed.json()
+        # The newest two of a checkpoint after every step but the last (which registers).
+        assert [c["step_number"] for c in body["data"]] == [total - 1, total - 2]
+        assert not body["has_more"] and body["object"] == "list"
+        newest = body["data"][0]
+        assert set(newest) == {
+            "id", "object", "created_at", "fine_tuned_model_checkpoint", "fine_tuning_job_id",
+            "metrics", "step_number",
+        }  # fmt: skip
+        assert newest["object"] == "fine_tuning.job.checkpoint"
+        assert newest["fine_tuning_job_id"] == job["id"]
+        assert newest["metrics"]["train_loss"] == steps[total - 1]["train_loss"]
+        assert newest["fine_tuned_model_checkpoint"] == f"alice/taught:ckpt-step-{total - 1}"
+        assert (body["first_id"], body["last_id"]) == (newest["id"], body["data"][1]["id"])
+        page = checkpoints(client, alice, job["id"], limit=1, after=newest["id"]).json()
+        assert [c["step_number"] for c in page["data"]] == [total - 2] and not page["has_more"]
+        # The job ended: its training state is dropped, its steps stay listed.
+        store = client.app.state.services.settings.prefix_store  # type: ignore[attr-defined]
+        folder = store / "checkpoints" / job["id"]
+        wait_for(lambda: not folder.exists(), "the ended job's checkpoint files to go")
+        # Bad input: a clear 4xx; another tenant's job reads exactly as a missing one.
+        foreign = assert_error(checkpoints(client, bob, job["id"]), 404)
+        missing = assert_error(checkpoints(client, bob, "ftjob-" + "0" * 24), 404)
+        assert foreign["message"].replace(job["id"], "ID") == missing["message"].replace(
+            "ftjob-" + "0" * 24, "ID"
+        )
+        assert_error(checkpoints(client, alice, job["id"], after="ftevent-1"), 400, "after")
+        assert checkpoints(client, alice, job["id"], limit=0).status_code == 422
+        assert checkpoints(client, alice, job["id"], limit=101).status_code == 422
 
 
 # Concurrency, caps, quotas, isolation -------------------------------------------------------

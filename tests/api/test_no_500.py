@@ -248,6 +248,7 @@ def test_garbage_queries_and_paths_are_never_a_500(client: TestClient, alice: Te
                 ("/v1/files", ("limit", "after", "purpose")),
                 ("/v1/fine_tuning/jobs", ("limit", "after")),
                 ("/v1/fine_tuning/jobs/ftjob-x/events", ("limit", "after")),
+                ("/v1/fine_tuning/jobs/ftjob-x/checkpoints", ("limit", "after")),
             ):
                 for param in params:
                     response = client.get(path, params={param: value}, headers=alice.headers)
@@ -261,6 +262,7 @@ def test_garbage_queries_and_paths_are_never_a_500(client: TestClient, alice: Te
                 f"/v1/files/{segment}/content",
                 f"/v1/fine_tuning/jobs/{segment}",
                 f"/v1/fine_tuning/jobs/{segment}/events",
+                f"/v1/fine_tuning/jobs/{segment}/checkpoints",
             ):
                 yield ("GET", path), client.get(path, headers=alice.headers)
             yield ("DELETE", segment), client.delete(f"/v1/files/{segment}", headers=alice.headers)

@@ -23,8 +23,10 @@ from prefixes.catalog.records import Quotas
 from prefixes.errors import AlreadyExists, KeyLimit, NotFound, Unauthorized
 from prefixes.formats.kinds import PrefixKind
 from prefixes.registry import Registry
+from prefixes.storage.checkpoint_files import CheckpointFiles
 from prefixes.storage.schema import SCHEMA_VERSION, schema_version
 from prefixes.storage.store import UploadStage
+from prefixes.tuning.checkpointing import Checkpoints
 from prefixes.tuning.records import Hyperparameters, JobSpec, JobStatus
 from prefixes.tuning.tuning import Tuning
 from tests.registry_support import (
@@ -185,13 +187,35 @@ def test_fine_tuning_records_and_a_jobs_prefix_commit_together(llama, replicas):
                    "mine", 0)  # fmt: skip
     job = tuning.create_job("alice", spec)
     assert tuning.queue(job, "validated")
-    (job,) = tuning.start_queued(max_running=1)
+    (job,) = tuning.start_queued(max_running=1, runner="r", lease_s=60)
     files = native_files(llama.spec, 4, seed=3)
     info = registry.upload("alice", "mine", files, on_commit=tuning.succeed_on_commit(job, 5))
     done = Tuning(replicas().database).get_job("alice", job.id)  # seen from another replica
     assert (done.status, done.fine_tuned_model) == (JobStatus.SUCCEEDED, info.id)
     events = [e.message for e in tuning.list_events("alice", job.id, limit=10).items]
     assert events[0] == "The job has successfully completed"
+
+
+def test_a_job_whose_replica_stopped_is_taken_over_with_its_checkpoint(replicas, data_dir):
+    first, second = replicas(), replicas()
+    first.create_tenant("alice")
+    a, b = Tuning(first.database), Tuning(second.database)
+    file_id = a.add_file("alice", "t.jsonl", "fine-tune", b"{}", 1).id
+    spec = JobSpec("base", file_id, None, PrefixKind.PREFIX_TUNING, 4, Hyperparameters(1, 1, 1.0),
+                   "mine", 0)  # fmt: skip
+    assert a.queue(a.create_job("alice", spec), "validated")
+    (job,) = a.start_queued(1, runner="a", lease_s=60)
+    files = CheckpointFiles(data_dir)  # the store both replicas share
+    on_a, on_b = (Checkpoints(r.database, files, keep=2) for r in (first, second))
+    saved = {"step": 3, "train_loss": 0.5}
+    assert on_a.save(job, "a", step=3, metrics=saved, state={"step": 3}, tensors=b"three")
+    assert b.take_over("b", 60, limit=1) == []  # a's lease is live
+    a.renew("a", [job.id], -1)  # a's heartbeat stopped
+    (taken,) = b.take_over("b", 60, limit=1)
+    assert not on_a.save(job, "a", step=4, metrics={}, state={}, tensors=b"four")  # a lost it
+    found = on_b.latest(taken)
+    assert found is not None and (found[0].step, found[0].metrics, found[1]) == (3, saved, b"three")
+    assert a.renew("a", [job.id], 60) == set() and b.renew("b", [job.id], 60) == {job.id}
 
 
 def test_replicas_starting_together_on_a_new_database_migrate_once(replicas, database_url):

@@ -265,6 +265,14 @@ DOCUMENTED_STATUSES = {
     ("get", "/v1/fine_tuning/jobs"): {"200", "400", "401", "404", "422", "503"},
     ("get", "/v1/fine_tuning/jobs/{job_id}"): {"200", "401", "404", "503"},
     ("get", "/v1/fine_tuning/jobs/{job_id}/events"): {"200", "400", "401", "404", "422", "503"},
+    ("get", "/v1/fine_tuning/jobs/{job_id}/checkpoints"): {
+        "200",
+        "400",
+        "401",
+        "404",
+        "422",
+        "503",
+    },
     ("post", "/v1/fine_tuning/jobs/{job_id}/cancel"): {"200", "401", "404", "409", "503"},
     ("post", "/v1/fine_tuning/transferability"): GENERATION,  # scores rows on the engine
     ("post", "/tokenize"): {"200", "400", "401", "422", "503"},

@@ -8,6 +8,7 @@ import torch
 
 from server.models import weights_digest
 from server.train import Example, PrefixTrainer, TrainConfig
+from server.tuning import checkpoint
 from tests.tiny import tiny_loaded
 
 EXAMPLES = [
@@ -87,3 +88,41 @@ def test_wrapping_the_model_warns_nothing_a_user_could_act_on() -> None:
         trainer = PrefixTrainer(tiny_loaded("llama"), TrainConfig(virtual_tokens=2))
         trainer.close()
     assert [w for w in caught if issubclass(w.category, FutureWarning)] == []
+
+
+@pytest.mark.parametrize("kind", ["prefix", "prompt"])
+def test_a_trainer_resumed_from_a_checkpoint_takes_the_same_steps(kind: str) -> None:
+    loaded = tiny_loaded("llama")
+    config = TrainConfig(kind=kind, virtual_tokens=4, batch_size=3, seed=3)
+
+    def weight(trainer: PrefixTrainer) -> torch.Tensor:
+        return next(p for p in trainer.model.parameters() if p.requires_grad).detach().clone()
+
+    uninterrupted = PrefixTrainer(loaded, config)
+    try:
+        losses = [uninterrupted.step(EXAMPLES) for _ in range(4)]
+        final = weight(uninterrupted)
+    finally:
+        uninterrupted.close()
+    first = PrefixTrainer(loaded, config)
+    try:
+        assert [first.step(EXAMPLES) for _ in range(2)] == losses[:2]
+        saved = checkpoint.encode(first)
+    finally:
+        first.close()
+    # Another process would start from another initialisation: the checkpoint replaces it.
+    resumed = PrefixTrainer(loaded, TrainConfig(kind=kind, virtual_tokens=4, seed=99))
+    try:
+        checkpoint.restore(resumed, saved)
+        assert [resumed.step(EXAMPLES) for _ in range(2)] == losses[2:]  # exactly
+        assert torch.equal(weight(resumed), final)
+    finally:
+        resumed.close()
+    other = PrefixTrainer(loaded, TrainConfig(kind=kind, virtual_tokens=2))
+    try:
+        with pytest.raises(ValueError, match="expected shape"):
+            checkpoint.restore(other, saved)
+        with pytest.raises(ValueError, match="not a safetensors file"):
+            checkpoint.restore(other, b"\x80\x04pickled")
+    finally:
+        other.close()

@@ -1,5 +1,6 @@
 """Fine-tuning records in the registry's database (prefixes/tuning/tuning.py): the job's
-statuses, the training slots, restart, and success committed with the prefix or not at all."""
+statuses, the training slots, leases across restarts and replicas, and success committed with
+the prefix or not at all."""
 
 from __future__ import annotations
 
@@ -62,12 +63,14 @@ def test_queued_jobs_start_oldest_first_one_per_tenant_within_the_cap(tuning: Tu
     jobs.append(job_for(tuning, "carol"))
     for job in tuning.jobs(JobStatus.VALIDATING_FILES):
         assert tuning.queue(job, "validated")
-    started = tuning.start_queued(max_running=2)
+    started = tuning.start_queued(max_running=2, runner="r", lease_s=60)
     assert [job.id for job in started] == [jobs[0], jobs[2]]  # alice's second waits for her first
     assert all(job.status is JobStatus.RUNNING and job.started_at for job in started)
-    assert tuning.start_queued(max_running=2) == []  # the cap is full
+    assert tuning.start_queued(max_running=2, runner="r", lease_s=60) == []  # the cap is full
     assert tuning.fail(started[0], JobError("x", "broken"))
-    assert [job.id for job in tuning.start_queued(max_running=2)] == [jobs[1]]
+    assert [job.id for job in tuning.start_queued(max_running=2, runner="r", lease_s=60)] == [
+        jobs[1]
+    ]
 
 
 def test_a_job_cancelled_before_its_prefix_commits_registers_nothing(tmp_path: Path) -> None:
@@ -78,7 +81,7 @@ def test_a_job_cancelled_before_its_prefix_commits_registers_nothing(tmp_path: P
         job_id = job_for(tuning, "alice")
         (job,) = tuning.jobs(JobStatus.VALIDATING_FILES)
         tuning.queue(job, "validated")
-        (job,) = tuning.start_queued(max_running=1)
+        (job,) = tuning.start_queued(max_running=1, runner="r", lease_s=60)
         files = native_files(loaded.spec, 4, seed=0)
         tuning.cancel("alice", job_id)
         with pytest.raises(InvalidState, match="no longer running"):
@@ -91,7 +94,7 @@ def test_a_job_cancelled_before_its_prefix_commits_registers_nothing(tmp_path: P
         # The other order: the commit first, then the cancel is refused.
         other = job_for(tuning, "alice", "other")
         tuning.queue(tuning.get_job("alice", other), "validated")
-        (job,) = tuning.start_queued(max_running=1)
+        (job,) = tuning.start_queued(max_running=1, runner="r", lease_s=60)
         info = registry.upload("alice", "other", files, on_commit=tuning.succeed_on_commit(job, 7))
         done = tuning.get_job("alice", other)
         assert (done.status, done.fine_tuned_model, done.trained_tokens) == (
@@ -101,19 +104,32 @@ def test_a_job_cancelled_before_its_prefix_commits_registers_nothing(tmp_path: P
             tuning.cancel("alice", other)
 
 
-def test_recovery_fails_running_jobs_and_keeps_the_others(tuning: Tuning) -> None:
+def test_a_running_job_is_held_by_its_runner_until_its_lease_expires(tuning: Tuning) -> None:
     running, queued = job_for(tuning, "alice"), job_for(tuning, "bob")
     validating = job_for(tuning, "carol")
     for job in tuning.jobs(JobStatus.VALIDATING_FILES)[:2]:
         tuning.queue(job, "validated")
-    tuning.start_queued(max_running=1)
-    assert tuning.recover() == [running]
-    failed = tuning.get_job("alice", running)
-    assert failed.status is JobStatus.FAILED and failed.error and failed.finished_at
-    assert failed.error.code == "server_restarted"
+    (job,) = tuning.start_queued(max_running=1, runner="a", lease_s=60)
+    assert tuning.take_over("b", 60, limit=2) == []  # a's lease is live
+    assert tuning.renew("a", [running], 60) == {running}
+    assert not tuning.fail(job, JobError("x", "not b's"), runner="b")
+    tuning.renew("a", [running], -1)  # a's heartbeat stopped: its lease expired
+    assert [taken.id for taken in tuning.take_over("b", 60, limit=2)] == [running]
+    assert tuning.renew("a", [running], 60) == set()  # a learns that it lost the job
+    assert tuning.take_over("c", 60, limit=2) == []
+    assert status(tuning, "alice", running) is JobStatus.RUNNING
     assert status(tuning, "bob", queued) is JobStatus.QUEUED
     assert status(tuning, "carol", validating) is JobStatus.VALIDATING_FILES
-    assert not tuning.fail(failed, JobError("x", "again"))  # ended jobs stay as they ended
+    messages = [event.message for event in tuning.list_events("alice", running).items]
+    assert "resumes from its last checkpoint" in messages[0]
+    # A clean stop releases the job: the next runner takes it over at once, within its cap.
+    assert tuning.release("b") == [running]
+    assert not tuning.fail(job, JobError("x", "late"), runner="b")  # b's late writes: refused
+    assert tuning.take_over("c", 60, limit=0) == []
+    assert [taken.id for taken in tuning.take_over("c", 60, limit=1)] == [running]
+    tuning.cancel("alice", running)  # a cancel reaches the runner through its heartbeat
+    assert tuning.renew("c", [running], 60) == set()
+    assert not tuning.fail(job, JobError("x", "ended"), runner="c")
 
 
 def test_limits_and_isolation(tuning: Tuning) -> None:

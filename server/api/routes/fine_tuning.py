@@ -1,4 +1,5 @@
-"""Fine-tuning jobs, OpenAI's `/v1/fine_tuning/jobs`: create, list, get, events, cancel.
+"""Fine-tuning jobs, OpenAI's `/v1/fine_tuning/jobs`: create, list, get, events, checkpoints,
+cancel.
 
 A job trains a prefix on the served model beside serving (server/tuning/) and, once it
 succeeds, `fine_tuned_model` is that prefix's reference, servable at once by every generation
@@ -12,12 +13,14 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query
 from fastapi.concurrency import run_in_threadpool
 
-from prefixes.tuning.records import JobEvent, JobInfo
+from prefixes.tuning.records import Checkpoint, JobEvent, JobInfo
 from server.api.auth import Server, Tenant
 from server.api.errors import ApiError
 from server.api.query import reject_unknown_query
 from server.api.schemas import (
     ERROR_RESPONSES,
+    CheckpointList,
+    CheckpointObject,
     EventList,
     EventObject,
     HyperparametersIn,
@@ -116,6 +119,30 @@ async def list_events(
     return EventList(data=[event_object(event) for event in page.items], has_more=page.has_more)
 
 
+@router.get("/v1/fine_tuning/jobs/{job_id}/checkpoints", response_model=CheckpointList)
+async def list_checkpoints(
+    job_id: str,
+    server: Server,
+    tenant: Tenant,
+    limit: Annotated[int, Query(ge=1, le=100)] = 10,
+    after: str | None = None,
+) -> CheckpointList:
+    """The job's checkpoints, newest first: while it runs, its newest few
+    (`--checkpoints-per-job`), which a restart resumes from; once it ended, their steps and
+    metrics (their training state is dropped)."""
+    job = await run_in_threadpool(server.tuning.get_job, tenant, job_id)
+    page = await run_in_threadpool(
+        server.worker.checkpoints.listing, tenant, job_id, limit=limit, after=after
+    )
+    data = [checkpoint_object(job, found) for found in page.items]
+    return CheckpointList(
+        data=data,
+        has_more=page.has_more,
+        first_id=data[0].id if data else None,
+        last_id=data[-1].id if data else None,
+    )
+
+
 @router.post("/v1/fine_tuning/jobs/{job_id}/cancel", response_model=JobObject)
 async def cancel_job(job_id: str, server: Server, tenant: Tenant) -> JobObject:
     job = await run_in_threadpool(server.tuning.cancel, tenant, job_id)
@@ -163,4 +190,15 @@ def event_object(event: JobEvent) -> EventObject:
         message=event.message,
         data=event.data,
         type=event.type,
+    )
+
+
+def checkpoint_object(job: JobInfo, checkpoint: Checkpoint) -> CheckpointObject:
+    return CheckpointObject(
+        id=checkpoint.id,
+        created_at=int(checkpoint.created_at.timestamp()),
+        fine_tuned_model_checkpoint=(f"{job.owner}/{job.spec.suffix}:ckpt-step-{checkpoint.step}"),
+        fine_tuning_job_id=job.id,
+        metrics=checkpoint.metrics,
+        step_number=checkpoint.step,
     )
