@@ -32,6 +32,7 @@ from sqlalchemy import (
     func,
     insert,
     select,
+    text,
     update,
 )
 
@@ -218,15 +219,72 @@ def _v4_create(connection: Connection) -> None:
     _v4_tables().tables["ensembles"].create(connection)
 
 
+_V7_TENANT_COLUMNS = ("requests_per_minute", "tokens_per_minute")
+
+
+def _v7_tables() -> MetaData:
+    """Version 7: rate-limit overrides on tenants, and usage per tenant, model and hour
+    (prefixes/usage)."""
+    metadata = _v4_tables()
+    metadata.remove(metadata.tables["tenants"])
+    Table(
+        "tenants",
+        metadata,
+        Column("name", String(64), primary_key=True),
+        Column("max_prefixes", Integer),
+        Column("max_bytes", BigInteger),
+        Column("max_virtual_tokens", Integer),
+        Column("created_at", Float, nullable=False),
+        # NULL: the server's default (--requests-per-minute, --tokens-per-minute).
+        Column("requests_per_minute", BigInteger),
+        Column("tokens_per_minute", BigInteger),
+        extend_existing=True,
+    )
+    Table(
+        "usage",
+        metadata,
+        Column("tenant", String(64), primary_key=True),
+        # What ran: a prefix or stored ensemble reference, or the base model's id.
+        Column("model", String(256), primary_key=True),
+        Column("hour", BigInteger, primary_key=True),  # Unix seconds at the hour's start, UTC
+        *(Column(name, BigInteger, nullable=False, default=0) for name in USAGE_COUNTS),
+        Index("ix_usage_hour", "hour"),
+    )
+    return metadata
+
+
+# The counters of a usage row, in the order the API reports them (prefixes/usage/records.py).
+USAGE_COUNTS = (
+    "requests",
+    "rows",
+    "prompt_tokens",
+    "completion_tokens",
+    "virtual_tokens",
+    "tuning_tokens",
+    "failed_invalid",
+    "failed_rate_limited",
+    "failed_overloaded",
+    "failed_error",
+    "cancelled",
+)
+
+
+def _v7_create(connection: Connection) -> None:
+    for name in _V7_TENANT_COLUMNS:
+        connection.execute(text(f"ALTER TABLE tenants ADD COLUMN {name} BIGINT"))
+    _v7_tables().tables["usage"].create(connection)
+
+
 MIGRATIONS: list[Callable[[Connection], None]] = [
     _v1_create,
     _v2_create,
     _v3_create,
     _v4_create,
+    _v7_create,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
-metadata = _v4_tables()
+metadata = _v7_tables()
 tenants = metadata.tables["tenants"]
 api_keys = metadata.tables["api_keys"]
 prefixes = metadata.tables["prefixes"]
@@ -235,6 +293,7 @@ tuning_jobs = metadata.tables["tuning_jobs"]
 tuning_events = metadata.tables["tuning_events"]
 file_deletions = metadata.tables["file_deletions"]
 ensembles = metadata.tables["ensembles"]
+usage = metadata.tables["usage"]
 
 _version_metadata = MetaData()
 schema_version = Table(

@@ -19,9 +19,12 @@ from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from prefixes.catalog.ensembles import Ensembles
+from prefixes.catalog.records import RateLimits
 from prefixes.registry import Registry
 from prefixes.tuning.records import Limits
 from prefixes.tuning.tuning import Tuning
+from prefixes.usage.flusher import UsageFlusher
+from prefixes.usage.ledger import UsageLedger
 from server.api.access_log import AccessLog
 from server.api.ensemble_metrics import EnsembleMetrics
 from server.api.errors import install_error_handlers
@@ -29,6 +32,8 @@ from server.api.limits import BodyLimit
 from server.api.metrics import EngineCollector, HttpMetrics
 from server.api.openapi_bounds import state_settings_bounds
 from server.api.pins import TenantPins
+from server.api.rate_limit_headers import RateLimitHeaders
+from server.api.rate_limits import RateLimiter
 from server.api.routes import (
     ensembles,
     files,
@@ -39,6 +44,7 @@ from server.api.routes import (
     prefixes,
     tenants,
     tokenizer,
+    usage,
 )
 from server.api.services import Services
 from server.config import Settings
@@ -80,7 +86,9 @@ def create_app(
     )
     app.state.services = state
     install_error_handlers(app)
-    for module in (health, tenants, prefixes, ensembles, generate, openai, files, fine_tuning):
+    for module in (
+        health, tenants, prefixes, ensembles, generate, openai, files, fine_tuning, usage,
+    ):  # fmt: skip
         app.include_router(module.router)
     app.include_router(tokenizer.router)  # vLLM's /tokenize, /detokenize, /tokenizer_info
     document = app.openapi
@@ -110,6 +118,7 @@ def create_app(
 
     # On the client's own `receive`, so it can drain a refused body before answering.
     app.add_middleware(BodyLimit, limit_for=partial(body_limit, settings))
+    app.add_middleware(RateLimitHeaders)
     # Outside the body limit, so its early 413s are logged and counted too. AccessLog passes
     # `receive` through untouched, so the body limit still reads the client's own bytes.
     app.add_middleware(AccessLog, metrics=http_metrics)
@@ -164,6 +173,16 @@ def start_services(state: Services, loaded: LoadedModel | None) -> None:
             max_members=settings.max_ensemble_members,
             max_per_tenant=settings.max_ensembles_per_tenant,
         )
+        state.usage_ledger = UsageLedger(state.registry.database)
+        state.usage_flusher = UsageFlusher(
+            state.usage_meter, state.usage_ledger, settings.usage_flush_interval
+        ).start()
+        state.rate_limiter = RateLimiter(
+            RateLimits(settings.requests_per_minute, settings.tokens_per_minute),
+            share=settings.rate_limit_share,
+            read_overrides=state.registry.rate_limit_overrides,
+            refresh=settings.rate_limit_refresh,
+        ).start()
         state.worker = TuningWorker(
             state.tuning,
             state.registry,
@@ -172,6 +191,7 @@ def start_services(state: Services, loaded: LoadedModel | None) -> None:
             max_running=settings.max_running_jobs,
             max_len=settings.max_len,
             recover=settings.replicas is None,
+            meter=state.usage_meter,
         ).start()
         state.ready = True
         log.info("ready: model %s, data in %s", loaded.model_id, settings.data_dir)
@@ -190,5 +210,9 @@ def stop_services(state: Services) -> None:
         if not state.engine.drain(state.settings.shutdown_grace):
             log.warning("shutdown grace period over: cancelling the requests still running")
         state.engine.stop()
+    if state.rate_limiter is not None:
+        state.rate_limiter.close()
+    if state.usage_flusher is not None:
+        state.usage_flusher.close()  # after the engine and the worker: their last counts too
     if state.registry is not None:
         state.registry.close()

@@ -16,6 +16,7 @@ from prefixes import PrefixError
 from prefixes.registry import Registry
 from prefixes.tuning.records import JobError, JobInfo, JobStatus
 from prefixes.tuning.tuning import Tuning
+from prefixes.usage.meter import UsageMeter
 from server.device_share import DeviceShare
 from server.models import LoadedModel
 from server.tuning.errors import TuningError
@@ -35,6 +36,7 @@ class TuningWorker:
         max_running: int,
         max_len: int,
         recover: bool = True,
+        meter: UsageMeter | None = None,
     ) -> None:
         """`recover`: at start, fail the jobs the previous process left running. Not with
         several replicas on one database: those jobs may be running on another replica."""
@@ -45,6 +47,7 @@ class TuningWorker:
         self.max_running = max_running
         self.max_len = max_len
         self._recover = recover
+        self.meter = meter or UsageMeter()  # the tokens each job trains on, step by step
         self._cond = threading.Condition()
         self._woken = True  # the first pass picks up what the previous process left queued
         self._stopping = False
@@ -141,6 +144,7 @@ class TuningWorker:
                 self.share,
                 self.max_len,
                 interrupted,
+                self.meter,
             )
             thread = threading.Thread(
                 target=self._run_job, args=(run,), name=f"tuning-{job.id}", daemon=True
