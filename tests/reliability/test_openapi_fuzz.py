@@ -240,6 +240,7 @@ DOCUMENTED_STATUSES = {
     ("get", "/v1/fine_tuning/jobs/{job_id}"): {"200", "401", "404", "503"},
     ("get", "/v1/fine_tuning/jobs/{job_id}/events"): {"200", "400", "401", "404", "422", "503"},
     ("post", "/v1/fine_tuning/jobs/{job_id}/cancel"): {"200", "401", "404", "409", "503"},
+    ("get", "/v1/usage"): {"200", "400", "401", "403", "422", "429", "503"},
     ("post", "/tokenize"): {"200", "400", "401", "422", "503"},
     ("post", "/detokenize"): {"200", "400", "401", "422", "503"},
     ("get", "/tokenizer_info"): {"200", "400", "401", "503"},
