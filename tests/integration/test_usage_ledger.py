@@ -38,7 +38,9 @@ def test_replicas_add_into_the_same_rows(registry_url: str) -> None:
     engines = [open_engine(registry_url) for _ in range(2)]
     migrate(engines[0])
     meters = [UsageMeter(), UsageMeter()]
-    flushers = [UsageFlusher(m, UsageLedger(e), interval=3600) for m, e in zip(meters, engines, strict=True)]
+    flushers = [
+        UsageFlusher(m, UsageLedger(e), interval=3600) for m, e in zip(meters, engines, strict=True)
+    ]
     for index, meter in enumerate(meters):
         for _ in range(50):
             meter.add("alice", "alice/a", Counts(requests=1, completion_tokens=index + 1), NOW)
