@@ -32,7 +32,7 @@ from server.api.limits import BodyLimit
 from server.api.metrics import EngineCollector, HttpMetrics
 from server.api.openapi_bounds import state_settings_bounds
 from server.api.pins import TenantPins
-from server.api.rate_limit_headers import RateLimitHeaders
+from server.api.rate_limit_headers import RateLimitHeaders, declare_rate_limit_headers
 from server.api.rate_limits import RateLimiter
 from server.api.routes import (
     ensembles,
@@ -96,7 +96,9 @@ def create_app(
     def openapi() -> dict[str, Any]:
         """FastAPI's document (built once), with this server's limits written in."""
         if app.openapi_schema is None:
-            app.openapi_schema = state_settings_bounds(document(), settings)
+            app.openapi_schema = declare_rate_limit_headers(
+                state_settings_bounds(document(), settings)
+            )
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]

@@ -8,6 +8,7 @@ in the request's state; this middleware writes them into the response head, what
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from fastapi import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -52,3 +53,49 @@ class RateLimitHeaders:
             await send(message)
 
         await self.app(scope, receive, with_headers)
+
+
+# The headers in the OpenAPI document: in components, referred to by every response of every
+# operation that takes a key (sent only on answers to a tenant's key: none is `required`), and
+# Retry-After on every 429 (the rate limits' and the engine's, which always send it).
+_COUNT = {"type": "integer", "minimum": 0}
+_DURATION = {
+    "type": "string",
+    "pattern": r"^([0-9]+ms|([0-9]+m)?[0-9]+(\.[0-9]+)?s)$",
+    "examples": ["0s", "250ms", "6s", "1m30s"],
+}
+_RATE_LIMIT_HEADERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "x-ratelimit-limit-requests": ("the tenant's requests per minute (on this replica)", _COUNT),
+    "x-ratelimit-remaining-requests": ("requests left in the window after this one", _COUNT),
+    "x-ratelimit-reset-requests": ("time until the requests window is empty again", _DURATION),
+    "x-ratelimit-limit-tokens": ("the tenant's tokens per minute (on this replica)", _COUNT),
+    "x-ratelimit-remaining-tokens": ("tokens left after this call's reservation", _COUNT),
+    "x-ratelimit-reset-tokens": ("time until the tokens window is empty again", _DURATION),
+}
+RETRY_AFTER = {
+    "description": "whole seconds until the same call may succeed",
+    "required": True,
+    "schema": {"type": "integer", "minimum": 1},
+}
+
+
+def declare_rate_limit_headers(document: dict[str, Any]) -> dict[str, Any]:
+    """The document, its responses declaring the headers this middleware and the 429s send."""
+    components = document.setdefault("components", {}).setdefault("headers", {})
+    for name, (text, schema) in _RATE_LIMIT_HEADERS.items():
+        components[name] = {
+            "description": f"{text}; sent on every answer to a tenant's key",
+            "schema": schema,
+        }
+    components["Retry-After"] = RETRY_AFTER
+    for operations in document.get("paths", {}).values():
+        for operation in operations.values():
+            if not isinstance(operation, dict) or "security" not in operation:
+                continue
+            for status, response in operation.get("responses", {}).items():
+                headers = response.setdefault("headers", {})
+                for name in _RATE_LIMIT_HEADERS:
+                    headers[name] = {"$ref": f"#/components/headers/{name}"}
+                if status == "429":
+                    headers["Retry-After"] = {"$ref": "#/components/headers/Retry-After"}
+    return document

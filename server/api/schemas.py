@@ -65,7 +65,7 @@ _ERROR_STATUSES = {
     413: "body over the size limit",
     415: "an upload that is not multipart/form-data",
     422: "invalid fields or values; the message names them",
-    429: "overloaded: retry after Retry-After seconds",
+    429: "overloaded, or over the tenant's rate limits: retry after Retry-After seconds",
     500: "a bug in the server, never bad input",
     503: "starting, stopping, or startup failed",
 }

@@ -195,3 +195,53 @@ def test_two_replicas_on_one_database_each_enforce_their_share(
             for replica in (first, second, first, second, first, second)
         ]
         assert answered.count(200) == 4 and answered.count(429) == 2, answered
+
+
+def test_the_document_declares_the_headers_as_they_are_sent(make_client: MakeClient) -> None:
+    """/openapi.json is valid OpenAPI 3.1; every operation that takes a key declares the six
+    x-ratelimit-* headers on each response (not required: an admin's answers lack them) and a
+    required Retry-After on its 429; what a tenant really gets matches those schemas."""
+    from jsonschema import Draft202012Validator
+    from schemathesis.specs.openapi.definitions import OPENAPI_31_VALIDATOR
+
+    with make_client() as client:
+        document = client.get("/openapi.json").json()
+        OPENAPI_31_VALIDATOR.validate(document)
+        declared = document["components"]["headers"]
+        names = [f"x-ratelimit-{part}-{kind}" for kind in HEADERS
+                 for part in ("limit", "remaining", "reset")]  # fmt: skip
+        keyed = [
+            (path, method, operation)
+            for path, operations in document["paths"].items()
+            for method, operation in operations.items()
+            if "security" in operation
+        ]
+        assert len(keyed) == sum(len(ops) for ops in document["paths"].values()) - 1  # /health
+        for path, method, operation in keyed:
+            for status, response in operation["responses"].items():
+                headers = response.get("headers", {})
+                for name in names:
+                    assert headers.get(name) == {"$ref": f"#/components/headers/{name}"}, (
+                        method, path, status, name)  # fmt: skip
+                    assert not declared[name].get("required", False)
+                if status == "429":
+                    assert headers["Retry-After"] == {"$ref": "#/components/headers/Retry-After"}
+        assert declared["Retry-After"]["required"] is True
+
+        def conforms(response: Any, name: str) -> None:
+            value: Any = response.headers[name]
+            schema = declared[name]["schema"]
+            if schema["type"] == "integer":
+                assert value.isdigit(), (name, value)
+                value = int(value)
+            Draft202012Validator(schema).validate(value)
+
+        alice = create_tenant(client, "alice")
+        patch_limits(client, "alice", requests_per_minute=1)
+        allowed = client.post("/v1/generate", json=BODY, headers=alice.headers)
+        refused = client.post("/v1/generate", json=BODY, headers=alice.headers)
+        assert (allowed.status_code, refused.status_code) == (200, 429), refused.text
+        for response in (allowed, refused):
+            for name in names:
+                conforms(response, name)
+        conforms(refused, "Retry-After")
