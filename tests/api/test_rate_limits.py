@@ -245,3 +245,33 @@ def test_the_document_declares_the_headers_as_they_are_sent(make_client: MakeCli
             for name in names:
                 conforms(response, name)
         conforms(refused, "Retry-After")
+
+
+def test_a_reservation_is_settled_with_what_the_call_used(make_client: MakeClient) -> None:
+    """A stream reserving 4 + 60 tokens and cancelled after its first event gives back what it
+    did not generate when it leaves the engine: the window holds only the tokens it used."""
+    with make_client() as client:
+        alice = create_tenant(client, "alice")
+        # 70 tokens a minute: the window drains about 1.2 a second, so the 60 - cut reserved
+        # and never generated would take close to a minute to drain without the settlement.
+        patch_limits(client, "alice", tokens_per_minute=70)
+        engine = client.app.state.services.engine  # type: ignore[attr-defined]
+        generated = engine.metrics.generated_tokens
+        stream = {**BODY, "max_new_tokens": 60, "stream": True}
+        with client.stream("POST", "/v1/generate", json=stream, headers=alice.headers) as response:
+            assert response.status_code == 200
+            assert limits(response)["tokens.remaining"] == "6"  # 70 - 64 reserved
+            next(line for line in response.iter_lines() if line.startswith("data: "))
+        wait_for(lambda: engine.in_flight == 0, "the cancelled stream to leave the engine")
+        cut = engine.metrics.generated_tokens - generated
+        assert 1 <= cut < 60
+
+        def settled() -> bool:  # every request's headers show the tokens window too
+            response = client.get("/v1/prefixes", headers=alice.headers)
+            return int(limits(response)["tokens.remaining"]) >= 70 - (4 + cut)
+
+        wait_for(settled, "the reservation to be settled", timeout=10)
+        # What was given back is usable at once: a call reserving 4 + 61 - cut fits.
+        again = client.post("/v1/generate", json={**BODY, "max_new_tokens": 61 - cut},
+                            headers=alice.headers)  # fmt: skip
+        assert again.status_code == 200, again.text
