@@ -1,4 +1,5 @@
-"""The `prefix-server` command: serve, tenant (create, show, quotas, keys), upload, generate."""
+"""The `prefix-server` command: serve, tenant (create, show, quotas, keys), upload, usage,
+generate, train."""
 
 from __future__ import annotations
 
@@ -77,12 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     upload = commands.add_parser("upload", help="upload a PEFT adapter folder or native file")
     upload.add_argument("path", type=Path)
     upload.add_argument("--name", required=True)
-    upload.add_argument(
-        "--url",
-        default=os.environ.get("PREFIX_SERVER_URL", "http://127.0.0.1:8000"),
-        help="the server (default: PREFIX_SERVER_URL, else http://127.0.0.1:8000)",
-    )
-    upload.add_argument("--api-key", default=os.environ.get("PREFIX_SERVER_API_KEY"))
+    add_server_flags(upload)
     upload.add_argument(
         "--visibility",
         choices=["private", "public"],
@@ -105,6 +101,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     download.add_argument("--api-key", default=os.environ.get("PREFIX_SERVER_API_KEY"))
     download.set_defaults(run=run_download)
+    usage = commands.add_parser(
+        "usage", help="what was used, per tenant and model (GET /v1/usage): a table or CSV"
+    )
+    add_server_flags(usage)
+    usage.add_argument(
+        "--start", type=when, default=0, help="unix seconds or an ISO date/time, UTC if no zone"
+    )
+    usage.add_argument("--end", type=when, help="unix seconds or an ISO date/time (default: now)")
+    usage.add_argument("--group-by", choices=["prefix", "day", "hour"], default="prefix")
+    usage.add_argument("--tenant", help="one tenant (the admin key sees every tenant without it)")
+    usage.add_argument("--csv", action="store_true", help="CSV, as GET /v1/usage?format=csv")
+    usage.set_defaults(run=run_usage)
 
     generate = commands.add_parser("generate", help="generate offline, optionally with a prefix")
     generate.add_argument("prompt")
@@ -141,6 +149,37 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     return int(args.run(args))
+
+
+def add_server_flags(parser: argparse.ArgumentParser) -> None:
+    """--url and --api-key of a command that calls a running server."""
+    parser.add_argument(
+        "--url",
+        default=os.environ.get("PREFIX_SERVER_URL", "http://127.0.0.1:8000"),
+        help="the server (default: PREFIX_SERVER_URL, else http://127.0.0.1:8000)",
+    )
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("PREFIX_SERVER_API_KEY"),
+        help="a tenant's key, or the admin key (default: PREFIX_SERVER_API_KEY)",
+    )
+
+
+def when(text: str) -> int:
+    """Unix seconds, or an ISO 8601 date or date and time (UTC unless it names a zone)."""
+    from datetime import UTC, datetime
+
+    if text.isdigit():
+        return int(text)
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected unix seconds or an ISO date/time such as 2026-12-01T09:00, found {text!r}"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return max(0, int(moment.timestamp()))
 
 
 def quota_limits(needed: bool) -> dict[str, int]:
@@ -422,6 +461,108 @@ def run_download(args: argparse.Namespace) -> int:
     version = response.headers.get("X-Prefix-Version", "?")
     print(f"{args.ref} version {version}: adapter written to {args.out}")
     return 0
+
+
+# The table's columns: (heading, the usage object's field), failures summed into one.
+USAGE_TABLE = (
+    ("requests", "requests"),
+    ("rows", "rows"),
+    ("prompt", "prompt_tokens"),
+    ("completion", "completion_tokens"),
+    ("virtual", "virtual_tokens"),
+    ("tuning", "tuning_tokens"),
+    ("failed", "failed"),
+    ("cancelled", "cancelled"),
+)
+FAILURES = ("failed_invalid", "failed_rate_limited", "failed_overloaded", "failed_error")
+
+
+def run_usage(args: argparse.Namespace) -> int:
+    """Every page of GET /v1/usage, printed as one table (or CSV)."""
+    import httpx
+
+    if not args.api_key:
+        print("error: --api-key (or PREFIX_SERVER_API_KEY) is required", file=sys.stderr)
+        return 2
+    params: dict[str, Any] = {"start": args.start, "group_by": args.group_by, "limit": 1000}
+    if args.end is not None:
+        params["end"] = args.end
+    if args.tenant is not None:
+        params["tenant"] = args.tenant
+    rows: list[dict[str, Any]] = []
+    cursor = None
+    with httpx.Client(headers={"Authorization": f"Bearer {args.api_key}"}, timeout=60) as client:
+        while True:
+            try:
+                response = client.get(
+                    f"{args.url.rstrip('/')}/v1/usage",
+                    params={**params, **({"cursor": cursor} if cursor else {})},
+                )
+            except httpx.HTTPError as exc:
+                print(f"error: {args.url}: {exc}", file=sys.stderr)
+                return 1
+            if response.status_code != 200:
+                print(f"error: {response.status_code}: {response.text}", file=sys.stderr)
+                return 1
+            page = response.json()
+            rows += page["data"]
+            cursor = page["next"]
+            if cursor is None:
+                break
+    print(usage_csv(rows) if args.csv else usage_table(rows, args.group_by), end="")
+    return 0
+
+
+def usage_csv(rows: list[dict[str, Any]]) -> str:
+    """The columns of GET /v1/usage?format=csv, in its order; a null model empty."""
+    import csv
+    import io
+
+    from prefixes.storage.schema import USAGE_COUNTS
+
+    columns = ("start_time", "end_time", "tenant", "model", *USAGE_COUNTS)
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(columns)
+    for row in rows:
+        writer.writerow(["" if row[c] is None else row[c] for c in columns])
+    return out.getvalue()
+
+
+def usage_table(rows: list[dict[str, Any]], group_by: str) -> str:
+    """One line per row (its bucket's start in UTC unless grouped by prefix), then the total."""
+    from datetime import UTC, datetime
+
+    if not rows:
+        return "no usage in this span\n"
+    shape = {"day": "%Y-%m-%d", "hour": "%Y-%m-%d %H:00"}.get(group_by)
+    headings = (
+        *(("start (UTC)",) if shape else ()),
+        "tenant",
+        "model",
+        *(h for h, _ in USAGE_TABLE),
+    )
+    lines: list[tuple[str, ...]] = []
+    totals = dict.fromkeys((field for _, field in USAGE_TABLE), 0)
+    for row in rows:
+        row = {**row, "failed": sum(row[f] for f in FAILURES)}
+        for field in totals:
+            totals[field] += row[field]
+        start = (datetime.fromtimestamp(row["start_time"], UTC).strftime(shape),) if shape else ()
+        counts = (str(row[field]) for _, field in USAGE_TABLE)
+        lines.append((*start, row["tenant"], row["model"] or "-", *counts))
+    lines.append((*(("",) if shape else ()), "total", "", *(str(v) for v in totals.values())))
+    widths = [max(len(line[i]) for line in (headings, *lines)) for i in range(len(headings))]
+    texts = len(headings) - len(USAGE_TABLE)  # left-aligned; the counts right-aligned
+
+    def render(line: tuple[str, ...]) -> str:
+        cells = [
+            cell.ljust(width) if i < texts else cell.rjust(width)
+            for i, (cell, width) in enumerate(zip(line, widths, strict=True))
+        ]
+        return "  ".join(cells).rstrip()
+
+    return "".join(render(line) + "\n" for line in (headings, *lines))
 
 
 def run_train(args: argparse.Namespace) -> int:

@@ -165,6 +165,29 @@ class Settings(BaseSettings):
     max_file_bytes_per_tenant: int = Field(
         256 * MiB, ge=0, description="bytes of training files one tenant may keep"
     )
+    requests_per_minute: int = Field(
+        60_000,
+        ge=0,
+        description="a tenant's requests per minute, unless the admin sets its own (429 beyond)",
+    )
+    tokens_per_minute: int = Field(
+        10_000_000,
+        ge=0,
+        description="a tenant's tokens per minute (prompt + max tokens reserved at admission), "
+        "unless the admin sets its own (429 beyond)",
+    )
+    rate_limit_refresh: float = Field(
+        5.0,
+        gt=0,
+        description="seconds between reads of the tenants' own rate limits (another replica's "
+        "change reaches this one within it)",
+    )
+    usage_flush_interval: float = Field(
+        2.0,
+        gt=0,
+        description="seconds between writes of the usage counted in memory (a kill -9 loses "
+        "at most this much)",
+    )
     shutdown_grace: float = Field(10.0, ge=0, description="seconds to finish requests on SIGTERM")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="logging")
 
@@ -186,6 +209,12 @@ class Settings(BaseSettings):
                 f"found {self.max_replicas}"
             )
         return self
+
+    @property
+    def rate_limit_share(self) -> int:
+        """Replicas each enforce this share of a tenant's limits (docs/reliability.md): the
+        most replicas that may run, so together they never allow more than the limit."""
+        return self.max_replicas or self.replicas or 1
 
     @property
     def prefix_store(self) -> Path:

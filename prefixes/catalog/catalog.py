@@ -22,6 +22,7 @@ from sqlalchemy import Connection, Row
 from sqlalchemy.exc import IntegrityError
 
 from prefixes.catalog import ensembles as ensemble_rows
+from prefixes.catalog import rate_limits as rate_limit_rows
 from prefixes.catalog import tenants as tenant_rows
 from prefixes.catalog import versions
 from prefixes.catalog.names import check_name, parse_ref
@@ -32,6 +33,7 @@ from prefixes.catalog.records import (
     Page,
     PrefixInfo,
     Quotas,
+    RateLimits,
     Scope,
     Tenant,
     Usage,
@@ -125,6 +127,26 @@ class Catalog:
             own = tenant_rows.own_quotas(connection, name)
             tenant_rows.set_quotas(connection, name, dataclasses.replace(own, **changes))
             return tenant_rows.get_tenant(connection, name, self.default_quotas)
+
+    def rate_limits(self, name: str) -> RateLimits:
+        """The tenant's own rate limits (None: the server's default)."""
+        with read_transaction(self.database) as connection:
+            return rate_limit_rows.own_rate_limits(connection, name)
+
+    def update_rate_limits(self, name: str, **changes: int | None) -> RateLimits:
+        """Change the named rate limits and keep the other, in one transaction."""
+        unknown = set(changes) - {field.name for field in dataclasses.fields(RateLimits)}
+        if unknown:
+            raise TypeError(f"unknown rate limits: {sorted(unknown)}")
+        with write_transaction(self.database) as connection:
+            own = rate_limit_rows.own_rate_limits(connection, name)
+            changed = dataclasses.replace(own, **changes)
+            rate_limit_rows.set_rate_limits(connection, name, changed)
+            return changed
+
+    def rate_limit_overrides(self) -> dict[str, RateLimits]:
+        with read_transaction(self.database) as connection:
+            return rate_limit_rows.all_overrides(connection)
 
     def usage(self, name: str) -> Usage:
         with read_transaction(self.database) as connection:

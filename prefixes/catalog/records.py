@@ -70,6 +70,28 @@ class Quotas:
 
 DEFAULT_QUOTAS = Quotas(max_prefixes=1000, max_bytes=1 << 30, max_virtual_tokens=None)
 
+RATE_LIMIT_MAX = 2**63 - 1
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimits:
+    """A tenant's own rate limits: None follows the server's default. 0 refuses everything."""
+
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("requests_per_minute", "tokens_per_minute"):
+            value = getattr(self, name)
+            if value is not None and (
+                isinstance(value, bool)
+                or not isinstance(value, int)
+                or not 0 <= value <= RATE_LIMIT_MAX
+            ):
+                raise InvalidPrefix(
+                    name, f"null or an integer from 0 to {RATE_LIMIT_MAX}", repr(value)
+                )
+
 
 @dataclass(frozen=True, slots=True)
 class Tenant:

@@ -272,6 +272,40 @@ def _v6_tables() -> MetaData:
     return metadata
 
 
+_V7_TENANT_COLUMNS = ("requests_per_minute", "tokens_per_minute")
+
+
+def _v7_tables() -> MetaData:
+    """Version 7: version 6, rate-limit overrides on tenants, and usage per tenant, model and
+    hour (prefixes/usage)."""
+    metadata = _v6_tables()
+    metadata.remove(metadata.tables["tenants"])
+    Table(
+        "tenants",
+        metadata,
+        Column("name", String(64), primary_key=True),
+        Column("max_prefixes", Integer),
+        Column("max_bytes", BigInteger),
+        Column("max_virtual_tokens", Integer),
+        Column("created_at", Float, nullable=False),
+        # NULL: the server's default (--requests-per-minute, --tokens-per-minute).
+        Column("requests_per_minute", BigInteger),
+        Column("tokens_per_minute", BigInteger),
+        extend_existing=True,
+    )
+    Table(
+        "usage",
+        metadata,
+        Column("tenant", String(64), primary_key=True),
+        # What ran: a prefix or stored ensemble reference, or the base model's id.
+        Column("model", String(256), primary_key=True),
+        Column("hour", BigInteger, primary_key=True),  # Unix seconds at the hour's start, UTC
+        *(Column(name, BigInteger, nullable=False, default=0) for name in USAGE_COUNTS),
+        Index("ix_usage_hour", "hour"),
+    )
+    return metadata
+
+
 _V6_JOB_COLUMNS = ("lease_owner", "lease_expires_at")
 
 
@@ -285,6 +319,28 @@ def _v6_job_leases_and_checkpoints(connection: Connection) -> None:
     metadata.tables["tuning_checkpoints"].create(connection)
 
 
+# The counters of a usage row, in the order the API reports them (prefixes/usage/records.py).
+USAGE_COUNTS = (
+    "requests",
+    "rows",
+    "prompt_tokens",
+    "completion_tokens",
+    "virtual_tokens",
+    "tuning_tokens",
+    "failed_invalid",
+    "failed_rate_limited",
+    "failed_overloaded",
+    "failed_error",
+    "cancelled",
+)
+
+
+def _v7_create(connection: Connection) -> None:
+    for name in _V7_TENANT_COLUMNS:
+        connection.execute(text(f"ALTER TABLE tenants ADD COLUMN {name} BIGINT"))
+    _v7_tables().tables["usage"].create(connection)
+
+
 MIGRATIONS: list[Callable[[Connection], None]] = [
     _v1_create,
     _v2_create,
@@ -292,10 +348,11 @@ MIGRATIONS: list[Callable[[Connection], None]] = [
     _v4_create,
     _v5_prefix_parameters,
     _v6_job_leases_and_checkpoints,
+    _v7_create,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
-metadata = _v6_tables()
+metadata = _v7_tables()
 tenants = metadata.tables["tenants"]
 api_keys = metadata.tables["api_keys"]
 prefixes = metadata.tables["prefixes"]
@@ -305,6 +362,7 @@ tuning_events = metadata.tables["tuning_events"]
 file_deletions = metadata.tables["file_deletions"]
 ensembles = metadata.tables["ensembles"]
 tuning_checkpoints = metadata.tables["tuning_checkpoints"]
+usage = metadata.tables["usage"]
 
 _version_metadata = MetaData()
 schema_version = Table(

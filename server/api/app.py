@@ -20,11 +20,14 @@ from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from prefixes.catalog.ensembles import Ensembles
+from prefixes.catalog.records import RateLimits
 from prefixes.registry import Registry
 from prefixes.storage.checkpoint_files import CheckpointFiles
 from prefixes.tuning.checkpointing import Checkpoints
 from prefixes.tuning.records import Limits
 from prefixes.tuning.tuning import Tuning
+from prefixes.usage.flusher import UsageFlusher
+from prefixes.usage.ledger import UsageLedger
 from server.api.access_log import AccessLog
 from server.api.ensemble_metrics import EnsembleMetrics
 from server.api.errors import install_error_handlers
@@ -32,6 +35,8 @@ from server.api.limits import BodyLimit
 from server.api.metrics import EngineCollector, HttpMetrics
 from server.api.openapi_bounds import ServedModel, state_server_bounds
 from server.api.pins import TenantPins
+from server.api.rate_limit_headers import RateLimitHeaders, declare_rate_limit_headers
+from server.api.rate_limits import RateLimiter
 from server.api.routes import (
     ensembles,
     files,
@@ -43,6 +48,7 @@ from server.api.routes import (
     tenants,
     tokenizer,
     transferability,
+    usage,
 )
 from server.api.services import Services
 from server.config import Settings
@@ -84,7 +90,7 @@ def create_app(
     )
     app.state.services = state
     install_error_handlers(app)
-    routers = (health, tenants, prefixes, ensembles, generate, openai, files, fine_tuning)
+    routers = (health, tenants, prefixes, ensembles, generate, openai, files, fine_tuning, usage)
     for module in (*routers, transferability):
         app.include_router(module.router)
     app.include_router(tokenizer.router)  # vLLM's /tokenize, /detokenize, /tokenizer_info
@@ -98,6 +104,7 @@ def create_app(
         loaded = state.loaded
         served = None if loaded is None else ServedModel(loaded.model_id, loaded.spec.vocab_size)
         built = state_server_bounds(copy.deepcopy(document()), settings, served)
+        declare_rate_limit_headers(built)
         if loaded is not None:
             app.openapi_schema = built
         return built
@@ -121,6 +128,7 @@ def create_app(
 
     # On the client's own `receive`, so it can drain a refused body before answering.
     app.add_middleware(BodyLimit, limit_for=partial(body_limit, settings))
+    app.add_middleware(RateLimitHeaders)
     # Outside the body limit, so its early 413s are logged and counted too. AccessLog passes
     # `receive` through untouched, so the body limit still reads the client's own bytes.
     app.add_middleware(AccessLog, metrics=http_metrics)
@@ -180,6 +188,16 @@ def start_services(state: Services, loaded: LoadedModel | None) -> None:
             CheckpointFiles(settings.prefix_store),  # shared: any replica may resume a job
             keep=settings.checkpoints_per_job,
         )
+        state.usage_ledger = UsageLedger(state.registry.database)
+        state.usage_flusher = UsageFlusher(
+            state.usage_meter, state.usage_ledger, settings.usage_flush_interval
+        ).start()
+        state.rate_limiter = RateLimiter(
+            RateLimits(settings.requests_per_minute, settings.tokens_per_minute),
+            share=settings.rate_limit_share,
+            read_overrides=state.registry.rate_limit_overrides,
+            refresh=settings.rate_limit_refresh,
+        ).start()
         state.worker = TuningWorker(
             state.tuning,
             checkpoints,
@@ -190,6 +208,7 @@ def start_services(state: Services, loaded: LoadedModel | None) -> None:
             max_len=settings.max_len,
             lease_s=settings.job_lease,
             checkpoint_interval=settings.checkpoint_interval,
+            meter=state.usage_meter,
         ).start()
         state.ready = True
         log.info("ready: model %s, data in %s", loaded.model_id, settings.data_dir)
@@ -209,5 +228,9 @@ def stop_services(state: Services) -> None:
         if not state.engine.drain(state.settings.shutdown_grace):
             log.warning("shutdown grace period over: cancelling the requests still running")
         state.engine.stop()
+    if state.rate_limiter is not None:
+        state.rate_limiter.close()
+    if state.usage_flusher is not None:
+        state.usage_flusher.close()  # after the engine and the worker: their last counts too
     if state.registry is not None:
         state.registry.close()

@@ -11,7 +11,10 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from prefixes.errors import Unauthorized
+from prefixes.usage.records import Counts
 from server.api.errors import ApiError
+from server.api.rate_limit_headers import rate_limited, show_rate_limits
+from server.api.rate_limits import RateLimited
 from server.api.services import Ready, ready
 
 _CHALLENGE = {"WWW-Authenticate": "Bearer"}
@@ -35,12 +38,27 @@ def bearer_key(
 
 
 async def current_tenant(
-    key: Annotated[str, Depends(bearer_key)], server: Annotated[Ready, Depends(ready)]
+    request: Request,
+    key: Annotated[str, Depends(bearer_key)],
+    server: Annotated[Ready, Depends(ready)],
 ) -> str:
     try:
-        return await run_in_threadpool(server.registry.authenticate, key)
+        tenant = await run_in_threadpool(server.registry.authenticate, key)
     except Unauthorized:
         raise ApiError(401, "unauthorized", "invalid API key", headers=_CHALLENGE) from None
+    admit_request(server, request, tenant)
+    return tenant
+
+
+def admit_request(server: Ready, request: Request, tenant: str) -> None:
+    """Count the request against the tenant's requests per minute, in memory (429 beyond),
+    and show the figures in the response's headers."""
+    try:
+        snapshot = server.rate_limiter.admit_request(tenant)
+    except RateLimited as exc:
+        server.usage_meter.add(tenant, "", Counts(failed_rate_limited=1))
+        raise rate_limited(request, exc) from None
+    show_rate_limits(request, snapshot)
 
 
 def require_admin(
@@ -71,7 +89,9 @@ class Caller:
 
 
 async def admin_or_tenant(
-    key: Annotated[str, Depends(bearer_key)], server: Annotated[Ready, Depends(ready)]
+    request: Request,
+    key: Annotated[str, Depends(bearer_key)],
+    server: Annotated[Ready, Depends(ready)],
 ) -> Caller:
     admin = server.settings.admin_key
     if admin is not None and hmac.compare_digest(key.encode(), admin.get_secret_value().encode()):
@@ -80,6 +100,7 @@ async def admin_or_tenant(
         found = await run_in_threadpool(server.registry.identify, key)
     except Unauthorized:
         raise ApiError(401, "unauthorized", "invalid API key", headers=_CHALLENGE) from None
+    admit_request(server, request, found.tenant)
     return Caller(found.tenant, found.key_id)
 
 

@@ -18,12 +18,19 @@ from fastapi.responses import StreamingResponse
 
 from prefixes import CompiledPrefix
 from prefixes.catalog.ensembles import EnsembleMethod
+from prefixes.catalog.names import parse_ref
 from prefixes.catalog.records import PrefixInfo
-from prefixes.errors import InvalidName, NotFound
+from prefixes.errors import InvalidName, NotFound, PoolExhausted
+from prefixes.usage.records import Failure
 from server.api.errors import ApiError, error_body, to_api_error
+from server.api.rate_limit_headers import rate_limited, show_rate_limits
+from server.api.rate_limits import RateLimited, TooLarge
 from server.api.schemas import SamplingFields
 from server.api.services import Ready
+from server.api.usage import CallUsage
 from server.api.voting import Candidate, mean_logprob, tally, voted_result
+from server.engine.engine import EngineStopped
+from server.engine.gate import Overloaded
 from server.engine.grammar import Grammar
 from server.engine.request import SamplingParams
 from server.engine.stream import Chunk, RequestFailed, RequestStream, Result
@@ -88,7 +95,8 @@ async def respond(
         )
     if job.ensemble is not None:
         check_queue_room(server, len(job.prompts), len(job.ensemble.members), "prompt")
-    started = await start_all(server, tenant, job)
+    usage = admit_tokens(server, tenant, job, http_request)
+    started = await start_all(server, tenant, job, usage)
     if job.ensemble is not None:
         server.ensemble_metrics.started(
             job.ensemble.method, len(job.ensemble.members), len(job.prompts)
@@ -355,7 +363,9 @@ async def pin_members(
     return pinned
 
 
-async def start(server: Ready, tenant: str, prompt: list[int], job: Job) -> list[RequestStream]:
+async def start(
+    server: Ready, tenant: str, prompt: list[int], job: Job, usage: CallUsage
+) -> list[RequestStream]:
     """Queue the prompt's request (or its ensemble's rows, admitted together); the engine
     releases the pins. A vote gives one stream per member, anything else one stream.
 
@@ -369,6 +379,7 @@ async def start(server: Ready, tenant: str, prompt: list[int], job: Job) -> list
             lockstep=job.ensemble.method is EnsembleMethod.MEAN,
             tenant=tenant,
             stream_text=job.stream,
+            on_finish=usage.on_finish,
         )
     member: tuple[CompiledPrefix | None, Release | None] = (None, None)
     if job.prefix is not None:  # "" is a reference too (an invalid one), not the base model
@@ -380,21 +391,80 @@ async def start(server: Ready, tenant: str, prompt: list[int], job: Job) -> list
         tenant=tenant,
         stream_text=job.stream,
         choices=job.choices,
+        on_finish=usage.on_finish,
     )
 
 
-async def start_all(server: Ready, tenant: str, job: Job) -> list[list[RequestStream]]:
-    """Each prompt's streams, all or none: if one is refused, those started are cancelled."""
+async def start_all(
+    server: Ready, tenant: str, job: Job, usage: CallUsage
+) -> list[list[RequestStream]]:
+    """Each prompt's streams, all or none: if one is refused, those started are cancelled
+    (and counted as such when they leave the engine)."""
     started: list[list[RequestStream]] = []
     try:
         for prompt in job.prompts:
-            started.append(await start(server, tenant, prompt, job))
-    except BaseException:
+            started.append(await start(server, tenant, prompt, job, usage))
+    except BaseException as exc:
         for streams in started:
             for stream in streams:
                 stream.cancel()
+        usage.refused(failure_of(exc))
+        usage.started(len(started) * rows_per_prompt(job))
         raise
+    usage.started(len(started) * rows_per_prompt(job))
     return started
+
+
+# Usage and rate limits -----------------------------------------------------------------------
+
+
+def rows_per_prompt(job: Job) -> int:
+    return len(job.ensemble.members) if job.ensemble is not None else job.choices
+
+
+def usage_models(server: Ready, tenant: str, job: Job) -> tuple[str, ...]:
+    """What the call's rows count under: the stored ensemble, each member of an unnamed one,
+    the prefix, or the base model; references as `owner/name`."""
+    if job.ensemble is not None and job.ensemble.stored is not None:
+        return (job.ensemble.stored,)
+    refs = job.ensemble.members if job.ensemble is not None else (job.prefix,)
+    if refs == (None,):
+        return (server.loaded.model_id,)
+    return tuple("/".join(parse_ref(ref, tenant)) for ref in refs if ref is not None)
+
+
+def admit_tokens(server: Ready, tenant: str, job: Job, http_request: Request) -> CallUsage:
+    """Reserve the call's tokens (its prompts, and max tokens for every row), or refuse it
+    with 429 before anything is queued; the reservation is settled when its rows have left."""
+    try:
+        models = usage_models(server, tenant, job)
+    except InvalidName:
+        models = ("",)  # never counted: the prefix lookup refuses the call
+    rows = len(job.prompts) * rows_per_prompt(job)
+    reserved = sum(map(len, job.prompts)) + job.sampling.max_new_tokens * rows
+    usage = CallUsage(server.usage_meter, server.rate_limiter, tenant, models, reserved)
+    try:
+        snapshot = server.rate_limiter.reserve_tokens(tenant, reserved)
+    except RateLimited as exc:
+        usage.refused(Failure.RATE_LIMITED)
+        raise rate_limited(http_request, exc) from None
+    except TooLarge as exc:
+        usage.refused(Failure.INVALID)
+        raise ApiError(400, "invalid_request", f"max_tokens: {exc}", field="max_tokens") from None
+    show_rate_limits(http_request, snapshot)
+    return usage
+
+
+def failure_of(exc: BaseException) -> Failure:
+    if isinstance(exc, Overloaded | PoolExhausted) or (
+        isinstance(exc, ApiError) and exc.status == 429
+    ):
+        return Failure.OVERLOADED
+    if isinstance(exc, EngineStopped):
+        return Failure.ERROR
+    if isinstance(exc, asyncio.CancelledError):
+        return Failure.CANCELLED
+    return Failure.INVALID
 
 
 async def collect_votes(

@@ -14,7 +14,7 @@ from pydantic import (
     model_validator,
 )
 
-from prefixes.catalog.records import QUOTA_LIMITS
+from prefixes.catalog.records import QUOTA_LIMITS, RATE_LIMIT_MAX
 from server.engine.request import MAX_LOGPROBS
 
 # Bounds every request field states, so no value can overflow a tensor or a loop later on.
@@ -78,7 +78,7 @@ _ERROR_STATUSES = {
     413: "body over the size limit",
     415: "an upload that is not multipart/form-data",
     422: "invalid fields or values; the message names them",
-    429: "overloaded: retry after Retry-After seconds",
+    429: "overloaded, or over the tenant's rate limits: retry after Retry-After seconds",
     500: "a bug in the server, never bad input",
     503: "starting, stopping, or startup failed",
 }
@@ -380,19 +380,58 @@ class TenantUsage(BaseModel):
     bytes: int
 
 
+class TenantRateLimits(BaseModel):
+    """Effective limits per minute (the tenant's own, else the server's defaults), whole:
+    with replicas each enforces its share (docs/reliability.md)."""
+
+    requests_per_minute: int
+    tokens_per_minute: int
+
+
 class TenantInfo(BaseModel):
     tenant: str
     created_at: str
     quotas: TenantQuotas
+    rate_limits: TenantRateLimits
     usage: TenantUsage
 
 
 # A quota sent in a PATCH: a JSON integer (not a string, float or boolean) within the column.
 _MaxPrefixes = Annotated[int, Field(strict=True, ge=0, le=QUOTA_LIMITS["max_prefixes"]), WHOLE]
 _MaxBytes = Annotated[int, Field(strict=True, ge=0, le=QUOTA_LIMITS["max_bytes"]), WHOLE]
+_PerMinute = Annotated[int, Field(strict=True, ge=0, le=RATE_LIMIT_MAX), WHOLE]
 _MaxVirtualTokens = Annotated[
     int, Field(strict=True, ge=0, le=QUOTA_LIMITS["max_virtual_tokens"]), WHOLE
 ]
+
+
+class UsageLine(BaseModel):
+    """What one tenant used of one model in one bucket (docs/api.md, "Usage")."""
+
+    start_time: int
+    end_time: int
+    tenant: str
+    model: str | None  # a prefix or stored ensemble, the base model's id; null: refused unread
+    requests: int
+    rows: int
+    prompt_tokens: int
+    completion_tokens: int
+    virtual_tokens: int
+    tuning_tokens: int
+    failed_invalid: int
+    failed_rate_limited: int
+    failed_overloaded: int
+    failed_error: int
+    cancelled: int
+
+
+class UsageReport(BaseModel):
+    object: Literal["list"] = "list"
+    group_by: Literal["prefix", "day", "hour"]
+    start_time: int
+    end_time: int
+    data: list[UsageLine]
+    next: str | None
 
 
 class QuotaUpdate(Strict):
@@ -401,6 +440,8 @@ class QuotaUpdate(Strict):
     max_prefixes: _MaxPrefixes | None = None
     max_bytes: _MaxBytes | None = None
     max_virtual_tokens: _MaxVirtualTokens | None = None
+    requests_per_minute: _PerMinute | None = None
+    tokens_per_minute: _PerMinute | None = None
 
 
 # Fine-tuning: OpenAI's shapes (docs/fine-tuning.md), so the official client works unchanged.

@@ -9,9 +9,13 @@ from fastapi import Request
 from prefixes.catalog.ensembles import Ensembles
 from prefixes.registry import Registry
 from prefixes.tuning.tuning import Tuning
+from prefixes.usage.flusher import UsageFlusher
+from prefixes.usage.ledger import UsageLedger
+from prefixes.usage.meter import UsageMeter
 from server.api.ensemble_metrics import EnsembleMetrics
 from server.api.errors import ApiError
 from server.api.pins import TenantPins
+from server.api.rate_limits import RateLimiter
 from server.config import Settings
 from server.engine.engine import Engine
 from server.models import LoadedModel
@@ -28,6 +32,10 @@ class Services:
     tuning: Tuning | None = None
     worker: TuningWorker | None = None
     ensembles: Ensembles | None = None
+    usage_meter: UsageMeter = field(default_factory=UsageMeter)
+    usage_ledger: UsageLedger | None = None
+    usage_flusher: UsageFlusher | None = None
+    rate_limiter: RateLimiter | None = None
     # Registered with the app's /metrics registry when the app is made (create_app).
     ensemble_metrics: EnsembleMetrics = field(default_factory=EnsembleMetrics)
     startup_error: str | None = None
@@ -51,6 +59,9 @@ class Ready:
     worker: TuningWorker
     ensembles: Ensembles
     ensemble_metrics: EnsembleMetrics
+    usage_meter: UsageMeter
+    usage_ledger: UsageLedger
+    rate_limiter: RateLimiter
 
 
 def services(request: Request) -> Services:
@@ -70,6 +81,8 @@ def ready(request: Request) -> Ready:
         and state.tuning
         and state.worker
         and state.ensembles
+        and state.usage_ledger
+        and state.rate_limiter
     ):
         message = state.startup_error or "the server is starting: the model is loading"
         raise ApiError(503, "unavailable", message, headers={"Retry-After": "5"})
@@ -83,4 +96,7 @@ def ready(request: Request) -> Ready:
         state.worker,
         state.ensembles,
         state.ensemble_metrics,
+        state.usage_meter,
+        state.usage_ledger,
+        state.rate_limiter,
     )

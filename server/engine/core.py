@@ -343,3 +343,9 @@ class EngineCore:
                 release()
             except Exception:  # the caller's callback: never the engine thread's end
                 log.exception("releasing %s failed", request.request_id)
+        if request.on_finish is not None:
+            on_finish, request.on_finish = request.on_finish, None
+            try:
+                on_finish(request)
+            except Exception:  # the caller's callback: never the engine thread's end
+                log.exception("counting %s failed", request.request_id)

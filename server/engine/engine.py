@@ -141,6 +141,7 @@ class Engine:
         tenant: str = "default",
         stream_text: bool = True,
         choices: int = 1,
+        on_finish: Callable[[Request], None] | None = None,
     ) -> list[RequestStream]:
         """Queue one prompt under each member's prefix, the rows admitted together (a prompt
         ensemble; one member is a plain request). Lockstep: the rows decode as one (see
@@ -151,6 +152,8 @@ class Engine:
         `choices` > 1 (one member only): that many rows of the one prompt, prefilled once
         (RequestGroup.shares_prompt), each with its own stream; with a seed, choice i samples
         with seed + i. The member's release is called when the last of them leaves.
+
+        `on_finish` is called with each row as it leaves the engine (not when this raises).
         """
         requests: list[Request] = []
         entered: list[Request] = []
@@ -167,6 +170,7 @@ class Engine:
                         prefix,
                         tenant=tenant,
                         release=release,
+                        on_finish=on_finish,
                         stream_text=stream_text,
                         vote_logprobs=len(members) > 1 and not lockstep and choices == 1,
                     )

@@ -174,6 +174,9 @@ class Request:
     tenant: str = "default"
     # Called once when the request leaves the engine: releases the pinned prefix version.
     release: Callable[[], None] | None = field(default=None, repr=False)
+    # Called once with the request when it leaves the engine, its outcome and output final:
+    # where its usage is counted (server/api/usage.py).
+    on_finish: Callable[[Request], None] | None = field(default=None, repr=False)
     # Decode text every step (streaming) rather than once at the end.
     stream_text: bool = False
     # Record the log-probability the model gave each chosen token (at temperature 1, before any

@@ -26,6 +26,8 @@ from prefixes.registry import Registry
 from prefixes.tuning.checkpointing import Checkpoints
 from prefixes.tuning.records import JobError, JobInfo
 from prefixes.tuning.tuning import Tuning
+from prefixes.usage.meter import UsageMeter
+from prefixes.usage.records import Counts
 from server.device_share import DeviceShare
 from server.models import LoadedModel
 from server.train import Example, PrefixTrainer
@@ -82,6 +84,7 @@ class JobRun:
     share: DeviceShare
     max_len: int
     interrupted: threading.Event
+    meter: UsageMeter  # the tokens it trains on, step by step
     runner: str  # the lease it trains under: whatever it writes counts only while it holds it
     checkpoint_interval: float  # seconds (0: after every step)
     _done: Progress = field(default=START, init=False)  # the last step completed
@@ -176,7 +179,10 @@ class JobRun:
             # While the engine is idle, one turn for the whole batch: the same gradient, with
             # fewer, larger forwards; while it serves, one example a turn keeps turns short.
             loss = trainer.step(batch, self._turn, whole_batch=not self.share.serving())
-            trained_tokens += sum(len(example.input_ids) for example in batch)
+            step_tokens = sum(len(example.input_ids) for example in batch)
+            trained_tokens += step_tokens
+            # Counted as it trains: a job cancelled or failed midway counts what it trained.
+            self.meter.add(self.job.owner, self.job.spec.model, Counts(tuning_tokens=step_tokens))
             metrics: dict[str, float | int] = {
                 "step": step, "total_steps": steps, "epoch": epoch, "train_loss": loss,
             }  # fmt: skip

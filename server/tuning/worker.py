@@ -26,6 +26,7 @@ from prefixes.registry import Registry
 from prefixes.tuning.checkpointing import Checkpoints
 from prefixes.tuning.records import JobError, JobInfo, JobStatus
 from prefixes.tuning.tuning import Tuning
+from prefixes.usage.meter import UsageMeter
 from server.device_share import DeviceShare
 from server.models import LoadedModel
 from server.tuning.errors import TuningError
@@ -47,6 +48,7 @@ class TuningWorker:
         max_len: int,
         lease_s: float,
         checkpoint_interval: float,
+        meter: UsageMeter | None = None,
     ) -> None:
         self.tuning = tuning
         self.checkpoints = checkpoints
@@ -58,6 +60,7 @@ class TuningWorker:
         self.lease_s = lease_s
         self.checkpoint_interval = checkpoint_interval
         self.runner = runner_id()
+        self.meter = meter or UsageMeter()  # the tokens each job trains on, step by step
         self._cond = threading.Condition()
         self._woken = True  # the first pass picks up what the previous process left
         self._stopping = False
@@ -191,6 +194,7 @@ class TuningWorker:
                 self.share,
                 self.max_len,
                 interrupted,
+                self.meter,
                 runner=self.runner,
                 checkpoint_interval=self.checkpoint_interval,
             )

@@ -316,7 +316,7 @@ def test_the_admin_and_the_tenant_read_its_quotas_and_usage(
         shown = client.get(f"/v1/tenants/{tenant.name}", headers=headers)
         assert shown.status_code == 200, shown.text
         body = shown.json()
-        assert set(body) == {"tenant", "created_at", "quotas", "usage"}
+        assert set(body) == {"tenant", "created_at", "quotas", "rate_limits", "usage"}
         assert body["tenant"] == tenant.name
         assert body["usage"] == {"prefixes": 1, "bytes": uploaded[0]["bytes"]}
 

@@ -275,6 +275,7 @@ DOCUMENTED_STATUSES = {
     },
     ("post", "/v1/fine_tuning/jobs/{job_id}/cancel"): {"200", "401", "404", "409", "503"},
     ("post", "/v1/fine_tuning/transferability"): GENERATION,  # scores rows on the engine
+    ("get", "/v1/usage"): {"200", "400", "401", "403", "422", "429", "503"},
     ("post", "/tokenize"): {"200", "400", "401", "422", "503"},
     ("post", "/detokenize"): {"200", "400", "401", "422", "503"},
     ("get", "/tokenizer_info"): {"200", "400", "401", "503"},

@@ -3,14 +3,17 @@ the admin or the tenant itself lists, issues and revokes its keys (docs/api.md).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Response
 from fastapi.concurrency import run_in_threadpool
 
+from prefixes.catalog.records import RateLimits
 from prefixes.registry import Registry
 from server.api.auth import AdminOrTenant, Server, require_admin
 from server.api.query import reject_unknown_query
+from server.api.rate_limits import first_set
 from server.api.schemas import (
     ERROR_RESPONSES,
     KeyIssued,
@@ -21,6 +24,7 @@ from server.api.schemas import (
     TenantCreated,
     TenantInfo,
     TenantQuotas,
+    TenantRateLimits,
     TenantUsage,
 )
 
@@ -39,10 +43,11 @@ async def create_tenant(
 TENANT_MAX_ACTIVE_KEYS = 10
 
 
-def tenant_info(registry: Registry, name: str) -> TenantInfo:
+def tenant_info(registry: Registry, defaults: RateLimits, name: str) -> TenantInfo:
     tenant = registry.get_tenant(name)
     used = registry.usage(name)
     quotas = tenant.quotas
+    own = registry.rate_limits(name)
     return TenantInfo(
         tenant=tenant.name,
         created_at=tenant.created_at.isoformat(),
@@ -51,6 +56,10 @@ def tenant_info(registry: Registry, name: str) -> TenantInfo:
             max_bytes=quotas.max_bytes,
             max_virtual_tokens=quotas.max_virtual_tokens,
         ),
+        rate_limits=TenantRateLimits(
+            requests_per_minute=first_set(own.requests_per_minute, defaults.requests_per_minute),
+            tokens_per_minute=first_set(own.tokens_per_minute, defaults.tokens_per_minute),
+        ),
         usage=TenantUsage(prefixes=used.prefixes, bytes=used.bytes),
     )
 
@@ -58,19 +67,31 @@ def tenant_info(registry: Registry, name: str) -> TenantInfo:
 @router.get("/v1/tenants/{name}", response_model=TenantInfo)
 async def get_tenant(name: str, server: Server, caller: AdminOrTenant) -> TenantInfo:
     caller.require_access(name)
-    return await run_in_threadpool(tenant_info, server.registry, name)
+    defaults = server.rate_limiter.defaults
+    return await run_in_threadpool(tenant_info, server.registry, defaults, name)
+
+
+RATE_LIMIT_FIELDS = {field.name for field in dataclasses.fields(RateLimits)}
 
 
 @router.patch("/v1/tenants/{name}", response_model=TenantInfo)
-async def update_quotas(
+async def update_tenant(
     name: str,
     body: QuotaUpdate,
     server: Server,
     _: Annotated[None, Depends(require_admin)],
 ) -> TenantInfo:
+    """Quotas and rate limits; the new rate limits hold on this replica from the tenant's
+    next request (on the others within --rate-limit-refresh seconds)."""
     changes = body.model_dump(exclude_unset=True)
-    await run_in_threadpool(server.registry.update_quotas, name, **changes)
-    return await run_in_threadpool(tenant_info, server.registry, name)
+    limits = {k: v for k, v in changes.items() if k in RATE_LIMIT_FIELDS}
+    quotas = {k: v for k, v in changes.items() if k not in RATE_LIMIT_FIELDS}
+    await run_in_threadpool(server.registry.update_quotas, name, **quotas)
+    if limits:
+        own = await run_in_threadpool(server.registry.update_rate_limits, name, **limits)
+        server.rate_limiter.override(name, own)
+    defaults = server.rate_limiter.defaults
+    return await run_in_threadpool(tenant_info, server.registry, defaults, name)
 
 
 @router.get("/v1/tenants/{name}/keys", response_model=KeyList)
