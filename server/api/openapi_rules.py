@@ -81,6 +81,10 @@ RULES: dict[tuple[str, str], dict[str, str]] = {
     ("get", "/v1/fine_tuning/jobs/{job_id}/checkpoints"): {
         "after": "a checkpoint id from this job's listing",
     },
+    ("get", "/v1/usage"): {
+        "end": "not before `start`",
+        "cursor": "the `next` of the previous page",
+    },
     ("post", "/tokenize"): {
         "body": "exactly one of `prompt` and `messages`; `add_generation_prompt` only with "
         "messages",
