@@ -104,6 +104,9 @@ class RateLimiter:
         self._read_overrides = read_overrides
         self._refresh = refresh
         self._lock = threading.Lock()  # the event loop admits; the engine thread settles
+        # seconds, monotonic; windows started before a replacement drain from the real clock,
+        # so a replacement may only run ahead of it (tests move it on instead of waiting)
+        self.clock: Callable[[], float] = time.monotonic
         self._tenants: dict[str, _Tenant] = {}
         self._overrides: dict[str, RateLimits] = {}
         self._stop = threading.Event()
@@ -187,7 +190,7 @@ class RateLimiter:
         return requests // self.share, tokens // self.share
 
     def _state(self, tenant: str) -> tuple[_Tenant, tuple[int, int]]:
-        now = time.monotonic()
+        now = self.clock()
         limits = self._limits(tenant)
         state = self._tenants.get(tenant)
         if state is None:
