@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.decode_step import load_named
 from bench.load import percentile
 from bench.report import command, machine, write_section
-from examples.personal_prefix import PAIRS, QUESTION, prompt
+from examples.personal_prefix import PAIRS_FILE, QUESTION, prompt
 from server.api.app import create_app
 from server.config import Settings
 
@@ -65,8 +65,7 @@ class LiveApp:
 
 
 def training_file() -> bytes:
-    records = [{"prompt": prompt(q), "completion": " " + a} for q, a in PAIRS]
-    return "\n".join(json.dumps(r) for r in records).encode()
+    return PAIRS_FILE.read_bytes()  # {"prompt", "completion"} a line
 
 
 def wait(client: openai.OpenAI, job_id: str, statuses: set[str]) -> Any:
