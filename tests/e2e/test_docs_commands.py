@@ -323,9 +323,13 @@ def transferability(reader: Reader, output: str) -> None:
     base, *ranked, job = output.splitlines()
     assert base.startswith("base model "), output
     best, loss = ranked[0].split()
-    assert best == "alice/pirate-voice", output  # trained on this file by the block before
+    # every prefix alice has by then was trained on the pirate pairs (README, fine-tuning.md)
+    assert best in PIRATE_TRAINED, output
     assert float(loss) < float(base.split()[-1]), output
-    assert job == "alice/pirate-voice -> alice/pirate-transferred", output
+    assert job == f"{best} -> alice/pirate-transferred", output
+
+
+PIRATE_TRAINED = {"alice/my-prefix", "alice/pirate-ft", "alice/pirate-ft2", "alice/pirate-voice"}
 
 
 def structured_outputs(reader: Reader, output: str) -> None:
