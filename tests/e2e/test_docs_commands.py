@@ -320,7 +320,7 @@ def fine_tuning_doc(reader: Reader, output: str) -> None:
 
 
 def transferability(reader: Reader, output: str) -> None:
-    base, *ranked, job = output.splitlines()
+    base, *ranked, job = [line for line in output.splitlines() if line]
     assert base.startswith("base model "), output
     best, loss = ranked[0].split()
     # every prefix alice has by then was trained on the pirate pairs (README, fine-tuning.md)
