@@ -1,0 +1,210 @@
+"""The web console (/console) in a real browser: Debian's Chromium, headless, driven by
+Playwright against a real `prefix-server serve` process on the tiny llama.
+
+Every test shares one server and one browser page and watches it throughout: a dialog (an
+injected script that ran), a console error (a Content-Security-Policy violation shows up there)
+and every request's URL are collected and checked. Screenshots of each page go to the test's
+temporary folder; with UPDATE_CONSOLE_IMAGES=1 the playground's also to docs/images/.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+from playwright.sync_api import Page, expect, sync_playwright
+
+from tests.reliability.common import ADMIN, Live, bearer, build_world, live_server
+
+CHROMIUM = Path("/usr/bin/chromium")
+HOSTILE = "<img src=x onerror=alert(1)>"
+IMAGES = Path(__file__).resolve().parents[2] / "docs" / "images"
+
+
+@dataclass
+class Console:
+    live: Live
+    page: Page
+    shots: Path
+    dialogs: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    urls: list[str] = field(default_factory=list)
+
+    @property
+    def key(self) -> str:
+        return self.live.keys["alice"]
+
+    def shot(self, name: str) -> Path:
+        path = self.shots / f"{name}.png"
+        self.page.screenshot(path=str(path), full_page=True)
+        return path
+
+
+def upload(live: Live, tenant: str, name: str, folder: Path, **fields: str) -> None:
+    files = [("files", (p.name, p.read_bytes())) for p in folder.iterdir() if p.suffix != ".md"]
+    response = httpx.post(
+        f"{live.url}/v1/prefixes",
+        data={"name": name, **fields},
+        files=files,
+        headers=bearer(live.keys[tenant]),
+        timeout=60,
+    )
+    assert response.status_code == 201, response.text
+
+
+@pytest.fixture(scope="module")
+def console(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Console]:
+    if not CHROMIUM.is_file():  # CI installs it (.ci/run): a missing browser fails, never skips
+        pytest.fail(f"{CHROMIUM} not found: apt-get install chromium", pytrace=False)
+    root = tmp_path_factory.mktemp("console")
+    world = build_world(root)
+    with live_server(world, root / "server.log") as live:
+        # alice: `pirate` (private) and a public one with a hostile description; bob: `poet`
+        # (private, never shown to alice) and `bard` (public, shown to alice without delete).
+        upload(live, "alice", "shanty", world.adapters["poet"], visibility="public",
+               description=HOSTILE)  # fmt: skip
+        upload(live, "bob", "bard", world.adapters["poet"], visibility="public")
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(
+                executable_path=str(CHROMIUM), args=["--no-sandbox"]
+            )
+            page = browser.new_page(viewport={"width": 1280, "height": 800}, accept_downloads=True)
+            shots = root / "screenshots"
+            shots.mkdir()
+            state = Console(live, page, shots)
+
+            def dialog(d):  # type: ignore[no-untyped-def]
+                state.dialogs.append(d.message)
+                d.dismiss()
+
+            page.on("dialog", dialog)
+            page.on("console", lambda m: m.type == "error" and state.errors.append(m.text))
+            page.on("pageerror", lambda e: state.errors.append(str(e)))
+            page.on("request", lambda r: state.urls.append(r.url))
+            yield state
+            browser.close()
+
+
+def test_console_files_carry_a_strict_policy(console: Console) -> None:
+    url = console.live.url
+    assert httpx.get(f"{url}/console").headers["location"].endswith("/console/")
+    for path in ("/console/", "/console/app.js", "/console/console.css"):
+        response = httpx.get(f"{url}{path}")
+        assert response.status_code == 200, path
+        policy = response.headers["content-security-policy"]
+        assert "default-src 'self'" in policy and "script-src 'self'" in policy
+        assert "unsafe-inline" not in policy
+        assert response.headers["x-content-type-options"] == "nosniff"
+    assert httpx.get(f"{url}/console/app.js").headers["content-type"].startswith("text/javascript")
+    for path in ("/console/missing.js", "/console/..%2Fapi%2Fapp.py", "/console/__init__.py"):
+        assert httpx.get(f"{url}{path}").status_code == 404, path
+    html = httpx.get(f"{url}/console/").text
+    assert "<script>" not in html and "style=" not in html  # nothing inline for the policy to allow
+
+
+def test_a_wrong_key_is_refused(console: Console) -> None:
+    page = console.page
+    page.goto(f"{console.live.url}/console")
+    page.fill("#api-key", "not-a-key")
+    page.click("#sign-in-form button")
+    expect(page.locator("#sign-in-error")).to_have_text("That key was refused.")
+    assert page.evaluate("sessionStorage.length") == 0
+
+
+def test_sign_in_lists_own_and_public_prefixes(console: Console) -> None:
+    page = console.page
+    page.fill("#api-key", console.key)
+    page.click("#sign-in-form button")
+    rows = page.locator("#prefix-table tbody tr")
+    expect(rows).to_have_count(3)
+    ids = sorted(rows.evaluate_all("rows => rows.map(r => r.dataset.prefix)"))
+    assert ids == ["alice/pirate", "alice/shanty", "bob/bard"]  # never bob's private poet
+    pirate = page.locator('tr[data-prefix="alice/pirate"] td')
+    assert pirate.all_inner_texts()[2:7] == ["prefix_tuning", "6", pirate.nth(4).inner_text(),
+                                             "1", "private"]  # fmt: skip
+    # The hostile description is text: no image element, no dialog.
+    shanty = page.locator('tr[data-prefix="alice/shanty"] td.description')
+    expect(shanty).to_have_text(HOSTILE)
+    assert page.locator("#page img").count() == 0
+    # Another tenant's public prefix can be exported, not deleted.
+    expect(page.locator('tr[data-prefix="bob/bard"] button.danger')).to_have_count(0)
+    assert page.evaluate("Object.keys(sessionStorage)") == ["prefix-server.api-key"]
+    assert page.context.cookies() == []
+    console.shot("prefixes")
+
+
+def test_export_saves_the_zip(console: Console) -> None:
+    page = console.page
+    with page.expect_download() as download:
+        page.click('tr[data-prefix="alice/pirate"] button:has-text("Export")')
+    assert download.value.suggested_filename == "pirate-v1.zip"
+    with zipfile.ZipFile(io.BytesIO(Path(download.value.path()).read_bytes())) as archive:
+        assert sorted(archive.namelist()) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_delete_takes_two_clicks(console: Console) -> None:
+    page = console.page
+    button = page.locator('tr[data-prefix="alice/shanty"] button.danger')
+    button.click()
+    expect(button).to_have_text("Confirm delete")
+    button.click()
+    expect(page.locator('tr[data-prefix="alice/shanty"]')).to_have_count(0)
+    response = httpx.get(
+        f"{console.live.url}/v1/prefixes/alice/shanty", headers=bearer(console.key)
+    )
+    assert response.status_code == 404
+
+
+def test_playground_streams_a_prefix_beside_the_base_model(console: Console) -> None:
+    page = console.page
+    page.click('nav a[data-page="playground"]')
+    page.fill("#pg-prompt", "w3 w14 w15 w92")
+    page.fill("#pg-max-tokens", "8")
+    page.check('#pg-prefixes input[value="alice/pirate"]')
+    page.click("#pg-run")
+    columns = page.locator("#pg-columns .column")
+    expect(columns).to_have_count(2)
+    for i in range(2):
+        expect(columns.nth(i)).to_have_attribute("data-done", "1")
+    models = columns.evaluate_all("cs => cs.map(c => c.dataset.model)")
+    assert models[1] == "alice/pirate"
+    for i, model in enumerate(models):
+        column = columns.nth(i)
+        expected = httpx.post(
+            f"{console.live.url}/v1/completions",
+            json={"model": model, "prompt": "w3 w14 w15 w92", "max_tokens": 8, "temperature": 0},
+            headers=bearer(console.key),
+            timeout=60,
+        ).json()["choices"][0]["text"]
+        assert column.locator(".output").inner_text() == expected, model
+        assert int(column.get_attribute("data-chunks") or 0) >= 8  # streamed, token by token
+        title = column.locator(".token").first.get_attribute("title") or ""
+        assert title.startswith("logprob -") and "top:" in title
+    assert {page.locator("#pg-columns .column .state").nth(i).inner_text() for i in range(2)} == {
+        "finished: length"
+    }
+    path = console.shot("playground")
+    if os.environ.get("UPDATE_CONSOLE_IMAGES"):
+        IMAGES.mkdir(exist_ok=True)
+        shutil.copy(path, IMAGES / "console-playground.png")
+
+
+def test_nothing_leaked_and_no_script_ran(console: Console) -> None:
+    """Runs last: over everything the earlier tests did in the browser."""
+    assert console.dialogs == []
+    # The one error is the wrong key's 401; a CSP violation or a script error would show here.
+    assert all("status of 401" in e for e in console.errors), console.errors
+    assert console.urls, "no request seen"
+    assert not [u for u in console.urls if console.key in u or ADMIN in u]
+    console.page.click("#sign-out")
+    assert console.page.evaluate("sessionStorage.length") == 0
+    log = console.live.server.log.read_text()
+    assert '"route": "/v1/completions"' in log  # the log is the server's access log
+    assert console.key not in log
