@@ -1,12 +1,14 @@
 // Sign-in and the page router (#prefixes, #playground, #fine-tuning).
 import { ApiError, call, key } from "./api.js";
 import { clear } from "./dom.js";
+import { showFineTuning } from "./fine-tuning.js";
 import { showPlayground } from "./playground.js";
 import { showPrefixes } from "./prefixes.js";
 
 const PAGES = {
   prefixes: showPrefixes,
   playground: showPlayground,
+  "fine-tuning": showFineTuning,
 };
 
 const $ = (id) => document.getElementById(id);

@@ -10,6 +10,7 @@ temporary folder; with UPDATE_CONSOLE_IMAGES=1 the playground's also to docs/ima
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import zipfile
@@ -192,15 +193,84 @@ def test_playground_streams_a_prefix_beside_the_base_model(console: Console) -> 
     }
     path = console.shot("playground")
     if os.environ.get("UPDATE_CONSOLE_IMAGES"):
-        IMAGES.mkdir(exist_ok=True)
         shutil.copy(path, IMAGES / "console-playground.png")
+
+
+EXAMPLES = [{"prompt": f"w{i} w{i + 1}", "completion": f" w{i + 40} w{i + 41}"} for i in range(12)]
+
+
+def jsonl(lines: list[object]) -> bytes:
+    return "".join(json.dumps(line) + "\n" for line in lines).encode()
+
+
+def points(page: Page) -> int:
+    found = page.locator("#ft-detail svg.chart").get_attribute("data-points", timeout=10_000)
+    return int(found or 0)
+
+
+def start_job(page: Page, epochs: int, suffix: str) -> None:
+    page.fill("#ft-tokens", "4")
+    page.fill("#ft-epochs", str(epochs))
+    page.fill("#ft-batch", "1")
+    page.fill("#ft-suffix", suffix)
+    page.click("#ft-start button[type=submit]")
+
+
+def test_fine_tuning_uploads_trains_charts_and_cancels(console: Console, tmp_path: Path) -> None:
+    page = console.page
+    page.click('nav a[data-page="fine-tuning"]')
+    # A bad line: the API's own message, naming the line, as text.
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(jsonl([EXAMPLES[0], {"prompt": "w1", "completion": HOSTILE, "weight": 1}]))
+    page.set_input_files("#ft-file", str(bad))
+    page.click("#ft-upload button[type=submit]")
+    expect(page.locator("#ft-file-error")).to_contain_text("line 2")
+    good = tmp_path / "train.jsonl"
+    good.write_bytes(jsonl(EXAMPLES))
+    page.set_input_files("#ft-file", str(good))
+    page.click("#ft-upload button[type=submit]")
+    expect(page.locator("#ft-training-file option")).to_have_count(1)
+    expect(page.locator("#ft-file-error")).to_have_text("")
+
+    start_job(page, 20, "chart")  # 240 steps of one example: a few seconds on the tiny model
+    status = page.locator("#ft-status")
+    expect(status).to_have_text("running", timeout=30_000)
+    seen = {points(page)}
+    while status.inner_text() == "running":
+        seen.add(points(page))
+        page.wait_for_timeout(300)
+    expect(status).to_have_text("succeeded")
+    total = 12 * 20
+    assert points(page) == total
+    assert len(seen - {0, total}) >= 1, seen  # the chart gained points while the job ran
+    assert page.locator("#ft-detail polyline.train").count() == 1
+    assert "null" not in page.locator("#ft-detail").inner_text()
+    path = console.shot("fine-tuning")
+    if os.environ.get("UPDATE_CONSOLE_IMAGES"):
+        shutil.copy(path, IMAGES / "console-fine-tuning.png")
+
+    # A hostile suffix: the API's refusal quotes it, and the page shows that as text.
+    start_job(page, 1, HOSTILE)
+    expect(page.locator("#ft-job-error")).to_contain_text(f"found '{HOSTILE}'")
+    assert page.locator("#page img").count() == 0
+
+    start_job(page, 50, "stopped")
+    expect(page.locator("#ft-detail h3")).to_contain_text("running", timeout=30_000)
+    expect(page.locator("#ft-jobs tr.selected")).to_contain_text("stopped")
+    page.click("#ft-cancel")
+    expect(status).to_have_text("cancelled", timeout=30_000)
+    assert page.locator("#ft-jobs tbody tr").count() >= 2
+    assert page.locator("#page img").count() == 0
 
 
 def test_nothing_leaked_and_no_script_ran(console: Console) -> None:
     """Runs last: over everything the earlier tests did in the browser."""
     assert console.dialogs == []
-    # The one error is the wrong key's 401; a CSP violation or a script error would show here.
-    assert all("status of 401" in e for e in console.errors), console.errors
+    # The expected refusals (the wrong key's 401, the bad file's and the bad suffix's 400) are
+    # the only errors; a CSP violation ("Refused to ...") or a script error would show here.
+    refused = "Failed to load resource: the server responded with a status of "
+    statuses = sorted(e.removeprefix(refused)[:3] for e in console.errors if e.startswith(refused))
+    assert statuses == ["400", "400", "401"] and len(console.errors) == 3, console.errors
     assert console.urls, "no request seen"
     assert not [u for u in console.urls if console.key in u or ADMIN in u]
     console.page.click("#sign-out")
