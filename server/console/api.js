@@ -54,6 +54,28 @@ export async function call(method, path, { json, form, signal } = {}) {
   return response.json();
 }
 
+// Which kind of key this is, with one call both kinds may make (GET /v1/usage): "tenant" or
+// "admin". Answers to a tenant's key carry OpenAI's x-ratelimit-* headers and the admin key is
+// never rate limited, so its answers carry none (docs/api.md, "Rate limits"). A refused key
+// throws the 401.
+export async function identify() {
+  const response = await fetch(url("/v1/usage?limit=1"), { headers: headers() });
+  if (!response.ok) throw await failure(response);
+  return response.headers.has("x-ratelimit-limit-requests") ? "tenant" : "admin";
+}
+
+// The tenant a tenant key belongs to, from what the key may read: its own prefixes, its
+// fine-tuning jobs (organization_id) or its usage rows. null when it has none of these yet
+// (the keys page then asks for the name, and the server refuses a wrong one with 403).
+export async function ownTenant() {
+  const [prefixes, jobs, usage] = await Promise.all([
+    call("GET", "/v1/prefixes?scope=own&limit=1"),
+    call("GET", "/v1/fine_tuning/jobs?limit=1"),
+    call("GET", "/v1/usage?limit=1"),
+  ]);
+  return prefixes.data[0]?.owner || jobs.data[0]?.organization_id || usage.data[0]?.tenant || null;
+}
+
 export async function blob(path) {
   const response = await fetch(url(path), { headers: headers() });
   if (!response.ok) throw await failure(response);

@@ -1,8 +1,9 @@
-// One prompt, answered side by side by the base model and up to four prefixes, each column
-// streamed from /v1/completions as it is generated. Each token is its own span; hovering it
-// shows its log-probability and the most likely alternatives.
+// One prompt, answered side by side by the base model and up to four prefixes or stored
+// ensembles, each column streamed from /v1/completions as it is generated. Each token is its
+// own span; hovering it shows its log-probability and the most likely alternatives.
 import { call, stream } from "./api.js";
 import { clear, el } from "./dom.js";
+import { listEnsembles } from "./ensembles.js";
 import { listPrefixes } from "./prefixes.js";
 
 const MAX_PREFIXES = 4;
@@ -39,7 +40,23 @@ function settings() {
   return body;
 }
 
-async function runColumn(model, prompt, body, column, signal) {
+// A vote ensemble's answer exists only once every member has finished: one unstreamed call.
+async function runVote(model, prompt, body, column, signal) {
+  const state = column.querySelector(".state");
+  state.textContent = "voting…";
+  try {
+    const answer = await call("POST", "/v1/completions", { json: { ...body, model, prompt }, signal });
+    const choice = answer.choices[0];
+    column.querySelector(".output").append(chunkSpan(choice.text, choice.logprobs));
+    state.textContent = `finished: ${choice.finish_reason}`;
+  } catch (error) {
+    state.textContent = signal.aborted ? "stopped" : `error: ${error.message}`;
+  }
+  column.dataset.done = "1";
+}
+
+async function runColumn(model, prompt, body, column, signal, vote = false) {
+  if (vote) return runVote(model, prompt, body, column, signal);
   const output = column.querySelector(".output");
   const state = column.querySelector(".state");
   state.textContent = "streaming…";
@@ -62,21 +79,27 @@ async function runColumn(model, prompt, body, column, signal) {
 }
 
 export async function showPlayground(page) {
-  const [models, prefixes] = await Promise.all([call("GET", "/v1/models"), listPrefixes()]);
+  const [models, prefixes, ensembles] = await Promise.all([
+    call("GET", "/v1/models"),
+    listPrefixes(),
+    listEnsembles(),
+  ]);
   const base = models.data.find((m) => m.owned_by === "system").id;
   const usable = prefixes.filter((p) => p.compatible);
+  const methods = new Map(ensembles.map((e) => [e.id, e.method]));
   let controller = null;
 
-  const choices = el("fieldset", { id: "pg-prefixes" }, el("legend", {}, `Prefixes (up to ${MAX_PREFIXES})`));
-  for (const prefix of usable) {
-    const box = el("input", { type: "checkbox", value: prefix.id });
+  const choices = el("fieldset", { id: "pg-prefixes" }, el("legend", {}, `Prefixes and ensembles (up to ${MAX_PREFIXES})`));
+  const options = [...usable.map((p) => [p.id, p.id]), ...ensembles.map((e) => [e.id, `${e.id} (${e.method} ensemble)`])];
+  for (const [id, text] of options) {
+    const box = el("input", { type: "checkbox", value: id });
     box.addEventListener("change", () => {
       const checked = choices.querySelectorAll("input:checked").length;
       for (const other of choices.querySelectorAll("input")) other.disabled = !other.checked && checked >= MAX_PREFIXES;
     });
-    choices.append(el("label", { class: "choice" }, box, prefix.id));
+    choices.append(el("label", { class: "choice" }, box, text));
   }
-  if (!usable.length) choices.append(el("p", {}, "No prefixes: the base model answers alone."));
+  if (!options.length) choices.append(el("p", {}, "No prefixes: the base model answers alone."));
 
   const columns = el("div", { id: "pg-columns", class: "columns" });
   const prompt = el("textarea", { id: "pg-prompt", rows: 4, placeholder: "Prompt" });
@@ -112,12 +135,12 @@ export async function showPlayground(page) {
       const column = el(
         "div",
         { class: "column", dataset: { model } },
-        el("h3", {}, model === base ? `${model} (base)` : model),
+        el("h3", {}, model === base ? `${model} (base)` : methods.has(model) ? `${model} (${methods.get(model)} ensemble)` : model),
         el("div", { class: "output" }),
         el("p", { class: "state" }),
       );
       columns.append(column);
-      return runColumn(model, prompt.value, body, column, controller.signal);
+      return runColumn(model, prompt.value, body, column, controller.signal, methods.get(model) === "vote");
     });
     run.disabled = true;
     stop.disabled = false;

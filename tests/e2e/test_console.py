@@ -37,6 +37,7 @@ class Console:
     dialogs: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     urls: list[str] = field(default_factory=list)
+    issued: list[str] = field(default_factory=list)  # keys the console issued
 
     @property
     def key(self) -> str:
@@ -263,6 +264,136 @@ def test_fine_tuning_uploads_trains_charts_and_cancels(console: Console, tmp_pat
     assert page.locator("#page img").count() == 0
 
 
+def test_ensembles_made_from_prefixes_answer_in_the_playground(console: Console) -> None:
+    page = console.page
+    page.click('nav a[data-page="ensembles"]')
+    page.fill("#en-name", "duo")
+    page.select_option("#en-method", "mean")
+    page.fill("#en-description", HOSTILE)
+    page.check('#en-prefixes input[value="alice/pirate"]')
+    page.check('#en-prefixes input[value="bob/bard"]')
+    page.click("#en-form button[type=submit]")
+    row = page.locator('#en-table tr[data-ensemble="alice/duo"]')
+    expect(row).to_have_count(1)
+    expect(row.locator("td.description")).to_have_text(HOSTILE)
+    expect(row.locator("td").nth(3)).to_have_text("alice/pirate, bob/bard")
+    assert page.locator("#page img").count() == 0
+    listed = httpx.get(f"{console.live.url}/v1/ensembles", headers=bearer(console.key)).json()
+    assert [e["id"] for e in listed["data"]] == ["alice/duo"]
+    console.shot("ensembles")
+
+    # The ensemble as a playground column, streamed (a mean ensemble is one stream).
+    page.click('nav a[data-page="playground"]')
+    page.fill("#pg-prompt", "w3 w14 w15 w92")
+    page.fill("#pg-max-tokens", "6")
+    page.check('#pg-prefixes input[value="alice/duo"]')
+    page.click("#pg-run")
+    column = page.locator('#pg-columns .column[data-model="alice/duo"]')
+    expect(column).to_have_attribute("data-done", "1")
+    expect(column.locator(".state")).to_have_text("finished: length")
+    expected = httpx.post(
+        f"{console.live.url}/v1/completions",
+        json={"model": "alice/duo", "prompt": "w3 w14 w15 w92", "max_tokens": 6, "temperature": 0},
+        headers=bearer(console.key),
+        timeout=60,
+    ).json()["choices"][0]["text"]
+    assert column.locator(".output").inner_text() == expected
+    assert int(column.get_attribute("data-chunks") or 0) >= 6
+
+
+def test_usage_charts_tokens_per_day_per_prefix(console: Console) -> None:
+    page = console.page
+    # bob uses his private prefix: alice's usage page must not show it.
+    response = httpx.post(
+        f"{console.live.url}/v1/completions",
+        json={"model": "bob/poet", "prompt": "w1 w2", "max_tokens": 3},
+        headers=bearer(console.live.keys["bob"]),
+        timeout=60,
+    )
+    assert response.status_code == 200, response.text
+    page.wait_for_timeout(2500)  # usage is written every --usage-flush-interval (2 s)
+    page.click('nav a[data-page="usage"]')
+    expect(page.locator("#usage-table")).to_be_visible()
+    report = httpx.get(
+        f"{console.live.url}/v1/usage?group_by=day", headers=bearer(console.key)
+    ).json()["data"]
+    models = {r["model"] for r in report}
+    assert {"alice/pirate", "alice/duo"} <= models and "bob/poet" not in models
+    for r in report:
+        tokens = r["prompt_tokens"] + r["completion_tokens"] + r["tuning_tokens"]
+        if not tokens or r["model"] is None:
+            continue
+        bar = page.locator(f'#usage-chart rect.bar[data-series="{r["model"]}"]')
+        expect(bar).to_have_count(1)
+        assert bar.get_attribute("data-value") == str(tokens)
+        cells = page.locator(f'#usage-table tr[data-model="{r["model"]}"] td')
+        assert cells.nth(7).inner_text() == str(tokens)  # the value as text too
+    assert "bob/poet" not in page.locator("#page").inner_text()
+    console.shot("usage")
+
+
+def test_keys_issue_once_and_revoke(console: Console) -> None:
+    page = console.page
+    page.click('nav a[data-page="keys"]')
+    expect(page.locator("#key-tenant")).to_have_text("alice")
+    rows = page.locator("#key-table tbody tr")
+    expect(rows).to_have_count(1)
+    expect(rows.first.locator(".key-state")).to_have_text("active (this console's)")
+    expect(rows.first.locator("button.danger")).to_have_count(0)  # not the key in use
+    page.click("#key-issue")
+    expect(rows).to_have_count(2)
+    secret = page.locator("#key-secret").input_value()
+    console.issued.append(secret)
+    url = f"{console.live.url}/v1/models"
+    assert httpx.get(url, headers=bearer(secret)).status_code == 200
+    console.shot("keys")
+    page.click("#key-issued button:has-text('Done')")
+    expect(page.locator("#key-secret")).to_have_count(0)  # shown once
+    assert secret not in page.locator("#page").inner_text()
+    revoke = rows.nth(1).locator("button.danger")
+    revoke.click()
+    expect(revoke).to_have_text("Confirm revoke")
+    revoke.click()
+    expect(rows.nth(1).locator(".key-state")).to_have_text("revoked")
+    assert httpx.get(url, headers=bearer(secret)).status_code == 401
+    assert httpx.get(url, headers=bearer(console.key)).status_code == 200
+
+
+def test_admin_signs_in_to_the_operator_page(console: Console) -> None:
+    page = console.page
+    page.click("#sign-out")
+    page.fill("#api-key", ADMIN)
+    page.click("#sign-in-form button")
+    expect(page.locator("#page")).to_have_attribute("data-page", "operator")
+    expect(page.locator('nav a[data-page="prefixes"]')).to_be_hidden()
+    tenants = page.locator("#op-tenants tbody tr")
+    expect(tenants).to_have_count(2)
+    assert tenants.evaluate_all("rs => rs.map(r => r.dataset.tenant)") == ["alice", "bob"]
+    page.click('#op-tenants tr[data-tenant="alice"] button')
+    expect(page.locator("#op-tenant")).to_have_text("alice")
+    rpm = page.locator('#op-quotas tr[data-field="requests_per_minute"] td.num')
+    before = httpx.get(f"{console.live.url}/v1/tenants/alice", headers=bearer(ADMIN)).json()
+    expect(rpm).to_have_text(str(before["rate_limits"]["requests_per_minute"]))
+    page.fill("#op-requests_per_minute", "1234")
+    page.fill("#op-max_prefixes", "50")
+    page.click("#op-limits button[type=submit]")
+    expect(rpm).to_have_text("1234")
+    expect(page.locator('#op-quotas tr[data-field="max_prefixes"] td.num')).to_have_text("50")
+    info = httpx.get(f"{console.live.url}/v1/tenants/alice", headers=bearer(ADMIN)).json()
+    assert info["rate_limits"]["requests_per_minute"] == 1234
+    assert info["quotas"]["max_prefixes"] == 50
+    expect(page.locator("#op-detail #key-table tbody tr")).to_have_count(2)  # one revoked
+    console.shot("operator")
+    # A tenant that has used nothing is looked up by name; an unknown one is said so.
+    page.fill("#op-lookup", "nobody")
+    page.click("#op-find button[type=submit]")
+    expect(page.locator("#op-status")).to_have_text("tenant 'nobody' does not exist")
+    # The admin's usage page: every tenant's.
+    page.click('nav a[data-page="usage"]')
+    expect(page.locator("#usage-table")).to_be_visible()
+    assert "bob/poet" in page.locator("#usage-table").inner_text()
+
+
 def test_nothing_leaked_and_no_script_ran(console: Console) -> None:
     """Runs last: over everything the earlier tests did in the browser."""
     assert console.dialogs == []
@@ -270,11 +401,12 @@ def test_nothing_leaked_and_no_script_ran(console: Console) -> None:
     # the only errors; a CSP violation ("Refused to ...") or a script error would show here.
     refused = "Failed to load resource: the server responded with a status of "
     statuses = sorted(e.removeprefix(refused)[:3] for e in console.errors if e.startswith(refused))
-    assert statuses == ["400", "400", "401"] and len(console.errors) == 3, console.errors
+    assert statuses == ["400", "400", "401", "404"] and len(console.errors) == 4, console.errors
     assert console.urls, "no request seen"
-    assert not [u for u in console.urls if console.key in u or ADMIN in u]
+    secrets = [console.key, ADMIN, *console.issued]
+    assert not [u for u in console.urls if any(s in u for s in secrets)]
     console.page.click("#sign-out")
     assert console.page.evaluate("sessionStorage.length") == 0
     log = console.live.server.log.read_text()
     assert '"route": "/v1/completions"' in log  # the log is the server's access log
-    assert console.key not in log
+    assert not [s for s in secrets if s in log]
