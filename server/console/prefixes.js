@@ -1,5 +1,5 @@
 // The prefixes the tenant may use: its own (with export and delete) and other tenants' public
-// ones (with export). There is no route to change a prefix's visibility in place: uploading
+// ones (with export); uploading a PEFT folder by dropping its files (or choosing them). There is no route to change a prefix's visibility in place: uploading
 // again with `overwrite` is the API's way, so the page shows visibility but does not edit it.
 import { all, blob, call } from "./api.js";
 import { bytes, clear, el, when } from "./dom.js";
@@ -64,6 +64,73 @@ function row(prefix, status, refresh) {
   );
 }
 
+// The upload form: a PEFT folder's files (adapter_config.json and adapter_model.safetensors,
+// dropped on the zone or chosen), a name, visibility, description; POST /v1/prefixes
+// multipart, the server's refusal shown as text.
+function uploadForm(refresh) {
+  let files = [];
+  const chosen = el("ul", { id: "up-chosen", class: "events" });
+  const show = () => clear(chosen).append(...files.map((f) => el("li", {}, `${f.name} (${bytes(f.size)})`)));
+  const input = el("input", { id: "up-files", type: "file", multiple: true });
+  input.addEventListener("change", () => {
+    files = [...input.files];
+    show();
+  });
+  const zone = el("div", { id: "up-drop", class: "drop" }, "Drop a PEFT folder's files here (adapter_config.json and adapter_model.safetensors), or choose them: ", input);
+  zone.addEventListener("dragover", (event) => {
+    event.preventDefault();
+    zone.classList.add("over");
+  });
+  zone.addEventListener("dragleave", () => zone.classList.remove("over"));
+  zone.addEventListener("drop", (event) => {
+    event.preventDefault();
+    zone.classList.remove("over");
+    files = [...event.dataTransfer.files];
+    show();
+  });
+  const name = el("input", { id: "up-name", type: "text", required: true, maxlength: 64 });
+  const visibility = el("select", { id: "up-visibility" }, el("option", { value: "private" }, "private"), el("option", { value: "public" }, "public"));
+  const description = el("input", { id: "up-description", type: "text" });
+  const overwrite = el("input", { id: "up-overwrite", type: "checkbox" });
+  const error = el("p", { id: "up-error", class: "error", role: "alert" });
+  const form = el(
+    "form",
+    { id: "up-form" },
+    zone,
+    chosen,
+    el("label", {}, "Name", name),
+    el("label", {}, "Visibility", visibility),
+    el("label", {}, "Description", description),
+    el("label", { class: "choice" }, overwrite, "New version of an existing prefix"),
+    el("div", { class: "buttons" }, el("button", { type: "submit" }, "Upload")),
+    error,
+  );
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    error.textContent = "";
+    if (!files.length) {
+      error.textContent = "Drop or choose the folder's files first.";
+      return;
+    }
+    const body = new FormData();
+    body.append("name", name.value.trim());
+    body.append("visibility", visibility.value);
+    body.append("description", description.value);
+    if (overwrite.checked) body.append("overwrite", "true");
+    for (const file of files) body.append("files", file, file.name);
+    try {
+      await call("POST", "/v1/prefixes", { form: body });
+      form.reset();
+      files = [];
+      show();
+      await refresh();
+    } catch (failure) {
+      error.textContent = failure.message;
+    }
+  });
+  return form;
+}
+
 export async function showPrefixes(page) {
   const status = el("p", { class: "status", role: "status" });
   const body = el("tbody");
@@ -86,6 +153,8 @@ export async function showPrefixes(page) {
       body,
     ),
     status,
+    el("h3", {}, "Upload a prefix"),
+    uploadForm(refresh),
   );
   await refresh();
 }

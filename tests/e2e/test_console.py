@@ -9,6 +9,7 @@ temporary folder; with UPDATE_CONSOLE_IMAGES=1 the playground's also to docs/ima
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import os
@@ -34,6 +35,7 @@ class Console:
     live: Live
     page: Page
     shots: Path
+    adapters: dict[str, Path]
     dialogs: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     urls: list[str] = field(default_factory=list)
@@ -80,7 +82,7 @@ def console(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Console]:
             page = browser.new_page(viewport={"width": 1280, "height": 800}, accept_downloads=True)
             shots = root / "screenshots"
             shots.mkdir()
-            state = Console(live, page, shots)
+            state = Console(live, page, shots, world.adapters)
 
             def dialog(d):  # type: ignore[no-untyped-def]
                 state.dialogs.append(d.message)
@@ -162,6 +164,44 @@ def test_delete_takes_two_clicks(console: Console) -> None:
         f"{console.live.url}/v1/prefixes/alice/shanty", headers=bearer(console.key)
     )
     assert response.status_code == 404
+
+
+def test_dropping_a_peft_folder_uploads_it(console: Console) -> None:
+    page = console.page
+    folder = console.adapters["pirate"]
+    files = [
+        [p.name, base64.b64encode(p.read_bytes()).decode()]
+        for p in sorted(folder.iterdir())
+        if p.suffix != ".md"
+    ]
+    # A real drop event carrying the folder's two files, as the browser makes one.
+    transfer = page.evaluate_handle(
+        """files => {
+            const transfer = new DataTransfer();
+            for (const [name, data] of files) {
+                const bytes = Uint8Array.from(atob(data), c => c.charCodeAt(0));
+                transfer.items.add(new File([bytes], name));
+            }
+            return transfer;
+        }""",
+        files,
+    )
+    page.dispatch_event("#up-drop", "drop", {"dataTransfer": transfer})
+    expect(page.locator("#up-chosen li")).to_have_count(2)
+    page.fill("#up-name", "dropped")
+    page.fill("#up-description", "a dropped folder")
+    page.click("#up-form button[type=submit]")
+    row = page.locator('tr[data-prefix="alice/dropped"]')
+    expect(row).to_have_count(1)
+    expect(row.locator("td").nth(2)).to_have_text("prefix_tuning")
+    expect(page.locator("#up-error")).to_have_text("")
+    stored = httpx.get(
+        f"{console.live.url}/v1/prefixes/alice/dropped", headers=bearer(console.key)
+    ).json()
+    pirate = httpx.get(
+        f"{console.live.url}/v1/prefixes/alice/pirate", headers=bearer(console.key)
+    ).json()
+    assert stored["sha256"] == pirate["sha256"] and stored["visibility"] == "private"
 
 
 def test_playground_streams_a_prefix_beside_the_base_model(console: Console) -> None:
