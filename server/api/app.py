@@ -28,6 +28,7 @@ from prefixes.tuning.records import Limits
 from prefixes.tuning.tuning import Tuning
 from prefixes.usage.flusher import UsageFlusher
 from prefixes.usage.ledger import UsageLedger
+from server.api import console
 from server.api.access_log import AccessLog
 from server.api.ensemble_metrics import EnsembleMetrics
 from server.api.errors import install_error_handlers
@@ -94,6 +95,7 @@ def create_app(
     for module in (*routers, transferability):
         app.include_router(module.router)
     app.include_router(tokenizer.router)  # vLLM's /tokenize, /detokenize, /tokenizer_info
+    app.include_router(console.router)  # the web console's static files (docs/console.md)
     document = app.openapi
 
     def openapi() -> dict[str, Any]:
