@@ -242,6 +242,39 @@ class Catalog:
             versions.retire(connection, row.id, time.time())
         return self._info(row)
 
+    def update(
+        self,
+        ref: str,
+        *,
+        tenant: str,
+        visibility: Visibility | str | None = None,
+        description: str | None = None,
+    ) -> PrefixInfo:
+        """Change who may use the prefix and its description, in place: the same version, the
+        same files (owner only: anyone else gets NotFound). A prefix made private is refused
+        to other tenants from their next request on."""
+        owner, name = parse_ref(ref, tenant)
+        changes: dict[str, str] = {}
+        if visibility is not None:
+            changes["visibility"] = Visibility.parse(visibility).value
+        if description is not None:
+            if len(description) > MAX_DESCRIPTION:
+                raise InvalidPrefix(
+                    "description", f"at most {MAX_DESCRIPTION} characters", len(description)
+                )
+            changes["description"] = description
+        if owner != tenant:
+            raise NotFound(f"prefix {owner}/{name} not found", field="prefix")
+        with write_transaction(self.database) as connection:
+            row = versions.live_row(connection, owner, name)
+            if row is None:
+                raise NotFound(f"prefix {owner}/{name} not found", field="prefix")
+            if changes:
+                versions.describe(connection, row.id, changes)
+                row = versions.live_row(connection, owner, name)
+        assert row is not None
+        return self._info(row)
+
     def incompatible_prefixes(self) -> list[PrefixInfo]:
         """Live prefixes compiled against another base model: listed, never served."""
         with read_transaction(self.database) as connection:

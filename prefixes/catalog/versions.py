@@ -36,6 +36,11 @@ def live_row(connection: Connection, owner: str, name: str) -> Row[Any] | None:
     return connection.execute(query).one_or_none()
 
 
+def describe(connection: Connection, row_id: int, changes: dict[str, str]) -> None:
+    """Change a live version's visibility and description in place (no new version)."""
+    connection.execute(update(prefixes).where(prefixes.c.id == row_id).values(**changes))
+
+
 def retire(connection: Connection, row_id: int, when: float) -> None:
     connection.execute(update(prefixes).where(prefixes.c.id == row_id).values(retired_at=when))
 

@@ -14,6 +14,7 @@ from pydantic import (
     model_validator,
 )
 
+from prefixes.catalog.catalog import MAX_DESCRIPTION as MAX_PREFIX_DESCRIPTION
 from prefixes.catalog.records import QUOTA_LIMITS, RATE_LIMIT_MAX
 from server.engine.request import MAX_LOGPROBS
 
@@ -36,9 +37,6 @@ MAX_CHAT_MESSAGES = 4096  # messages in one conversation to tokenize (/tokenize)
 MAX_CONSTRAINT_CHARS = 64 << 10  # a regex or grammar; a schema is bounded by its size as JSON
 MAX_CHOICES = 256  # strings of a `choice` constraint
 
-# Ids past the vocabulary are refused against the model (400), before any tensor is built.
-TokenIds = list[Annotated[int, Field(ge=0)]]
-
 
 def _whole(value: Any) -> Any:
     """JSON Schema's integer includes 3.0: take it as 3 (strict fields still refuse true, "3"
@@ -50,6 +48,8 @@ def _whole(value: Any) -> Any:
 
 WHOLE = BeforeValidator(_whole)
 StrictTokenId = Annotated[int, Field(ge=0, strict=True), WHOLE]
+# Ids past the vocabulary are refused against the model (400), before any tensor is built.
+TokenIds = list[StrictTokenId]
 
 
 class Strict(BaseModel):
@@ -143,8 +143,8 @@ class SamplingFields(BaseModel):
     # (temperature 1, top_p 1, no top-k cut, no repetition penalty); docs/api.md.
     temperature: float | None = Field(None, ge=0.0, le=MAX_TEMPERATURE)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=0, le=MAX_TOP_K)
-    seed: int | None = Field(None, ge=0, lt=2**63)
+    top_k: Annotated[int, Field(strict=True, ge=0, le=MAX_TOP_K), WHOLE] | None = None
+    seed: Annotated[int, Field(strict=True, ge=0, lt=2**63), WHOLE] | None = None
     stop: list[str] | str | None = None
     # Logits processing (docs/api.md, "Penalties and bias"), per request, before sampling.
     presence_penalty: float = Field(0.0, ge=-MAX_PENALTY, le=MAX_PENALTY)
@@ -154,7 +154,7 @@ class SamplingFields(BaseModel):
     logit_bias: dict[str, Annotated[float, Field(ge=-MAX_BIAS, le=MAX_BIAS)]] | None = Field(
         None, max_length=MAX_LOGIT_BIAS
     )
-    min_tokens: int = Field(0, ge=0, le=MAX_TOKENS_FIELD)
+    min_tokens: Annotated[int, Field(strict=True, ge=0, le=MAX_TOKENS_FIELD), WHOLE] = 0
     structured_outputs: StructuredOutputs | None = None
 
     @field_validator("temperature")
@@ -202,13 +202,13 @@ class GenerateRequest(SamplingFields, Strict):
     prefixes: list[str] | None = Field(None, max_length=MAX_ENSEMBLE_FIELD)
     ensemble: Literal["vote", "mean"] | None = None
     # 0 only scores the prompt (with prompt_logprobs)
-    max_new_tokens: int = Field(64, ge=0, le=MAX_TOKENS_FIELD)
+    max_new_tokens: Annotated[int, Field(strict=True, ge=0, le=MAX_TOKENS_FIELD), WHOLE] = 64
     ignore_eos: bool = False
     stream: bool = False
     # Log-probs of each generated token and of each prompt token, each with this many most
     # likely alternatives (docs/api.md, "Log-probabilities").
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    logprobs: Annotated[int, Field(strict=True, ge=0, le=MAX_LOGPROBS), WHOLE] | None = None
+    prompt_logprobs: Annotated[int, Field(strict=True, ge=0, le=MAX_LOGPROBS), WHOLE] | None = None
 
 
 class Usage(BaseModel):
@@ -304,6 +304,13 @@ class PrefixInfo(BaseModel):
     compatible: bool
 
 
+class PrefixUpdate(Strict):
+    """PATCH /v1/prefixes/{owner}/{name}: what changes in place (absent: unchanged)."""
+
+    visibility: Literal["private", "public"] | None = None
+    description: str | None = Field(None, max_length=MAX_PREFIX_DESCRIPTION)
+
+
 class PrefixPage(BaseModel):
     data: list[PrefixInfo]
     next: str | None
@@ -319,7 +326,7 @@ class OpenAIBase(SamplingFields):
     model_config = ConfigDict(extra="allow")
 
     model: str
-    n: int = Field(1, ge=1, le=MAX_CHOICES_FIELD)
+    n: Annotated[int, Field(strict=True, ge=1, le=MAX_CHOICES_FIELD), WHOLE] = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = None
@@ -328,8 +335,8 @@ class OpenAIBase(SamplingFields):
 class CompletionRequest(OpenAIBase):
     prompt: str | list[str] | TokenIds | list[TokenIds]
     # 0 only with echo: the prompt scored, nothing generated
-    max_tokens: int | None = Field(None, ge=0, le=MAX_TOKENS_FIELD)
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    max_tokens: Annotated[int, Field(strict=True, ge=0, le=MAX_TOKENS_FIELD), WHOLE] | None = None
+    logprobs: Annotated[int, Field(strict=True, ge=0, le=MAX_LOGPROBS), WHOLE] | None = None
     echo: bool = False
     best_of: int | None = None
 
@@ -343,10 +350,14 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(OpenAIBase):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_FIELD)
-    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_FIELD)
+    max_tokens: Annotated[int, Field(strict=True, ge=1, le=MAX_TOKENS_FIELD), WHOLE] | None = None
+    max_completion_tokens: (
+        Annotated[int, Field(strict=True, ge=1, le=MAX_TOKENS_FIELD), WHOLE] | None
+    ) = None
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # with logprobs only
+    top_logprobs: Annotated[int, Field(strict=True, ge=0, le=MAX_LOGPROBS), WHOLE] | None = (
+        None  # with logprobs only
+    )
 
 
 # Tenant administration: keys and quotas (docs/api.md).

@@ -1,4 +1,4 @@
-"""GET /v1/prefixes (pages, scopes), GET and DELETE /v1/prefixes/{owner}/{name}."""
+"""GET /v1/prefixes (pages, scopes), GET, PATCH and DELETE /v1/prefixes/{owner}/{name}."""
 
 from __future__ import annotations
 
@@ -142,3 +142,56 @@ def test_an_unknown_scope_is_refused_and_the_document_lists_the_scopes(
     parameters = client.get("/openapi.json").json()["paths"]["/v1/prefixes"]["get"]["parameters"]
     (scope,) = [p for p in parameters if p["name"] == "scope"]
     assert scope["schema"]["enum"] == ["own", "public", "all"]
+
+
+def test_patch_changes_visibility_and_description_in_place(
+    client: TestClient, shelves: tuple[TenantAuth, TenantAuth]
+) -> None:
+    ann, bob = shelves
+    before = client.get("/v1/prefixes/ann/a1", headers=ann.headers).json()
+    use = {"prompt": [1, 2, 3], "prefix": "ann/a1", "max_new_tokens": 2, "temperature": 0}
+    assert_error(client.post("/v1/generate", json=use, headers=bob.headers), 404, "ann/a1")
+
+    shared = client.patch(
+        "/v1/prefixes/ann/a1",
+        json={"visibility": "public", "description": "<b>shared</b>"},
+        headers=ann.headers,
+    )
+    assert shared.status_code == 200, shared.text
+    after = shared.json()
+    assert (after["visibility"], after["description"]) == ("public", "<b>shared</b>")
+    same = ("version", "sha256", "bytes", "created_at")  # in place: the same version and files
+    assert {k: after[k] for k in same} == {k: before[k] for k in same}
+    assert client.post("/v1/generate", json=use, headers=bob.headers).status_code == 200
+    assert "ann/a1" in listed_ids(client, bob, "public")
+
+    hidden = client.patch(
+        "/v1/prefixes/ann/a1", json={"visibility": "private"}, headers=ann.headers
+    )
+    assert hidden.json()["description"] == "<b>shared</b>"  # absent fields stay as they were
+    assert_error(client.post("/v1/generate", json=use, headers=bob.headers), 404, "ann/a1")
+    assert "ann/a1" not in listed_ids(client, bob, "all")
+
+
+def test_patch_is_the_owners_alone_and_checks_its_fields(
+    client: TestClient, shelves: tuple[TenantAuth, TenantAuth]
+) -> None:
+    ann, bob = shelves
+    for ref in ("ann/a2", "ann/a1", "ann/nothing"):  # public, private, missing: one answer
+        assert_error(
+            client.patch(
+                f"/v1/prefixes/{ref}", json={"visibility": "private"}, headers=bob.headers
+            ),
+            404,
+            ref,
+        )
+    assert client.get("/v1/prefixes/ann/a2", headers=bob.headers).json()["visibility"] == "public"
+    for body, field in [
+        ({"visibility": "everyone"}, "visibility"),
+        ({"description": "x" * 1025}, "description"),
+        ({"name": "renamed"}, "name"),
+    ]:
+        assert_error(
+            client.patch("/v1/prefixes/ann/a1", json=body, headers=ann.headers), 422, field
+        )
+    assert client.get("/v1/prefixes/ann/a1", headers=ann.headers).json()["visibility"] == "private"

@@ -251,6 +251,7 @@ DOCUMENTED_STATUSES = {
     ("get", "/v1/prefixes"): {"200", "401", "422", "503"},
     ("get", "/v1/prefixes/{owner}/{name}"): {"200", "401", "404", "422", "503"},
     ("delete", "/v1/prefixes/{owner}/{name}"): {"204", "401", "404", "422", "503"},
+    ("patch", "/v1/prefixes/{owner}/{name}"): {"200", "401", "404", "422", "503"},
     ("get", "/v1/prefixes/{owner}/{name}/adapter"): {"200", "401", "404", "422", "503"},
     ("post", "/v1/generate"): GENERATION,
     ("post", "/v1/completions"): GENERATION,

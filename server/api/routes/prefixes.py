@@ -13,7 +13,7 @@ from server.api.auth import Server, Tenant
 from server.api.errors import ApiError
 from server.api.forms import read_form
 from server.api.query import reject_unknown_query
-from server.api.schemas import ERROR_RESPONSES, PrefixInfo, PrefixPage
+from server.api.schemas import ERROR_RESPONSES, PrefixInfo, PrefixPage, PrefixUpdate
 
 router = APIRouter(responses=ERROR_RESPONSES, dependencies=[Depends(reject_unknown_query)])
 MAX_FILES = 8
@@ -124,6 +124,21 @@ async def list_prefixes(
 @router.get("/v1/prefixes/{owner}/{name}", response_model=PrefixInfo)
 async def get_prefix(owner: str, name: str, server: Server, tenant: Tenant) -> dict[str, Any]:
     info = await run_in_threadpool(server.registry.get, f"{owner}/{name}", tenant=tenant)
+    return info.to_dict()
+
+
+@router.patch("/v1/prefixes/{owner}/{name}", response_model=PrefixInfo)
+async def update_prefix(
+    owner: str, name: str, body: PrefixUpdate, server: Server, tenant: Tenant
+) -> dict[str, Any]:
+    """Visibility and description, in place (the owner's only: 404 for anyone else)."""
+    info = await run_in_threadpool(
+        server.registry.update,
+        f"{owner}/{name}",
+        tenant=tenant,
+        visibility=body.visibility,
+        description=body.description,
+    )
     return info.to_dict()
 
 
