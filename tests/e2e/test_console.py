@@ -447,6 +447,19 @@ def test_admin_signs_in_to_the_operator_page(console: Console) -> None:
     assert info["rate_limits"]["requests_per_minute"] == 1234
     assert info["quotas"]["max_prefixes"] == 50
     expect(page.locator("#op-detail #key-table tbody tr")).to_have_count(2)  # one revoked
+    # The engine's figures from /metrics: the earlier tests' generations counted, and the chart
+    # gains a point every poll.
+    generated = page.locator('#op-engine-figures tr[data-figure="generated"] td.num')
+    expect(generated).not_to_have_text("—")
+    assert int(generated.inner_text()) > 0
+    chart = page.locator("#op-engine-chart svg.chart")
+    page.wait_for_function(
+        "() => Number(document.querySelector('#op-engine-chart svg.chart')"
+        "?.dataset.points || 0) >= 2",
+        timeout=15_000,
+    )
+    assert chart.locator("polyline.train").count() == 1
+    expect(page.locator('#op-engine-figures tr[data-figure="queue"] td.num')).to_have_text("0")
     console.shot("operator")
     # A tenant that has used nothing is looked up by name; an unknown one is said so.
     page.fill("#op-lookup", "nobody")
