@@ -14,13 +14,14 @@ function svg(tag, attributes = {}, text = null) {
   return node;
 }
 
-// points: [{step, train_loss, valid_loss?}], in step order; totalSteps: the x axis' end.
-export function lossChart(points, totalSteps) {
+// points: [{step, train_loss, valid_loss?}], in step order; totalSteps: the x axis' end;
+// x: a unit for the x axis instead of steps (the operator's engine chart: seconds).
+export function lossChart(points, totalSteps, { x: unit = null, label = "loss per step" } = {}) {
   const chart = svg("svg", {
     class: "chart",
     viewBox: `0 0 ${WIDTH} ${HEIGHT}`,
     role: "img",
-    "aria-label": "loss per step",
+    "aria-label": label,
     "data-points": points.length,
   });
   const losses = points.flatMap((p) => [p.train_loss, p.valid_loss]).filter(Number.isFinite);
@@ -38,8 +39,8 @@ export function lossChart(points, totalSteps) {
     svg("line", { class: "axis", x1: left, y1: base, x2: WIDTH - PAD.right, y2: base }),
     svg("text", { x: left - 6, y: PAD.top + 4, "text-anchor": "end" }, top.toFixed(2)),
     svg("text", { x: left - 6, y: base, "text-anchor": "end" }, bottom.toFixed(2)),
-    svg("text", { x: left, y: HEIGHT - 10 }, "step 0"),
-    svg("text", { x: WIDTH - PAD.right, y: HEIGHT - 10, "text-anchor": "end" }, `step ${lastStep}`),
+    svg("text", { x: left, y: HEIGHT - 10 }, unit ? `0 ${unit}` : "step 0"),
+    svg("text", { x: WIDTH - PAD.right, y: HEIGHT - 10, "text-anchor": "end" }, unit ? `${lastStep} ${unit}` : `step ${lastStep}`),
   );
   const line = (key, cls) => {
     const coordinates = points

@@ -78,6 +78,58 @@ export async function showFineTuning(page) {
     option(base, `${base} (from scratch)`, true),
     ...prefixes.filter((p) => p.compatible).map((p) => option(p.id, `${p.id} (transfer)`)),
   );
+  // The transferability ranking: each usable prefix's mean loss on a few of the chosen file's
+  // examples beside the base model's, lowest first; choosing one starts the job from it.
+  const RANK_SAMPLE = 8;
+  const rankButton = el("button", { id: "ft-rank-button", type: "button" }, "Rank transfer sources");
+  const rankStatus = el("p", { id: "ft-rank-status", class: "status", role: "status" });
+  const rankBody = el("tbody");
+  const ranking = el("table", { id: "ft-ranking", hidden: true },
+    el("thead", {}, el("tr", {}, ...["Source", "Loss", ""].map((h) => el("th", {}, h)))), rankBody);
+  const useButton = (id) => {
+    const button = el("button", { type: "button" }, "Use");
+    button.addEventListener("click", () => {
+      if (![...modelSelect.options].some((o) => o.value === id)) modelSelect.append(option(id, `${id} (transfer)`));
+      modelSelect.value = id;
+    });
+    return button;
+  };
+  rankButton.addEventListener("click", async () => {
+    if (!fileSelect.value) return;
+    rankButton.disabled = true;
+    rankStatus.textContent = "Scoring…";
+    try {
+      const answer = await call("POST", "/v1/fine_tuning/transferability", {
+        json: { training_file: fileSelect.value, sample_size: RANK_SAMPLE },
+      });
+      const loss = (value) => (value === null || value === undefined ? "—" : value.toFixed(4));
+      const rows = [
+        ...answer.data.map((c) => ({ id: c.prefix, loss: c.loss, error: c.error })),
+        { id: answer.model, loss: answer.base_loss, error: null, base: true },
+      ];
+      // Lowest first; a candidate the server could not score (null loss) goes last.
+      rows.sort((a, b) => (a.loss ?? Infinity) - (b.loss ?? Infinity));
+      clear(rankBody).append(
+        ...rows.map((r) =>
+          el("tr", { dataset: { model: r.id, loss: r.loss ?? "" }, class: r.base ? "base" : null },
+            el("td", {}, r.base ? `${r.id} (base model)` : r.id),
+            el("td", { class: "num" }, r.error ? `${loss(r.loss)} (${r.error})` : loss(r.loss)),
+            el("td", {}, r.loss === null ? "" : useButton(r.id)))),
+      );
+      ranking.hidden = false;
+      rankStatus.textContent = `${answer.lines.length} examples, ${answer.target_tokens} target tokens` +
+        (answer.truncated ? "; more candidates were usable than the server scores" : "");
+    } catch (error) {
+      rankStatus.textContent = error.message;
+    } finally {
+      rankButton.disabled = false;
+    }
+  });
+  fileSelect.addEventListener("change", () => {
+    ranking.hidden = true;
+    rankStatus.textContent = "";
+  });
+
   const method = el(
     "select",
     { id: "ft-method" },
@@ -94,6 +146,9 @@ export async function showFineTuning(page) {
     { id: "ft-start" },
     field("Training file", fileSelect),
     field("Start from", modelSelect),
+    el("div", { class: "buttons" }, rankButton),
+    rankStatus,
+    ranking,
     field("Method", method),
     el("fieldset", { class: "settings" }, el("legend", {}, "Settings"),
       field("Virtual tokens", tokens), field("Epochs", epochs), field("Batch size", batch),

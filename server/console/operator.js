@@ -5,6 +5,7 @@
 import { all, call } from "./api.js";
 import { bytes, clear, el, when } from "./dom.js";
 import { keysPanel } from "./keys.js";
+import { enginePanel } from "./engine.js";
 
 const QUOTAS = [
   ["max_prefixes", "Max prefixes", "quotas"],
@@ -104,6 +105,7 @@ export async function showOperator(page) {
     open(lookup.value.trim());
   });
   const tenants = byTenant(rows);
+  const engine = enginePanel();
   page.append(
     el("h2", {}, "Operator"),
     el(
@@ -138,13 +140,10 @@ export async function showOperator(page) {
         ),
         find,
         status,
-        el(
-          "p",
-          { class: "status" },
-          "Engine throughput, queue depth and the prefix pool's residency are exported on /metrics (Prometheus text), which this page does not read.",
-        ),
+        engine.panel,
       ),
       detail,
     ),
   );
+  return engine.stop;
 }

@@ -273,6 +273,30 @@ def test_fine_tuning_uploads_trains_charts_and_cancels(console: Console, tmp_pat
     expect(page.locator("#ft-training-file option")).to_have_count(1)
     expect(page.locator("#ft-file-error")).to_have_text("")
 
+    # The transfer sources ranked on the uploaded file, equal to the API's own answer.
+    page.click("#ft-rank-button")
+    rows = page.locator("#ft-ranking tbody tr")
+    expect(page.locator("#ft-ranking")).to_be_visible(timeout=60_000)
+    file_id = page.locator("#ft-training-file").input_value()
+    answer = httpx.post(
+        f"{console.live.url}/v1/fine_tuning/transferability",
+        json={"training_file": file_id, "sample_size": 8},
+        headers=bearer(console.key),
+        timeout=60,
+    ).json()
+    expected = [(c["prefix"], c["loss"]) for c in answer["data"]]
+    expected.append((answer["model"], answer["base_loss"]))
+    expected.sort(key=lambda pair: pair[1])
+    assert "bob/poet" not in [name for name, _ in expected]
+    shown = rows.evaluate_all("rs => rs.map(r => [r.dataset.model, r.cells[1].innerText])")
+    assert [name for name, _ in shown] == [name for name, _ in expected]
+    for (_, text), (_, loss) in zip(shown, expected, strict=True):
+        assert abs(float(text) - loss) < 1e-4
+    best = expected[0][0]
+    page.locator(f'#ft-ranking tr[data-model="{best}"] button').click()
+    assert page.locator("#ft-model").input_value() == best
+    page.select_option("#ft-model", index=0)  # the jobs below start from the base model
+
     start_job(page, 20, "chart")  # 240 steps of one example: a few seconds on the tiny model
     status = page.locator("#ft-status")
     expect(status).to_have_text("running", timeout=30_000)
@@ -423,6 +447,19 @@ def test_admin_signs_in_to_the_operator_page(console: Console) -> None:
     assert info["rate_limits"]["requests_per_minute"] == 1234
     assert info["quotas"]["max_prefixes"] == 50
     expect(page.locator("#op-detail #key-table tbody tr")).to_have_count(2)  # one revoked
+    # The engine's figures from /metrics: the earlier tests' generations counted, and the chart
+    # gains a point every poll.
+    generated = page.locator('#op-engine-figures tr[data-figure="generated"] td.num')
+    expect(generated).not_to_have_text("—")
+    assert int(generated.inner_text()) > 0
+    chart = page.locator("#op-engine-chart svg.chart")
+    page.wait_for_function(
+        "() => Number(document.querySelector('#op-engine-chart svg.chart')"
+        "?.dataset.points || 0) >= 2",
+        timeout=15_000,
+    )
+    assert chart.locator("polyline.train").count() == 1
+    expect(page.locator('#op-engine-figures tr[data-figure="queue"] td.num')).to_have_text("0")
     console.shot("operator")
     # A tenant that has used nothing is looked up by name; an unknown one is said so.
     page.fill("#op-lookup", "nobody")
