@@ -1,6 +1,6 @@
-// The prefixes the tenant may use: its own (with export and delete) and other tenants' public
-// ones (with export); uploading a PEFT folder by dropping its files (or choosing them). There is no route to change a prefix's visibility in place: uploading
-// again with `overwrite` is the API's way, so the page shows visibility but does not edit it.
+// The prefixes the tenant may use: its own (with export, visibility and delete) and other
+// tenants' public ones (with export); uploading a PEFT folder by dropping its files (or
+// choosing them). Visibility changes in place (PATCH /v1/prefixes/{owner}/{name}).
 import { all, blob, call } from "./api.js";
 import { bytes, clear, el, when } from "./dom.js";
 
@@ -44,6 +44,22 @@ function deleteButton(prefix, status, refresh) {
   return button;
 }
 
+function visibilityButton(prefix, status, refresh) {
+  const other = prefix.visibility === "public" ? "private" : "public";
+  const button = el("button", { type: "button", class: "visibility" }, `Make ${other}`);
+  button.addEventListener("click", async () => {
+    try {
+      const path = `/v1/prefixes/${encodeURIComponent(prefix.owner)}/${encodeURIComponent(prefix.name)}`;
+      await call("PATCH", path, { json: { visibility: other } });
+      status.textContent = `${prefix.id} is ${other} now.`;
+      refresh();
+    } catch (error) {
+      status.textContent = error.message;
+    }
+  });
+  return button;
+}
+
 function row(prefix, status, refresh) {
   const exportButton = el("button", { type: "button" }, "Export");
   exportButton.addEventListener("click", () =>
@@ -60,7 +76,13 @@ function row(prefix, status, refresh) {
     el("td", { class: "num" }, prefix.version),
     el("td", {}, prefix.visibility),
     el("td", {}, when(prefix.created_at)),
-    el("td", { class: "actions" }, exportButton, prefix.own ? deleteButton(prefix, status, refresh) : null),
+    el(
+      "td",
+      { class: "actions" },
+      exportButton,
+      prefix.own ? visibilityButton(prefix, status, refresh) : null,
+      prefix.own ? deleteButton(prefix, status, refresh) : null,
+    ),
   );
 }
 

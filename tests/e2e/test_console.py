@@ -166,6 +166,19 @@ def test_delete_takes_two_clicks(console: Console) -> None:
     assert response.status_code == 404
 
 
+def test_visibility_changes_in_place(console: Console) -> None:
+    page = console.page
+    row = page.locator('tr[data-prefix="alice/pirate"]')
+    before = row.locator("td").nth(6).inner_text()
+    other = "public" if before == "private" else "private"
+    row.locator("button.visibility").click()
+    expect(page.locator('tr[data-prefix="alice/pirate"] td').nth(6)).to_have_text(other)
+    got = httpx.get(f"{console.live.url}/v1/prefixes/alice/pirate", headers=bearer(console.key))
+    assert got.json()["visibility"] == other
+    page.locator('tr[data-prefix="alice/pirate"] button.visibility').click()  # and back
+    expect(page.locator('tr[data-prefix="alice/pirate"] td').nth(6)).to_have_text(before)
+
+
 def test_dropping_a_peft_folder_uploads_it(console: Console) -> None:
     page = console.page
     folder = console.adapters["pirate"]

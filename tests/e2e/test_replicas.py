@@ -250,6 +250,18 @@ def test_metrics_of_every_replica_labelled_by_replica(
     assert metrics.headers[REPLICA_HEADER].startswith("router-")  # the router answered it
 
 
+def test_the_console_is_served_through_the_router(http: httpx.Client) -> None:
+    """/console reaches a replica like any route; the operator page's /metrics is the router's
+    (every replica's series), which it parses the same way."""
+    index = http.get("/console/")
+    assert index.status_code == 200 and "<script" in index.text
+    assert "default-src 'self'" in index.headers["Content-Security-Policy"]
+    assert not index.headers[REPLICA_HEADER].startswith("router-")  # a replica answered
+    module = http.get("/console/app.js")
+    assert module.status_code == 200
+    assert module.headers["Content-Type"].startswith("text/javascript")
+
+
 def test_bodies_over_the_limits_are_refused_by_the_replica_or_before_it(
     http: httpx.Client, alice: dict[str, str]
 ) -> None:
