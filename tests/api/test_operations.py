@@ -241,9 +241,9 @@ def test_a_method_the_path_does_not_serve_is_405_with_every_method_it_does(
 ) -> None:
     tenant = new_tenant()
     for path, method, allowed in (
-        # two routes share this path (GET and DELETE): Allow names both, whichever answered
-        ("/v1/prefixes/alice/pirate", "PUT", {"GET", "DELETE"}),
-        ("/v1/prefixes/alice/pirate", "POST", {"GET", "DELETE"}),
+        # three routes share this path (GET, PATCH, DELETE): Allow names all, whichever answered
+        ("/v1/prefixes/alice/pirate", "PUT", {"GET", "PATCH", "DELETE"}),
+        ("/v1/prefixes/alice/pirate", "POST", {"GET", "PATCH", "DELETE"}),
         ("/v1/generate", "GET", {"POST"}),
         ("/v1/prefixes", "PATCH", {"GET", "POST"}),
     ):
