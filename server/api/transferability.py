@@ -22,11 +22,16 @@ from fastapi.concurrency import run_in_threadpool
 from prefixes import CompiledPrefix
 from prefixes.catalog.records import PrefixInfo
 from prefixes.errors import NotFound
+from prefixes.usage.records import Failure
 from server.api.errors import ApiError
 from server.api.generation import pin
+from server.api.rate_limit_headers import rate_limited, show_rate_limits
+from server.api.rate_limits import RateLimited, TooLarge
 from server.api.services import Ready
+from server.api.usage import CallUsage
 from server.engine.gate import Overloaded
 from server.engine.request import NonFiniteOutput, SamplingParams
+from server.engine.request import Request as EngineRequest
 from server.engine.stream import RequestStream, Result
 from server.train import Example
 from server.tuning.data import parse_records, to_examples
@@ -121,7 +126,9 @@ async def rank_candidates(
                 field="training_file",
             )  # fmt: skip
         prefixes: list[Prefix] = [None, *pins]
-        losses = await score(server, tenant, prefixes, examples, http_request)
+        models = (server.loaded.model_id, *(info.id for info in infos))
+        usage = admit_tokens(server, tenant, models, examples, http_request)
+        losses = await score(server, tenant, prefixes, models, examples, http_request, usage)
     finally:
         for _, shared in pins:
             shared.drop()
@@ -183,14 +190,49 @@ Prefix = tuple[CompiledPrefix, SharedPin] | None  # None: the base model
 Outcome = LossSum | str  # a candidate's summed loss, or why it has none
 
 
+def admit_tokens(
+    server: Ready,
+    tenant: str,
+    models: tuple[str, ...],
+    examples: list[Example],
+    http_request: Request,
+) -> CallUsage:
+    """Reserve every row's prompt tokens against the tenant's tokens per minute, or refuse the
+    scoring with 429 before any row is queued; each row counts in usage under its candidate
+    (`models`, by the prefixes' order: the base model first)."""
+    reserved = sum(len(example.input_ids) for example in examples) * len(models)
+    usage = CallUsage(server.usage_meter, server.rate_limiter, tenant, models, reserved)
+    try:
+        snapshot = server.rate_limiter.reserve_tokens(tenant, reserved)
+    except RateLimited as exc:
+        usage.refused(Failure.RATE_LIMITED)
+        raise rate_limited(http_request, exc) from None
+    except TooLarge:
+        usage.refused(Failure.INVALID)
+        _, limit = server.rate_limiter.limits(tenant)
+        raise ApiError(
+            400, "invalid_request",
+            f"sample_size: scoring {len(examples)} examples under {len(models) - 1} candidates "
+            f"and the base model reserves {reserved} prompt tokens, more than tenant "
+            f"{tenant!r}'s {limit} tokens per minute: ask for a smaller sample_size or fewer "
+            "candidates",
+            field="sample_size",
+        ) from None  # fmt: skip
+    show_rate_limits(http_request, snapshot)
+    return usage
+
+
 async def score(
     server: Ready,
     tenant: str,
     prefixes: list[Prefix],
+    models: tuple[str, ...],
     examples: list[Example],
     http_request: Request,
+    usage: CallUsage,
 ) -> list[Outcome]:
-    """Each prefix's loss over the examples: every pair one row, at most a window in flight."""
+    """Each prefix's loss over the examples: every pair one row, at most a window in flight.
+    Each row counts in `usage` under its prefix's entry of `models`."""
     rows = [(p, e) for e in range(len(examples)) for p in range(len(prefixes))]
     sums: list[Outcome] = [LossSum() for _ in prefixes]
     window = max(1, server.engine.gate.tenant_queue_limit // 2)
@@ -202,9 +244,12 @@ async def score(
             while next_row < len(rows) and len(running) < window:
                 p, e = rows[next_row]
                 try:
-                    stream = submit(server, tenant, prefixes[p], examples[e])
+                    stream = submit(
+                        server, tenant, prefixes[p], examples[e], usage.on_finish_as(models[p])
+                    )
                 except Overloaded:
                     if not running:
+                        usage.refused(Failure.OVERLOADED)
                         raise  # nothing of ours to wait for: 429, as for any request
                     break  # the tenant's queue is full: wait for one of ours to finish
                 streams.append(stream)
@@ -223,10 +268,17 @@ async def score(
             future.cancel()
         for stream in streams:
             stream.cancel()  # no-op for finished rows
+        usage.started(len(streams))  # the reservation is settled once they have all left
     return sums
 
 
-def submit(server: Ready, tenant: str, prefix: Prefix, example: Example) -> RequestStream:
+def submit(
+    server: Ready,
+    tenant: str,
+    prefix: Prefix,
+    example: Example,
+    on_finish: Callable[[EngineRequest], None],
+) -> RequestStream:
     compiled, release = (None, None) if prefix is None else (prefix[0], prefix[1].for_row())
     return server.engine.submit(
         example.input_ids,
@@ -235,6 +287,7 @@ def submit(server: Ready, tenant: str, prefix: Prefix, example: Example) -> Requ
         release=release,
         tenant=tenant,
         stream_text=False,
+        on_finish=on_finish,
     )
 
 

@@ -11,6 +11,7 @@ the leader's tokens, which the answer reports once), the prefix's virtual tokens
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 from prefixes.usage.meter import UsageMeter
 from prefixes.usage.records import Counts, Failure
@@ -70,12 +71,20 @@ class CallUsage:
         return self.models[request.group.members.index(request)]
 
     def on_finish(self, request: Request) -> None:
+        self._count(request, self.model_of(request))
+
+    def on_finish_as(self, model: str) -> Callable[[Request], None]:
+        """The hook of a row that counts under `model` whatever its group (a transferability
+        scoring's rows: each runs one candidate, or the base model, alone)."""
+        return lambda request: self._count(request, model)
+
+    def _count(self, request: Request, model: str) -> None:
         counts = row_counts(request)
         with self._lock:
             counts.requests = 1 if self._finished == 0 else 0
             self._finished += 1
             self._used += counts.prompt_tokens + counts.completion_tokens
-        self.meter.add(self.tenant, self.model_of(request), counts)
+        self.meter.add(self.tenant, model, counts)
         self._settle_if_done()
 
     def started(self, rows: int) -> None:

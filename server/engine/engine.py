@@ -116,11 +116,13 @@ class Engine:
         release: Callable[[], None] | None = None,
         tenant: str = "default",
         stream_text: bool = True,
+        on_finish: Callable[[Request], None] | None = None,
     ) -> RequestStream:
         """Queue a request; call from a coroutine. Raises InvalidRequest, Overloaded, EngineStopped.
 
         `release` is called once when the request leaves the engine (it unpins the prefix
-        version the request started with), also when `submit` itself raises.
+        version the request started with), also when `submit` itself raises; `on_finish` with
+        the request when it leaves (not when `submit` raises).
         """
         (stream,) = self.submit_group(
             prompt_token_ids,
@@ -128,6 +130,7 @@ class Engine:
             [(prefix, release)],
             tenant=tenant,
             stream_text=stream_text,
+            on_finish=on_finish,
         )
         return stream
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from peft import PeftModel
 from server.models import LoadedModel
 from server.train import Example, PrefixTrainer, TrainConfig
 from tests.api.conftest import (
+    NUM_VIRTUAL_TOKENS,
     MakeClient,
     Response,
     TenantAuth,
@@ -30,6 +32,8 @@ from tests.api.conftest import (
     peft_files,
     upload,
 )
+from tests.api.test_rate_limits import limits, patch_limits
+from tests.api.test_usage import settled, usage_rows
 from tests.api.tuning import jsonl, training_file, upload_file, worded
 
 ROUTE = "/v1/fine_tuning/transferability"
@@ -242,6 +246,48 @@ def test_bad_requests_are_clear_4xx_and_reveal_nothing(
         response = rank(client, alice, training_file=own, candidates=["mine"])
         assert response.status_code == 200, response.text
         assert [entry["prefix"] for entry in response.json()["data"]] == ["alice/mine"]
+
+
+def test_a_scoring_is_held_to_the_token_limit_and_counted_in_usage(
+    make_client: MakeClient, loaded: LoadedModel, adapters: dict[str, Path]
+) -> None:
+    """Every row's prompt tokens are reserved before any is queued (beyond the whole limit 400,
+    beyond what is left 429 with Retry-After), and each row counts in usage under its prefix."""
+    model = worded(loaded, chat=False)
+    with make_client(model=model, usage_flush_interval=0.05) as client:
+        alice = create_tenant(client, "alice")
+        assert upload(client, alice, peft_files(adapters["prefix"]), name="mine").status_code == 201
+        records = [{"prompt": p, "completion": TASK} for p in FILE_PROMPTS[:3]]
+        file_id = training_file(client, alice, records)
+        tokenizer: Any = model.tokenizer
+        tokens = sum(  # each example's tokens, as the training file's examples are made
+            len(tokenizer.encode(r["prompt"]))
+            + len(tokenizer.encode(r["completion"], add_special_tokens=False))
+            + (tokenizer.eos_token_id is not None)
+            for r in records
+        )
+        body = {"training_file": file_id, "candidates": ["mine"], "sample_size": 3}
+        reserved = 2 * tokens  # the base model's rows and the candidate's
+
+        patch_limits(client, "alice", tokens_per_minute=reserved - 1)
+        error = assert_error(rank(client, alice, **body), 400, "sample_size")
+        assert str(reserved) in error["message"]
+
+        patch_limits(client, "alice", tokens_per_minute=reserved + reserved // 2)
+        first = rank(client, alice, **body)
+        assert first.status_code == 200, first.text
+        assert int(limits(first)["tokens.remaining"]) <= reserved // 2
+        second = rank(client, alice, **body)
+        assert_error(second, 429)
+        assert int(second.headers["retry-after"]) >= 1
+        model_id = first.json()["model"]
+        settled(client, alice.api_key, {
+            model_id: Counter(rows=3, prompt_tokens=tokens, failed_invalid=1,
+                              failed_rate_limited=1),
+            "alice/mine": Counter(rows=3, prompt_tokens=tokens,
+                                  virtual_tokens=3 * NUM_VIRTUAL_TOKENS["prefix"]),
+        })  # fmt: skip
+        assert sum(row["requests"] for row in usage_rows(client, alice.api_key)) == 1
 
 
 def test_the_document_states_the_servers_bounds(make_client: MakeClient) -> None:
