@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from prefixes import PrefixError, RawPrefix
+from prefixes.catalog.names import parse_ref
 from prefixes.errors import AlreadyExists, CorruptBlob
 from prefixes.registry import Registry
 from prefixes.tuning.checkpointing import Checkpoints
@@ -182,7 +183,7 @@ class JobRun:
             step_tokens = sum(len(example.input_ids) for example in batch)
             trained_tokens += step_tokens
             # Counted as it trains: a job cancelled or failed midway counts what it trained.
-            self.meter.add(self.job.owner, self.job.spec.model, Counts(tuning_tokens=step_tokens))
+            self.meter.add(self.job.owner, self._usage_model, Counts(tuning_tokens=step_tokens))
             metrics: dict[str, float | int] = {
                 "step": step, "total_steps": steps, "epoch": epoch, "train_loss": loss,
             }  # fmt: skip
@@ -235,6 +236,15 @@ class JobRun:
 
     def _fail(self, error: JobError) -> None:
         self.tuning.fail(self.job, error, runner=self.runner)
+
+    @property
+    def _usage_model(self) -> str:
+        """What its tokens count under in usage: the base model, or the source prefix as
+        `owner/name` (as a generation with it counts), however the job named it."""
+        spec = self.job.spec
+        if spec.model == self.loaded.model_id:
+            return spec.model
+        return "/".join(parse_ref(spec.model, self.job.owner))
 
     def _source(self) -> RawPrefix | None:
         """The prefix training starts from (prompt transfer), as trainable values."""

@@ -155,6 +155,14 @@ def test_usage_equals_what_the_responses_reported_and_survives_a_restart(
         job = wait_status(client, alice, job["id"])
         assert job["status"] == "succeeded", job
         add(MODEL, tuning_tokens=job["trained_tokens"])
+        # One transferring from a prefix counts under it as `owner/name`, however the job named
+        # it (here by its bare name), as generations with that prefix count.
+        job = start_job(
+            client, alice, model="cut", hyperparameters={"n_epochs": 1, "batch_size": 3}
+        )
+        job = wait_status(client, alice, job["id"])
+        assert job["status"] == "succeeded", job
+        add("alice/cut", tuning_tokens=job["trained_tokens"])
 
         settled(client, alice.api_key, expected)
         # The admin sees every tenant; bob sees only his own.
