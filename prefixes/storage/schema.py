@@ -319,6 +319,22 @@ def _v6_job_leases_and_checkpoints(connection: Connection) -> None:
     metadata.tables["tuning_checkpoints"].create(connection)
 
 
+# The largest value a `seq` (an Integer key) can hold on every database: PostgreSQL's integer
+# is 32 bits. A larger number in an id names no row, and binding it would fail in the driver.
+MAX_SEQ = 2**31 - 1
+# The largest OFFSET either database binds (a signed 64-bit integer).
+MAX_OFFSET = 2**63 - 1
+
+
+def parse_seq(number: str) -> int | None:
+    """The seq an id's number names, or None: ASCII digits only (str.isdigit takes "²"), within
+    MAX_SEQ."""
+    if not (number.isascii() and number.isdigit()) or len(number) > len(str(MAX_SEQ)):
+        return None
+    seq = int(number)
+    return seq if seq <= MAX_SEQ else None
+
+
 # The counters of a usage row, in the order the API reports them (prefixes/usage/records.py).
 USAGE_COUNTS = (
     "requests",

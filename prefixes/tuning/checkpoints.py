@@ -11,7 +11,7 @@ from typing import Any
 from sqlalchemy import Connection, Row, delete, insert, select
 
 from prefixes.catalog.records import timestamp
-from prefixes.storage.schema import tuning_checkpoints
+from prefixes.storage.schema import parse_seq, tuning_checkpoints
 from prefixes.tuning.records import Checkpoint
 
 CHECKPOINT_PREFIX = "ftckpt-"
@@ -62,8 +62,9 @@ def trim(connection: Connection, job_id: str, keep: int) -> list[str]:
 
 
 def seq_of(checkpoint_id: str) -> int | None:
-    number = checkpoint_id.removeprefix(CHECKPOINT_PREFIX)
-    return int(number) if checkpoint_id.startswith(CHECKPOINT_PREFIX) and number.isdigit() else None
+    if not checkpoint_id.startswith(CHECKPOINT_PREFIX):
+        return None
+    return parse_seq(checkpoint_id.removeprefix(CHECKPOINT_PREFIX))
 
 
 def checkpoint(found: Row[Any]) -> Checkpoint:

@@ -18,7 +18,7 @@ from sqlalchemy import Connection, Row, func, insert, select, update
 
 from prefixes.catalog.records import timestamp
 from prefixes.formats.kinds import PrefixKind
-from prefixes.storage.schema import tuning_events, tuning_jobs
+from prefixes.storage.schema import parse_seq, tuning_events, tuning_jobs
 from prefixes.tuning.records import (
     Hyperparameters,
     JobError,
@@ -207,8 +207,9 @@ def events_page(
 
 
 def event_seq(event_id: str) -> int | None:
-    number = event_id.removeprefix(EVENT_PREFIX)
-    return int(number) if event_id.startswith(EVENT_PREFIX) and number.isdigit() else None
+    if not event_id.startswith(EVENT_PREFIX):
+        return None
+    return parse_seq(event_id.removeprefix(EVENT_PREFIX))
 
 
 def event(found: Row[Any]) -> JobEvent:

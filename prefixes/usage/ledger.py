@@ -19,7 +19,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from prefixes.errors import InvalidArgument
 from prefixes.storage.database import read_transaction, write_transaction
-from prefixes.storage.schema import USAGE_COUNTS, usage
+from prefixes.storage.schema import MAX_OFFSET, USAGE_COUNTS, usage
 from prefixes.usage.records import HOUR, Counts, UsageKey, UsagePage, UsageRow
 
 DAY = 24 * HOUR
@@ -110,6 +110,6 @@ def decode_cursor(cursor: str | None) -> int:
         offset = json.loads(base64.urlsafe_b64decode(cursor.encode()))["offset"]
     except (ValueError, KeyError, TypeError):
         offset = None
-    if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
+    if not isinstance(offset, int) or isinstance(offset, bool) or not 0 <= offset <= MAX_OFFSET:
         raise InvalidArgument("cursor", "the `next` value of a previous page", repr(cursor))
     return offset

@@ -361,6 +361,17 @@ def test_a_jobs_checkpoints_are_listed_with_their_step_and_metrics(
             "ftjob-" + "0" * 24, "ID"
         )
         assert_error(checkpoints(client, alice, job["id"], after="ftevent-1"), 400, "after")
+        # numbers no checkpoint can have: not ASCII digits ("²" is a digit to Python), beyond
+        # what the database's integer holds
+        for number in ("²", "٣", "9" * 20, str(2**31)):
+            response = checkpoints(client, alice, job["id"], after=f"ftckpt-{number}")
+            assert_error(response, 400, "after")
+            listed = client.get(
+                f"/v1/fine_tuning/jobs/{job['id']}/events",
+                params={"after": f"ftevent-{number}"},
+                headers=alice.headers,
+            )
+            assert_error(listed, 400, "after")
         assert checkpoints(client, alice, job["id"], limit=0).status_code == 422
         assert checkpoints(client, alice, job["id"], limit=101).status_code == 422
 

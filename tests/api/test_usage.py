@@ -5,6 +5,8 @@ is on the flush having happened, with a deadline."""
 
 from __future__ import annotations
 
+import base64
+import json
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -70,6 +72,11 @@ def settled(client: TestClient, key: str, expected: dict[str, Counter[str]]) -> 
         wait_for(equal, "the usage to be flushed", timeout=20)
     except AssertionError:
         assert seen == expected  # shows the difference
+
+
+def cursor_of(offset: object) -> str:
+    """A cursor as the server encodes one, holding any offset (a crafted one)."""
+    return base64.urlsafe_b64encode(json.dumps({"offset": offset}).encode()).decode()
 
 
 def native(client: TestClient, who: TenantAuth, **body: Any) -> dict[str, Any]:
@@ -189,7 +196,9 @@ def test_a_tenant_sees_only_its_own_usage_and_the_query_is_checked(
         response = client.get("/v1/usage", params={"tenant": "bob"}, headers=alice.headers)
         assert response.status_code == 403, response.text
         bad = [({"group_by": "week"}, "group_by"), ({"start": -1}, "start"),
-               ({"start": 7200, "end": 3600}, "end"), ({"cursor": "x"}, "cursor")]  # fmt: skip
+               ({"start": 7200, "end": 3600}, "end"), ({"cursor": "x"}, "cursor"),
+               ({"cursor": cursor_of(10**20)}, "cursor"), ({"cursor": cursor_of(-1)}, "cursor"),
+               ({"cursor": cursor_of(True)}, "cursor")]  # fmt: skip
         for params, field in bad:
             response = client.get("/v1/usage", params=params, headers=alice.headers)
             assert response.status_code in (400, 422), response.text
