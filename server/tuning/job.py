@@ -53,6 +53,11 @@ class Diverged(Exception):
     """The loss is no longer a number: the job fails rather than register a broken prefix."""
 
 
+class SourceChanged(Exception):
+    """The prefix a job transfers from was replaced, between the job's creation and its start,
+    by a version the job cannot start from (another kind or length)."""
+
+
 @dataclass(frozen=True, slots=True)
 class TrainingData:
     training: list[Example]
@@ -103,6 +108,8 @@ class JobRun:
         except Diverged as exc:
             param = "hyperparameters.learning_rate_multiplier"
             self._fail(JobError("training_diverged", str(exc), param))
+        except SourceChanged as exc:
+            self._fail(JobError("source_changed", str(exc), "model"))
         except AlreadyExists:  # its name was taken while it trained
             taken = plan.suffix_taken(self.job.owner, self.job.spec.suffix)
             self._fail(JobError("AlreadyExists", taken.message, taken.field))
@@ -253,6 +260,16 @@ class JobRun:
             return None
         # Resolved again: the source may have a new version (of another kind) since planning.
         source = self.registry.resolve(spec.model, tenant=self.job.owner)
+        try:
+            transfer.check_source(source, spec.method, spec.num_virtual_tokens)
+        except TuningError:
+            raise SourceChanged(
+                f"model: {source.id} changed after this job was created: its version "
+                f"{source.version} is {source.kind.value} of {source.num_virtual_tokens} "
+                f"virtual tokens, which this {spec.method.value} job of "
+                f"{spec.num_virtual_tokens} virtual tokens cannot start from; create the job "
+                "again to start from it"
+            ) from None
         return transfer.initial_values(source, spec.method, self.registry, self.job.owner)
 
     @contextmanager

@@ -22,9 +22,11 @@ from tests.api.conftest import (
     TenantAuth,
     Upload,
     assert_error,
+    create_tenant,
+    peft_files,
     upload,
 )
-from tests.api.tuning import create_job, training_file, worded
+from tests.api.tuning import create_job, training_file, wait_status, worded
 
 PROMPT = [5, 17, 200, 33, 9]
 NEW_TOKENS = 8
@@ -128,3 +130,39 @@ def test_an_impossible_pair_or_another_length_is_a_400_naming_both(
     assert listed.status_code == 200 and listed.json()["data"] == []
     assert served_tokens(client, alice, "alice/keys")
     assert served_tokens(client, bob, "bob/secret")
+
+
+def test_a_source_replaced_before_the_job_starts_fails_it_naming_both(
+    make_client: Any, model: LoadedModel, adapters: dict[str, Path]
+) -> None:
+    """Jobs wait queued (no job may run) while their source is overwritten by a version of
+    another kind and length: each fails as `source_changed` naming the source's new version and
+    the job's method and length, never as an internal error; the source serves its new self."""
+    with make_client(model=model, max_running_jobs=0) as client:
+        alice = create_tenant(client, "alice")
+        sent = upload(client, alice, peft_files(adapters["prompt"]), name="soft")
+        assert sent.status_code == 201, sent.text
+        file_id = training_file(client, alice)
+        prompt_method = {"type": "prompt_tuning"}
+        jobs = [
+            create_job(client, alice, file_id, model="soft", method=prompt_method, suffix="a"),
+            create_job(client, alice, file_id, model="soft", suffix="b"),  # prefix tuning
+        ]
+        for job in jobs:
+            assert job.status_code == 200, job.text
+            assert wait_status(client, alice, job.json()["id"], {"queued"})["status"] == "queued"
+        files = peft_files(adapters["prefix"])
+        replaced = upload(client, alice, files, name="soft", overwrite="true")
+        assert replaced.status_code == 201, replaced.text
+        worker = client.app.state.services.worker  # type: ignore[attr-defined]
+        worker.max_running = 2
+        worker.wake()
+        length = NUM_VIRTUAL_TOKENS["prompt"]
+        for job, method in zip(jobs, ("prompt_tuning", "prefix_tuning"), strict=True):
+            ended = wait_status(client, alice, job.json()["id"])
+            assert ended["status"] == "failed", ended
+            error = ended["error"]
+            assert (error["code"], error["param"]) == ("source_changed", "model"), error
+            for word in ("alice/soft", "version 2", "prefix_tuning", method, f"of {length}"):
+                assert word in error["message"], error
+        assert served_tokens(client, alice, "alice/soft")
