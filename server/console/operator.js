@@ -49,10 +49,17 @@ async function tenantDetail(name, box) {
     event.preventDefault();
     error.textContent = "";
     const body = {};
-    for (const [field] of QUOTAS) {
+    for (const [field, label] of QUOTAS) {
       const value = inputs[field].value.trim();
       if (value === "") continue;
-      body[field] = value === "default" ? null : Number(value); // the server checks the rest
+      // Only digits: Number("1,000") is NaN, which JSON sends as null, and null means "the
+      // default again", so a typo would silently lift the limit. The server checks the range.
+      if (value !== "default" && !/^[0-9]+$/.test(value)) {
+        error.textContent = `${label}: expected a whole number, “default” or blank, found “${value}”; nothing was changed`;
+        inputs[field].focus();
+        return;
+      }
+      body[field] = value === "default" ? null : Number(value);
     }
     try {
       await call("PATCH", `/v1/tenants/${encodeURIComponent(name)}`, { json: body });
