@@ -322,8 +322,8 @@ def _v6_job_leases_and_checkpoints(connection: Connection) -> None:
 # The largest value a `seq` (an Integer key) can hold on every database: PostgreSQL's integer
 # is 32 bits. A larger number in an id names no row, and binding it would fail in the driver.
 MAX_SEQ = 2**31 - 1
-# The largest OFFSET either database binds (a signed 64-bit integer).
-MAX_OFFSET = 2**63 - 1
+# The largest value a BigInteger column holds (a signed 64-bit integer), as either database binds.
+MAX_BIGINT = 2**63 - 1
 
 
 def parse_seq(number: str) -> int | None:

@@ -14,12 +14,12 @@ from collections.abc import Mapping
 from enum import Enum
 from typing import Any
 
-from sqlalchemy import Connection, Engine, func, select
+from sqlalchemy import Connection, Engine, Row, func, literal, select, tuple_
 from sqlalchemy.dialects import postgresql, sqlite
 
 from prefixes.errors import InvalidArgument
 from prefixes.storage.database import read_transaction, write_transaction
-from prefixes.storage.schema import MAX_OFFSET, USAGE_COUNTS, usage
+from prefixes.storage.schema import MAX_BIGINT, USAGE_COUNTS, usage
 from prefixes.usage.records import HOUR, Counts, UsageKey, UsagePage, UsageRow
 
 DAY = 24 * HOUR
@@ -69,47 +69,57 @@ class UsageLedger:
         cursor: str | None = None,
     ) -> UsagePage:
         """Usage in [start, end) (Unix seconds; hours that start in it), of one tenant or of
-        all (None), grouped, ordered by bucket, tenant and model; `limit` rows a page."""
+        all (None), grouped, ordered by bucket, tenant and model; `limit` rows a page.
+
+        Pages are keyed, not counted: a cursor holds the last row's key and the next page
+        starts after it, so rows the flusher adds meanwhile never shift a page (an offset over
+        a table that keeps growing would show a row twice or skip one)."""
         sums = [func.sum(usage.c[name]).label(name) for name in USAGE_COUNTS]
         keys: list[Any] = [usage.c.tenant, usage.c.model]
         if group_by is not GroupBy.PREFIX:
             size = HOUR if group_by is GroupBy.HOUR else DAY
-            keys.insert(0, ((usage.c.hour // size) * size).label("bucket"))
-        query = (
-            select(*keys, *sums)
-            .where(usage.c.hour >= start, usage.c.hour < end)
-            .group_by(*keys)
-            .order_by(*keys)
-        )
+            keys.insert(0, (usage.c.hour // size) * size)
+        query = select(*keys, *sums).where(usage.c.hour >= start, usage.c.hour < end)
         if tenant is not None:
             query = query.where(usage.c.tenant == tenant)
-        offset = decode_cursor(cursor)
+        after = decode_cursor(cursor, bucketed=group_by is not GroupBy.PREFIX)
+        if after is not None:  # a group's key is its rows' key: filter the rows
+            query = query.where(tuple_(*keys) > tuple_(*(literal(value) for value in after)))
+        query = query.group_by(*keys).order_by(*keys).limit(limit + 1)
         with read_transaction(self.database) as connection:
-            found = connection.execute(query.offset(offset).limit(limit + 1)).all()
-        rows = [
-            UsageRow(
-                start if group_by is GroupBy.PREFIX else int(row.bucket),
-                row.tenant,
-                row.model,
-                Counts(**{name: int(getattr(row, name)) for name in USAGE_COUNTS}),
-            )
-            for row in found[:limit]
-        ]
-        more = len(found) > limit
-        return UsagePage(rows, encode_cursor(offset + limit) if more else None)
+            found = connection.execute(query).all()
+        rows = [usage_row(row, start, bucketed=group_by is not GroupBy.PREFIX) for row in found]
+        if len(rows) <= limit:
+            return UsagePage(rows, None)
+        last = rows[limit - 1]
+        key = (last.start, last.tenant, last.model or "")
+        return UsagePage(rows[:limit], encode_cursor(key if len(keys) == 3 else key[1:]))
 
 
-def encode_cursor(offset: int) -> str:
-    return base64.urlsafe_b64encode(json.dumps({"offset": offset}).encode()).decode()
+def usage_row(row: Row[Any], start: int, *, bucketed: bool) -> UsageRow:
+    counts = Counts(**{name: int(getattr(row, name)) for name in USAGE_COUNTS})
+    return UsageRow(int(row[0]) if bucketed else start, row.tenant, row.model, counts)
 
 
-def decode_cursor(cursor: str | None) -> int:
+def encode_cursor(key: tuple[Any, ...]) -> str:
+    return base64.urlsafe_b64encode(json.dumps({"after": list(key)}).encode()).decode()
+
+
+def decode_cursor(cursor: str | None, *, bucketed: bool) -> tuple[Any, ...] | None:
+    """The key a page starts after: [bucket,] tenant, model, as `encode_cursor` wrote it for
+    the same grouping; anything else is a 400 naming `cursor`."""
     if cursor is None:
-        return 0
+        return None
     try:
-        offset = json.loads(base64.urlsafe_b64decode(cursor.encode()))["offset"]
+        key = json.loads(base64.urlsafe_b64decode(cursor.encode()))["after"]
     except (ValueError, KeyError, TypeError):
-        offset = None
-    if not isinstance(offset, int) or isinstance(offset, bool) or not 0 <= offset <= MAX_OFFSET:
+        key = None
+    shape: tuple[type, ...] = (int, str, str) if bucketed else (str, str)
+    if not (
+        isinstance(key, list)
+        and len(key) == len(shape)
+        and all(type(value) is kind for value, kind in zip(key, shape, strict=True))
+        and (not bucketed or 0 <= key[0] <= MAX_BIGINT)
+    ):
         raise InvalidArgument("cursor", "the `next` value of a previous page", repr(cursor))
-    return offset
+    return tuple(key)

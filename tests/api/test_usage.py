@@ -74,9 +74,9 @@ def settled(client: TestClient, key: str, expected: dict[str, Counter[str]]) -> 
         assert seen == expected  # shows the difference
 
 
-def cursor_of(offset: object) -> str:
-    """A cursor as the server encodes one, holding any offset (a crafted one)."""
-    return base64.urlsafe_b64encode(json.dumps({"offset": offset}).encode()).decode()
+def cursor_of(key: object) -> str:
+    """A cursor as the server encodes one, holding any key (a crafted one)."""
+    return base64.urlsafe_b64encode(json.dumps({"after": key}).encode()).decode()
 
 
 def native(client: TestClient, who: TenantAuth, **body: Any) -> dict[str, Any]:
@@ -197,8 +197,10 @@ def test_a_tenant_sees_only_its_own_usage_and_the_query_is_checked(
         assert response.status_code == 403, response.text
         bad = [({"group_by": "week"}, "group_by"), ({"start": -1}, "start"),
                ({"start": 7200, "end": 3600}, "end"), ({"cursor": "x"}, "cursor"),
-               ({"cursor": cursor_of(10**20)}, "cursor"), ({"cursor": cursor_of(-1)}, "cursor"),
-               ({"cursor": cursor_of(True)}, "cursor")]  # fmt: skip
+               ({"cursor": cursor_of(["alice"])}, "cursor"),
+               ({"cursor": cursor_of([1, "alice"])}, "cursor"),
+               ({"cursor": cursor_of([10**20, "alice", "m"]), "group_by": "hour"}, "cursor"),
+               ({"cursor": cursor_of(["alice", "m"]), "group_by": "hour"}, "cursor")]  # fmt: skip
         for params, field in bad:
             response = client.get("/v1/usage", params=params, headers=alice.headers)
             assert response.status_code in (400, 422), response.text

@@ -3,6 +3,8 @@ same rows, and what a kill -9 loses is bounded by the flush interval."""
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import signal
 import subprocess
@@ -12,12 +14,13 @@ from pathlib import Path
 
 import pytest
 
+from prefixes.errors import InvalidArgument
 from prefixes.storage.database import open_engine
 from prefixes.storage.schema import migrate
 from prefixes.usage.flusher import UsageFlusher
 from prefixes.usage.ledger import GroupBy, UsageLedger
 from prefixes.usage.meter import UsageMeter
-from prefixes.usage.records import Counts
+from prefixes.usage.records import Counts, UsageKey
 
 NOW = 1_700_000_000.0  # a fixed hour, so both writers land in the same row
 
@@ -103,4 +106,72 @@ def test_a_kill_9_loses_only_what_was_not_yet_flushed(tmp_path: Path) -> None:
     found = totals(UsageLedger(engine))
     assert found["alice:flushed"].requests == 7  # written before the kill: kept, whole
     assert "alice:unflushed" not in found  # gathered after the last flush: lost
+    engine.dispose()
+
+
+@pytest.mark.parametrize("group_by", list(GroupBy))
+def test_pages_never_shift_when_rows_are_added_meanwhile(
+    registry_url: str, group_by: GroupBy
+) -> None:
+    """Paging one row at a time while the flusher adds rows that sort before and after the
+    page being read: every row that existed at the start is read exactly once, in order, with
+    the base model's refusals (model "") among them, on either database."""
+    engine = open_engine(registry_url)
+    migrate(engine)
+    ledger = UsageLedger(engine)
+    hour = int(NOW) // 3600 * 3600
+    first = {
+        UsageKey(tenant, model, hour + h): Counts(requests=1)
+        for tenant in ("bob", "carol", "dave")
+        for model in ("", "x/a", "x/b")
+        for h in (0, 3600)
+    }
+    ledger.add(first)
+    start, end = hour, hour + 7200
+    seen: list[tuple[int, str, str | None]] = []
+    cursor = None
+    for added in range(1, 100):  # there are 20 rows at most: more pages would be a shift
+        page = ledger.report(
+            tenant=None, start=start, end=end, group_by=group_by, limit=1, cursor=cursor
+        )
+        seen += [(row.start, row.tenant, row.model) for row in page.rows]
+        # each time a new row sorting first; once a new one among those still to come
+        batch = {UsageKey("aaron", f"n/{added}", hour): Counts(requests=1)}
+        if added == 1:
+            batch[UsageKey("carol", "x/c", hour)] = Counts(requests=1)
+        ledger.add(batch)
+        cursor = page.next_cursor
+        if cursor is None:
+            break
+    assert cursor is None, seen
+    everything = ledger.report(tenant=None, start=start, end=end, group_by=group_by, limit=1000)
+    listed = [(row.start, row.tenant, row.model) for row in everything.rows]
+    assert seen == sorted(set(seen), key=listed.index)  # once each, in the report's order
+    before = {(row.tenant, row.model) for row in everything.rows if row.tenant in ("bob", "dave")}
+    assert {(t, m) for _, t, m in seen if t in ("bob", "dave")} == before
+    assert ("bob", "") in before and not any(t == "aaron" for _, t, _ in seen)
+    assert sum((t, m) == ("carol", "x/c") for _, t, m in seen) == 1
+    engine.dispose()
+
+
+CRAFTED = [
+    {"offset": 10},  # an older form
+    {"after": [10**20, "a", "b"]},  # beyond a 64-bit bucket
+    {"after": ["a"]},
+    {"after": [True, "a", "b"]},
+    {"after": [1, 2, "b"]},
+    [],
+]
+
+
+@pytest.mark.parametrize("after", CRAFTED)
+def test_a_crafted_cursor_is_refused_naming_it(tmp_path: Path, after: object) -> None:
+    engine = open_engine(f"sqlite:///{tmp_path / 'usage.sqlite3'}")
+    migrate(engine)
+    cursor = base64.urlsafe_b64encode(json.dumps(after).encode()).decode()
+    with pytest.raises(InvalidArgument) as refused:
+        UsageLedger(engine).report(
+            tenant=None, start=0, end=2**40, group_by=GroupBy.HOUR, limit=5, cursor=cursor
+        )
+    assert refused.value.field == "cursor"
     engine.dispose()
