@@ -12,3 +12,8 @@ class TuningError(ValueError):
         self.field = field
         self.message = message
         self.line = line
+
+
+class SourceChanged(Exception):
+    """The prefix a job transfers from was replaced, after the job was created, by a version
+    the job cannot start from (another kind or length): the job fails naming both."""

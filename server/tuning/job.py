@@ -35,7 +35,7 @@ from server.train import Example, PrefixTrainer
 from server.tuning import checkpoint, plan, transfer
 from server.tuning.checkpoint import START, Progress, Schedule
 from server.tuning.data import parse_records, to_examples
-from server.tuning.errors import TuningError
+from server.tuning.errors import SourceChanged, TuningError
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +51,6 @@ class Interrupted(Exception):
 
 class Diverged(Exception):
     """The loss is no longer a number: the job fails rather than register a broken prefix."""
-
-
-class SourceChanged(Exception):
-    """The prefix a job transfers from was replaced, between the job's creation and its start,
-    by a version the job cannot start from (another kind or length)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,17 +255,9 @@ class JobRun:
             return None
         # Resolved again: the source may have a new version (of another kind) since planning.
         source = self.registry.resolve(spec.model, tenant=self.job.owner)
-        try:
-            transfer.check_source(source, spec.method, spec.num_virtual_tokens)
-        except TuningError:
-            raise SourceChanged(
-                f"model: {source.id} changed after this job was created: its version "
-                f"{source.version} is {source.kind.value} of {source.num_virtual_tokens} "
-                f"virtual tokens, which this {spec.method.value} job of "
-                f"{spec.num_virtual_tokens} virtual tokens cannot start from; create the job "
-                "again to start from it"
-            ) from None
-        return transfer.initial_values(source, spec.method, self.registry, self.job.owner)
+        return transfer.initial_values(
+            source, spec.method, self.registry, self.job.owner, spec.num_virtual_tokens
+        )
 
     @contextmanager
     def _turn(self) -> Iterator[None]:

@@ -20,7 +20,7 @@ from __future__ import annotations
 from prefixes import PrefixKind, RawPrefix
 from prefixes.catalog.records import PrefixInfo
 from prefixes.registry import Registry
-from server.tuning.errors import TuningError
+from server.tuning.errors import SourceChanged, TuningError
 
 
 def check_source(source: PrefixInfo, method: PrefixKind, wanted_tokens: int | None) -> int:
@@ -51,14 +51,34 @@ def check_source(source: PrefixInfo, method: PrefixKind, wanted_tokens: int | No
 
 
 def initial_values(
-    source: PrefixInfo, method: PrefixKind, registry: Registry, tenant: str
+    source: PrefixInfo,
+    method: PrefixKind,
+    registry: Registry,
+    tenant: str,
+    tokens: int | None = None,
 ) -> RawPrefix:
-    """The trainable values a job of `method` starts with, from `source` (already checked)."""
-    check_source(source, method, None)
+    """The trainable values a job of `method` (and of `tokens` virtual tokens, when given)
+    starts with, from `source`. The version checked is the version read: SourceChanged if the
+    job cannot start from it (the source was replaced since the job was planned)."""
+    still_fits(source, method, tokens)
     if method is PrefixKind.PREFIX_TUNING and source.kind.is_soft_prompt:
-        with registry.acquire(source.id, tenant=tenant) as handle:
+        with registry.acquire(source.id, tenant=tenant) as handle:  # the newest version
+            still_fits(handle.info, method, tokens)  # any kind's compiled KV will do
             return RawPrefix(PrefixKind.PREFIX_TUNING, handle.prefix.kv.float().cpu())
     own = registry.parameters(source)
     if method is PrefixKind.PROMPT_TUNING:  # P-tuning's encoder output is a soft prompt
         return RawPrefix(PrefixKind.PROMPT_TUNING, own.tensor)
     return own  # prefix tuning's keys and values (as kept, or compiled for an old version)
+
+
+def still_fits(source: PrefixInfo, method: PrefixKind, tokens: int | None) -> None:
+    try:
+        check_source(source, method, tokens)
+    except TuningError:
+        raise SourceChanged(
+            f"model: {source.id} changed after this job was created: its version "
+            f"{source.version} is {source.kind.value} of {source.num_virtual_tokens} virtual "
+            f"tokens, which this {method.value} job"
+            + ("" if tokens is None else f" of {tokens} virtual tokens")
+            + " cannot start from; create the job again to start from it"
+        ) from None

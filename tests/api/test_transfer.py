@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 from prefixes import PrefixKind, read_upload
 from server.models import LoadedModel
 from server.train import PrefixTrainer, TrainConfig
+from server.tuning.errors import SourceChanged
 from server.tuning.transfer import initial_values
 from tests.api.conftest import (
     NUM_VIRTUAL_TOKENS,
@@ -166,3 +167,18 @@ def test_a_source_replaced_before_the_job_starts_fails_it_naming_both(
             for word in ("alice/soft", "version 2", "prefix_tuning", method, f"of {length}"):
                 assert word in error["message"], error
         assert served_tokens(client, alice, "alice/soft")
+
+
+def test_a_source_replaced_while_the_job_reads_it_is_checked_as_read(
+    client: TestClient, tenant: TenantAuth, upload_adapter: Upload
+) -> None:
+    """The version a job read the source's info from is replaced before its values are read:
+    the values come from the version actually pinned, checked again, never a mismatch."""
+    upload_adapter(tenant, "soft", "prompt")
+    registry = client.app.state.services.registry  # type: ignore[attr-defined]
+    stale = registry.resolve("soft", tenant="alice")
+    upload_adapter(tenant, "soft", "prefix", overwrite="true")
+    length = NUM_VIRTUAL_TOKENS["prompt"]
+    with pytest.raises(SourceChanged) as changed:
+        initial_values(stale, PrefixKind.PREFIX_TUNING, registry, "alice", length)
+    assert "version 2" in str(changed.value) and "prefix_tuning" in str(changed.value)
