@@ -9,12 +9,13 @@ nothing is read first.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 from collections.abc import Mapping
 from enum import Enum
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Connection, Engine, Row, func, literal, select, tuple_
+from sqlalchemy import Connection, Engine, Row, String, func, literal, select, tuple_
 from sqlalchemy.dialects import postgresql, sqlite
 
 from prefixes.errors import InvalidArgument
@@ -82,7 +83,7 @@ class UsageLedger:
         query = select(*keys, *sums).where(usage.c.hour >= start, usage.c.hour < end)
         if tenant is not None:
             query = query.where(usage.c.tenant == tenant)
-        after = decode_cursor(cursor, bucketed=group_by is not GroupBy.PREFIX)
+        after = decode_cursor(cursor, group_by)
         if after is not None:  # a group's key is its rows' key: filter the rows
             query = query.where(tuple_(*keys) > tuple_(*(literal(value) for value in after)))
         query = query.group_by(*keys).order_by(*keys).limit(limit + 1)
@@ -92,8 +93,8 @@ class UsageLedger:
         if len(rows) <= limit:
             return UsagePage(rows, None)
         last = rows[limit - 1]
-        key = (last.start, last.tenant, last.model or "")
-        return UsagePage(rows[:limit], encode_cursor(key if len(keys) == 3 else key[1:]))
+        key = (last.start, last.tenant, last.model)
+        return UsagePage(rows[:limit], encode_cursor(group_by, key if len(keys) == 3 else key[1:]))
 
 
 def usage_row(row: Row[Any], start: int, *, bucketed: bool) -> UsageRow:
@@ -101,25 +102,59 @@ def usage_row(row: Row[Any], start: int, *, bucketed: bool) -> UsageRow:
     return UsageRow(int(row[0]) if bucketed else start, row.tenant, row.model, counts)
 
 
-def encode_cursor(key: tuple[Any, ...]) -> str:
-    return base64.urlsafe_b64encode(json.dumps({"after": list(key)}).encode()).decode()
+MAX_CURSOR = 2048  # characters: a key of the longest tenant and model names fits well within
 
 
-def decode_cursor(cursor: str | None, *, bucketed: bool) -> tuple[Any, ...] | None:
+def encode_cursor(group_by: GroupBy, key: tuple[Any, ...]) -> str:
+    payload = {"group_by": group_by.value, "after": list(key)}
+    return base64.urlsafe_b64encode(json.dumps(payload).encode()).decode()
+
+
+def decode_cursor(cursor: str | None, group_by: GroupBy) -> tuple[Any, ...] | None:
     """The key a page starts after: [bucket,] tenant, model, as `encode_cursor` wrote it for
-    the same grouping; anything else is a 400 naming `cursor`."""
+    the same grouping; anything else is a 400 naming `cursor` (before the database sees it)."""
     if cursor is None:
         return None
-    try:
-        key = json.loads(base64.urlsafe_b64decode(cursor.encode()))["after"]
-    except (ValueError, KeyError, TypeError):
-        key = None
-    shape: tuple[type, ...] = (int, str, str) if bucketed else (str, str)
-    if not (
-        isinstance(key, list)
-        and len(key) == len(shape)
-        and all(type(value) is kind for value, kind in zip(key, shape, strict=True))
-        and (not bucketed or 0 <= key[0] <= MAX_BIGINT)
-    ):
+    payload: Any = None
+    # RecursionError: JSON nested past the parser's depth
+    with contextlib.suppress(ValueError, RecursionError):
+        if len(cursor) <= MAX_CURSOR:
+            payload = json.loads(base64.urlsafe_b64decode(cursor.encode()))
+    if not isinstance(payload, dict):
+        payload = {}
+    grouped = payload.get("group_by")
+    if isinstance(grouped, str) and grouped != group_by.value:
+        raise InvalidArgument(
+            "cursor",
+            f"the `next` value of a previous page grouped by {group_by.value}",
+            f"a cursor of a page grouped by {grouped!r}",
+        )
+    key = payload.get("after")
+    if grouped is None or not is_key(key, bucketed=group_by is not GroupBy.PREFIX):
         raise InvalidArgument("cursor", "the `next` value of a previous page", repr(cursor))
     return tuple(key)
+
+
+def is_key(key: Any, *, bucketed: bool) -> bool:
+    """[bucket,] tenant, model: values the database can bind and compare (no NUL, which
+    PostgreSQL's text refuses, no lone surrogate, which cannot be encoded), within the
+    columns' lengths."""
+    lengths = [cast(String, column.type).length for column in (usage.c.tenant, usage.c.model)]
+    if not isinstance(key, list) or len(key) != len(lengths) + bucketed:
+        return False
+    if bucketed:
+        bucket, *key = key
+        if type(bucket) is not int or not 0 <= bucket <= MAX_BIGINT:
+            return False
+    return all(
+        isinstance(value, str) and len(value) <= (length or 0) and bindable(value)
+        for value, length in zip(key, lengths, strict=True)
+    )
+
+
+def bindable(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return "\x00" not in text

@@ -74,9 +74,10 @@ def settled(client: TestClient, key: str, expected: dict[str, Counter[str]]) -> 
         assert seen == expected  # shows the difference
 
 
-def cursor_of(key: object) -> str:
+def cursor_of(key: object, group_by: str = "prefix") -> str:
     """A cursor as the server encodes one, holding any key (a crafted one)."""
-    return base64.urlsafe_b64encode(json.dumps({"after": key}).encode()).decode()
+    payload = {"group_by": group_by, "after": key}
+    return base64.urlsafe_b64encode(json.dumps(payload).encode()).decode()
 
 
 def native(client: TestClient, who: TenantAuth, **body: Any) -> dict[str, Any]:
@@ -199,8 +200,14 @@ def test_a_tenant_sees_only_its_own_usage_and_the_query_is_checked(
                ({"start": 7200, "end": 3600}, "end"), ({"cursor": "x"}, "cursor"),
                ({"cursor": cursor_of(["alice"])}, "cursor"),
                ({"cursor": cursor_of([1, "alice"])}, "cursor"),
-               ({"cursor": cursor_of([10**20, "alice", "m"]), "group_by": "hour"}, "cursor"),
-               ({"cursor": cursor_of(["alice", "m"]), "group_by": "hour"}, "cursor")]  # fmt: skip
+               ({"cursor": cursor_of([10**20, "alice", "m"], "hour"), "group_by": "hour"},
+                "cursor"),
+               ({"cursor": cursor_of([3600, "alice", "m"], "hour"), "group_by": "day"}, "hour"),
+               ({"cursor": cursor_of(["alice", "m\x00"])}, "cursor")]  # fmt: skip
+        # the admin's `tenant` is a tenant name (a NUL, which PostgreSQL's text refuses, too)
+        for name in ("bob\x00", "Bob", "b" * 65):
+            response = client.get("/v1/usage", params={"tenant": name}, headers=bearer(ADMIN_KEY))
+            assert response.status_code == 422 and "tenant" in response.text, response.text
         for params, field in bad:
             response = client.get("/v1/usage", params=params, headers=alice.headers)
             assert response.status_code in (400, 422), response.text

@@ -154,21 +154,32 @@ def test_pages_never_shift_when_rows_are_added_meanwhile(
     engine.dispose()
 
 
-CRAFTED = [
-    {"offset": 10},  # an older form
-    {"after": [10**20, "a", "b"]},  # beyond a 64-bit bucket
-    {"after": ["a"]},
-    {"after": [True, "a", "b"]},
-    {"after": [1, 2, "b"]},
-    [],
-]
+def hour_key(*key: object, group_by: str = "hour") -> str:
+    return json.dumps({"group_by": group_by, "after": list(key)})
 
 
-@pytest.mark.parametrize("after", CRAFTED)
-def test_a_crafted_cursor_is_refused_naming_it(tmp_path: Path, after: object) -> None:
-    engine = open_engine(f"sqlite:///{tmp_path / 'usage.sqlite3'}")
+CRAFTED = {  # the JSON a cursor holds, for a report grouped by hour
+    "an older form": json.dumps({"offset": 10}),
+    "a bucket beyond 64 bits": hour_key(10**20, "a", "b"),
+    "too short": hour_key("a"),
+    "a bool for the bucket": hour_key(True, "a", "b"),
+    "a number for the tenant": hour_key(1, 2, "b"),
+    "a list": "[]",
+    "a NUL byte (PostgreSQL's text refuses it)": hour_key(1, "a\x00", "b"),
+    "a lone surrogate (no UTF-8 for it)": hour_key(1, "a\ud800", "b"),
+    "a tenant longer than its column": hour_key(1, "a" * 65, "b"),
+    "another grouping's": hour_key(1, "a", "b", group_by="day"),
+    "no grouping": json.dumps({"after": [1, "a", "b"]}),
+    "nested past the parser's depth": "[" * 1500,
+    "longer than any real cursor": hour_key(1, "a", "b" * 5000),
+}
+
+
+@pytest.mark.parametrize("crafted", list(CRAFTED.values()), ids=list(CRAFTED))
+def test_a_crafted_cursor_is_refused_naming_it(registry_url: str, crafted: str) -> None:
+    engine = open_engine(registry_url)
     migrate(engine)
-    cursor = base64.urlsafe_b64encode(json.dumps(after).encode()).decode()
+    cursor = base64.urlsafe_b64encode(crafted.encode()).decode()
     with pytest.raises(InvalidArgument) as refused:
         UsageLedger(engine).report(
             tenant=None, start=0, end=2**40, group_by=GroupBy.HOUR, limit=5, cursor=cursor

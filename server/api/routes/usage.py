@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, Query, Response
 from fastapi.concurrency import run_in_threadpool
 
+from prefixes.catalog.names import NAME_RULE
 from prefixes.storage.schema import USAGE_COUNTS
 from prefixes.usage.ledger import DAY, GroupBy
 from prefixes.usage.records import HOUR, UsagePage, UsageRow
@@ -37,7 +38,7 @@ async def usage_report(
     start: Annotated[int, Query(ge=0, le=MAX_TIME)] = 0,
     end: Annotated[int | None, Query(ge=0, le=MAX_TIME)] = None,
     group_by: Literal["prefix", "day", "hour"] = "prefix",  # prefixes.usage.ledger.GroupBy
-    tenant: str | None = None,
+    tenant: Annotated[str | None, Query(pattern=NAME_RULE)] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     cursor: str | None = None,
     format: Literal["json", "csv"] = "json",
