@@ -54,12 +54,14 @@ async function tenantDetail(name, box) {
       if (value === "") continue;
       // Only digits: Number("1,000") is NaN, which JSON sends as null, and null means "the
       // default again", so a typo would silently lift the limit. The server checks the range.
-      if (value !== "default" && !/^[0-9]+$/.test(value)) {
-        error.textContent = `${label}: expected a whole number, “default” or blank, found “${value}”; nothing was changed`;
+      // Digits beyond 2^53 would be rounded, and past 1e308 become Infinity, also sent as null.
+      const number = Number(value);
+      if (value !== "default" && !(/^[0-9]+$/.test(value) && Number.isSafeInteger(number))) {
+        error.textContent = `${label}: expected a whole number up to ${Number.MAX_SAFE_INTEGER}, \u201cdefault\u201d or blank, found \u201c${value}\u201d; nothing was changed`;
         inputs[field].focus();
         return;
       }
-      body[field] = value === "default" ? null : Number(value);
+      body[field] = value === "default" ? null : number;
     }
     try {
       await call("PATCH", `/v1/tenants/${encodeURIComponent(name)}`, { json: body });
