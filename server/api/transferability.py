@@ -22,9 +22,9 @@ from fastapi.concurrency import run_in_threadpool
 from prefixes import CompiledPrefix
 from prefixes.catalog.records import PrefixInfo
 from prefixes.errors import NotFound
-from prefixes.usage.records import Failure
+from prefixes.usage.records import Counts, Failure
 from server.api.errors import ApiError
-from server.api.generation import pin
+from server.api.generation import failure_of, pin
 from server.api.rate_limit_headers import rate_limited, show_rate_limits
 from server.api.rate_limits import RateLimited, TooLarge
 from server.api.services import Ready
@@ -110,7 +110,12 @@ async def rank_candidates(
             default_candidates, server, tenant, server.settings.max_transferability_candidates
         )
     infos: list[PrefixInfo] = []
-    pins = await pin_candidates(server, tenant, refs, infos)
+    try:
+        pins = await pin_candidates(server, tenant, refs, infos)
+    except BaseException as exc:  # counted as a generation's refused pin is, under the model
+        failure = failure_of(exc)
+        server.usage_meter.add(tenant, server.loaded.model_id, Counts(**{failure.value: 1}))
+        raise
     try:
         longest = max((info.num_virtual_tokens for info in infos), default=0)
         examples = await run_in_threadpool(
@@ -212,14 +217,18 @@ def admit_tokens(
         _, limit = server.rate_limiter.limits(tenant)
         raise ApiError(
             400, "invalid_request",
-            f"sample_size: scoring {len(examples)} examples under {len(models) - 1} candidates "
-            f"and the base model reserves {reserved} prompt tokens, more than tenant "
-            f"{tenant!r}'s {limit} tokens per minute: ask for a smaller sample_size or fewer "
-            "candidates",
+            f"sample_size: scoring {plural(len(examples), 'example')} under "
+            f"{plural(len(models) - 1, 'candidate')} and the base model reserves {reserved} "
+            f"prompt tokens, more than tenant {tenant!r}'s {limit} tokens per minute"
+            + (": ask for a smaller sample_size or fewer candidates" if limit else ""),
             field="sample_size",
         ) from None  # fmt: skip
     show_rate_limits(http_request, snapshot)
     return usage
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 async def score(
@@ -252,6 +261,9 @@ async def score(
                         usage.refused(Failure.OVERLOADED)
                         raise  # nothing of ours to wait for: 429, as for any request
                     break  # the tenant's queue is full: wait for one of ours to finish
+                except BaseException as exc:  # the engine stopped, or refused the row
+                    usage.refused(failure_of(exc))
+                    raise
                 streams.append(stream)
                 running[asyncio.ensure_future(stream.result())] = rows[next_row]
                 next_row += 1

@@ -75,15 +75,20 @@ class CallUsage:
 
     def on_finish_as(self, model: str) -> Callable[[Request], None]:
         """The hook of a row that counts under `model` whatever its group (a transferability
-        scoring's rows: each runs one candidate, or the base model, alone)."""
-        return lambda request: self._count(request, model)
+        scoring's rows: each runs one candidate, or the base model, alone); the call's one
+        request counts under the first of `models` (the base model), whichever row ends first."""
+        return lambda request: self._count(request, model, request_model=self.models[0])
 
-    def _count(self, request: Request, model: str) -> None:
+    def _count(self, request: Request, model: str, request_model: str | None = None) -> None:
         counts = row_counts(request)
         with self._lock:
-            counts.requests = 1 if self._finished == 0 else 0
+            first = self._finished == 0
             self._finished += 1
             self._used += counts.prompt_tokens + counts.completion_tokens
+        if first and request_model not in (None, model):
+            self.meter.add(self.tenant, request_model, Counts(requests=1))
+        else:
+            counts.requests = int(first)
         self.meter.add(self.tenant, model, counts)
         self._settle_if_done()
 

@@ -18,6 +18,7 @@ import torch
 from fastapi.testclient import TestClient
 from peft import PeftModel
 
+from server.engine.gate import Overloaded
 from server.models import LoadedModel
 from server.train import Example, PrefixTrainer, TrainConfig
 from tests.api.conftest import (
@@ -33,7 +34,7 @@ from tests.api.conftest import (
     upload,
 )
 from tests.api.test_rate_limits import limits, patch_limits
-from tests.api.test_usage import settled, usage_rows
+from tests.api.test_usage import settled
 from tests.api.tuning import jsonl, training_file, upload_file, worded
 
 ROUTE = "/v1/fine_tuning/transferability"
@@ -249,7 +250,10 @@ def test_bad_requests_are_clear_4xx_and_reveal_nothing(
 
 
 def test_a_scoring_is_held_to_the_token_limit_and_counted_in_usage(
-    make_client: MakeClient, loaded: LoadedModel, adapters: dict[str, Path]
+    make_client: MakeClient,
+    loaded: LoadedModel,
+    adapters: dict[str, Path],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Every row's prompt tokens are reserved before any is queued (beyond the whole limit 400,
     beyond what is left 429 with Retry-After), and each row counts in usage under its prefix."""
@@ -278,16 +282,31 @@ def test_a_scoring_is_held_to_the_token_limit_and_counted_in_usage(
         assert first.status_code == 200, first.text
         assert int(limits(first)["tokens.remaining"]) <= reserved // 2
         second = rank(client, alice, **body)
-        assert_error(second, 429)
+        assert_error(second, 429, "rate limited")
         assert int(second.headers["retry-after"]) >= 1
+
+        # A minute on (the limiter's clock moved, not waited for), a scoring the engine refuses
+        # before any row runs gives its reservation back: the next one fits.
+        services = client.app.state.services  # type: ignore[attr-defined]
+        real = services.rate_limiter.clock
+        services.rate_limiter.clock = lambda: real() + 61
+
+        def refuse(*args: Any, **kwargs: Any) -> None:
+            raise Overloaded(1.0, 0, alice.name)
+
+        monkeypatch.setattr(services.engine, "submit", refuse)
+        assert_error(rank(client, alice, **body), 429, "overloaded")
+        monkeypatch.undo()
+        third = rank(client, alice, **body)
+        assert third.status_code == 200, third.text
+
         model_id = first.json()["model"]
         settled(client, alice.api_key, {
-            model_id: Counter(rows=3, prompt_tokens=tokens, failed_invalid=1,
-                              failed_rate_limited=1),
-            "alice/mine": Counter(rows=3, prompt_tokens=tokens,
-                                  virtual_tokens=3 * NUM_VIRTUAL_TOKENS["prefix"]),
+            model_id: Counter(requests=2, rows=6, prompt_tokens=2 * tokens, failed_invalid=1,
+                              failed_rate_limited=1, failed_overloaded=1),
+            "alice/mine": Counter(requests=0, rows=6, prompt_tokens=2 * tokens,
+                                  virtual_tokens=6 * NUM_VIRTUAL_TOKENS["prefix"]),
         })  # fmt: skip
-        assert sum(row["requests"] for row in usage_rows(client, alice.api_key)) == 1
 
 
 def test_the_document_states_the_servers_bounds(make_client: MakeClient) -> None:
