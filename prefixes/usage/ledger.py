@@ -77,7 +77,8 @@ class UsageLedger:
         a table that keeps growing would show a row twice or skip one)."""
         sums = [func.sum(usage.c[name]).label(name) for name in USAGE_COUNTS]
         keys: list[Any] = [usage.c.tenant, usage.c.model]
-        if group_by is not GroupBy.PREFIX:
+        bucketed = group_by is not GroupBy.PREFIX
+        if bucketed:
             size = HOUR if group_by is GroupBy.HOUR else DAY
             keys.insert(0, (usage.c.hour // size) * size)
         query = select(*keys, *sums).where(usage.c.hour >= start, usage.c.hour < end)
@@ -89,12 +90,12 @@ class UsageLedger:
         query = query.group_by(*keys).order_by(*keys).limit(limit + 1)
         with read_transaction(self.database) as connection:
             found = connection.execute(query).all()
-        rows = [usage_row(row, start, bucketed=group_by is not GroupBy.PREFIX) for row in found]
+        rows = [usage_row(row, start, bucketed=bucketed) for row in found]
         if len(rows) <= limit:
             return UsagePage(rows, None)
         last = rows[limit - 1]
-        key = (last.start, last.tenant, last.model)
-        return UsagePage(rows[:limit], encode_cursor(group_by, key if len(keys) == 3 else key[1:]))
+        key = (last.start, last.tenant, last.model) if bucketed else (last.tenant, last.model)
+        return UsagePage(rows[:limit], encode_cursor(group_by, key))
 
 
 def usage_row(row: Row[Any], start: int, *, bucketed: bool) -> UsageRow:

@@ -444,15 +444,25 @@ def admit_tokens(server: Ready, tenant: str, job: Job, http_request: Request) ->
     reserved = sum(map(len, job.prompts)) + job.sampling.max_new_tokens * rows
     usage = CallUsage(server.usage_meter, server.rate_limiter, tenant, models, reserved)
     try:
-        snapshot = server.rate_limiter.reserve_tokens(tenant, reserved)
+        reserve(usage, http_request)
+    except TooLarge as exc:
+        raise ApiError(400, "invalid_request", f"max_tokens: {exc}", field="max_tokens") from None
+    return usage
+
+
+def reserve(usage: CallUsage, http_request: Request) -> None:
+    """Reserve the call's tokens and show the figures in the response's headers, or refuse it
+    with 429 (counted) before anything is queued; TooLarge (counted) for the caller to word:
+    the call could never fit, whatever it waits."""
+    try:
+        snapshot = usage.limiter.reserve_tokens(usage.tenant, usage.reserved)
     except RateLimited as exc:
         usage.refused(Failure.RATE_LIMITED)
         raise rate_limited(http_request, exc) from None
-    except TooLarge as exc:
+    except TooLarge:
         usage.refused(Failure.INVALID)
-        raise ApiError(400, "invalid_request", f"max_tokens: {exc}", field="max_tokens") from None
+        raise
     show_rate_limits(http_request, snapshot)
-    return usage
 
 
 def failure_of(exc: BaseException) -> Failure:

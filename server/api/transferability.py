@@ -24,9 +24,8 @@ from prefixes.catalog.records import PrefixInfo
 from prefixes.errors import NotFound
 from prefixes.usage.records import Counts, Failure
 from server.api.errors import ApiError
-from server.api.generation import failure_of, pin
-from server.api.rate_limit_headers import rate_limited, show_rate_limits
-from server.api.rate_limits import RateLimited, TooLarge
+from server.api.generation import failure_of, pin, reserve
+from server.api.rate_limits import TooLarge
 from server.api.services import Ready
 from server.api.usage import CallUsage
 from server.engine.gate import Overloaded
@@ -208,12 +207,8 @@ def admit_tokens(
     reserved = sum(len(example.input_ids) for example in examples) * len(models)
     usage = CallUsage(server.usage_meter, server.rate_limiter, tenant, models, reserved)
     try:
-        snapshot = server.rate_limiter.reserve_tokens(tenant, reserved)
-    except RateLimited as exc:
-        usage.refused(Failure.RATE_LIMITED)
-        raise rate_limited(http_request, exc) from None
+        reserve(usage, http_request)
     except TooLarge:
-        usage.refused(Failure.INVALID)
         _, limit = server.rate_limiter.limits(tenant)
         raise ApiError(
             400, "invalid_request",
@@ -223,7 +218,6 @@ def admit_tokens(
             + (": ask for a smaller sample_size or fewer candidates" if limit else ""),
             field="sample_size",
         ) from None  # fmt: skip
-    show_rate_limits(http_request, snapshot)
     return usage
 
 
