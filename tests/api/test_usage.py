@@ -5,8 +5,6 @@ is on the flush having happened, with a deadline."""
 
 from __future__ import annotations
 
-import base64
-import json
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -14,6 +12,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from prefixes.usage.ledger import GroupBy, encode_cursor
 from server.api.app import create_app
 from server.models import LoadedModel
 from tests.api.conftest import (
@@ -74,10 +73,9 @@ def settled(client: TestClient, key: str, expected: dict[str, Counter[str]]) -> 
         assert seen == expected  # shows the difference
 
 
-def cursor_of(key: object, group_by: str = "prefix") -> str:
+def cursor_of(key: list[Any], group_by: str = "prefix") -> str:
     """A cursor as the server encodes one, holding any key (a crafted one)."""
-    payload = {"group_by": group_by, "after": key}
-    return base64.urlsafe_b64encode(json.dumps(payload).encode()).decode()
+    return encode_cursor(GroupBy(group_by), tuple(key))
 
 
 def native(client: TestClient, who: TenantAuth, **body: Any) -> dict[str, Any]:
